@@ -1,0 +1,217 @@
+"""Typed run configuration: defaults, YAML files and ``key=value`` overrides, validated up front.
+
+Every mistake in a config must surface here, before Ray starts or any image is read, with the
+dotted key and what is allowed. The pydantic models are the single source of defaults;
+``configs/default.yaml`` mirrors them for people to read and copy (a test keeps the two equal).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says what and where."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    uri: str = Field("samples/images", description="Folder, glob or single image; any fsspec URL.")
+    shard_size: int = Field(128, gt=0, description="Images per work unit.")
+    extensions: list[str] = Field(list(IMAGE_EXTENSIONS), description="Image file suffixes to list.")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lowercase(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one suffix, e.g. [.jpg, .png]")
+        return [("." + s.lstrip(".")).lower() for s in value]
+
+
+class OutputConfig(_Section):
+    uri: str = Field("runs/sample", description="Run folder (local path or fsspec URL).")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    overwrite: bool = Field(False, description="Replace an existing run in output.uri.")
+
+    @field_validator("uri")
+    @classmethod
+    def _shared_filesystem(cls, value: str) -> str:
+        if value.startswith("memory://"):
+            raise ValueError(
+                "memory:// lives inside one process, but Ray workers write the output; "
+                "use a local folder or an object store"
+            )
+        return value
+
+
+class DetectorConfig(_Section):
+    weights: str = Field(
+        "yolov8n.pt",
+        description="YOLO detect weights: official name (fetched into checkpoints/), .pt path or URL, "
+        "or a model .yaml (random weights).",
+    )
+    conf: float = Field(0.25, ge=0.0, le=1.0)
+    iou: float = Field(0.7, ge=0.0, le=1.0)
+    classes: Optional[list[int]] = Field(None, description="Class ids to keep; null keeps all.")
+    max_det: int = Field(300, gt=0)
+    imgsz: int = Field(640, gt=0)
+    batch_size: int = Field(8, gt=0, description="Images per detector call.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @field_validator("classes")
+    @classmethod
+    def _non_negative(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and any(c < 0 for c in value):
+            raise ValueError("class ids are >= 0")
+        return value
+
+    @field_validator("imgsz")
+    @classmethod
+    def _stride_multiple(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"must be a multiple of 32 (YOLO's stride), e.g. {max(32, value // 32 * 32)}")
+        return value
+
+
+class SamConfig(_Section):
+    size: Literal["tiny", "small", "base_plus", "large"] = "tiny"
+    checkpoint: str = Field(
+        "auto",
+        description="auto (official file in checkpoints/, fetched if missing), a local path, an fsspec "
+        "URL, a Hugging Face id such as facebook/sam2.1-hiera-tiny, or the word random.",
+    )
+    image_size: int = Field(1024, gt=0, description="SAM input resolution; 1024 is what it was trained at.")
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    multimask: bool = Field(False, description="Ask SAM for 3 candidates per box and keep the best.")
+    box_chunk: int = Field(32, gt=0, description="Boxes per decoder call (bounds memory).")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @field_validator("image_size")
+    @classmethod
+    def _patch_multiple(cls, value: int) -> int:
+        if value % 64:
+            raise ValueError("must be a multiple of 64 (SAM 2's backbone strides), e.g. 256, 512, 1024")
+        return value
+
+
+class PromptsConfig(_Section):
+    source: Literal["detector"] = Field(
+        "detector", description="Where box prompts come from (manifest prompts: not yet available)."
+    )
+
+
+class RayConfig(_Section):
+    address: Optional[str] = Field(None, description="Cluster address; null uses RAY_ADDRESS or starts Ray locally.")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs for a locally started Ray (null: all).")
+    detector_actors: Optional[int] = Field(None, gt=0, description="Detector actor count (null: one per GPU, or 1).")
+    sam_actors: Optional[int] = Field(None, gt=0, description="SAM actor count (null: one per GPU, or 1).")
+
+
+class RunConfig(_Section):
+    input: InputConfig = Field(default_factory=InputConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    sam: SamConfig = Field(default_factory=SamConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+def _allowed_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _allowed_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def allowed_keys() -> list[str]:
+    """Every dotted key a config file or override may set."""
+    return _allowed_keys(RunConfig)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``detector.conf=0.4`` -> ("detector.conf", 0.4); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not key=value (e.g. detector.conf=0.4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if key not in allowed_keys() and not any(key.startswith(k + ".") for k in ("input.storage_options", "output.storage_options")):
+        raise ConfigError(_unknown_key_message(key))
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse value '{raw}': {exc}") from None
+    if isinstance(value, (dict, list)) or value is None or isinstance(value, (int, float, bool)):
+        return key, value
+    return key, raw  # keep strings exactly as typed (e.g. a URL with ':' in it)
+
+
+def _unknown_key_message(key: str) -> str:
+    section = key.split(".")[0]
+    same_section = [k for k in allowed_keys() if k.startswith(section + ".")]
+    hint = same_section or allowed_keys()
+    return f"unknown config key '{key}'; allowed keys: {', '.join(hint)}"
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(key))
+            continue
+        given = err.get("input")
+        shown = "" if isinstance(given, (dict, BaseModel)) else f" (got {given!r})"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {msg}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- YAML file <- key=value overrides, validated as one. Raises ConfigError."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (input:, output:, ...)")
+        tree = loaded
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def uses_random_weights(cfg: RunConfig) -> bool:
+    return cfg.sam.checkpoint == "random" or cfg.detector.weights.endswith((".yaml", ".yml"))

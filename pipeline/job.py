@@ -1,0 +1,299 @@
+"""The Ray job: list -> read+decode -> detect (actor pool) -> segment (actor pool) -> sink.
+
+Everything that can be checked without a cluster (config, weights, output folder, input
+listing) is checked before Ray starts, so a mistake costs seconds, not a cluster allocation.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Optional
+
+from fsspec.core import url_to_fs
+
+from .config import ConfigError, RunConfig, uses_random_weights
+from .models import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
+from .sources import SHARDS_DIR, SourceError, write_shards
+
+log = logging.getLogger("autolabel")
+
+# Driver environment variables that actors need too (Ray does not forward the driver's env).
+FORWARDED_ENV = (
+    "YOLO_OFFLINE", "YOLO_CONFIG_DIR", "MPLCONFIGDIR", "HF_HOME", "HF_HUB_OFFLINE",
+    "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE", "AUTOLABEL_TEST_HOOKS",
+)
+RUN_FOLDERS = ("images", "objects", SHARDS_DIR)
+
+
+@dataclass
+class Totals:
+    images: int = 0
+    ok: int = 0
+    errors_by_class: Counter = field(default_factory=Counter)
+    objects: int = 0
+    objects_by_class: Counter = field(default_factory=Counter)
+
+    def add(self, summary_rows: list[dict]) -> None:
+        for row in summary_rows:
+            self.images += 1
+            if row["status"] == "ok":
+                self.ok += 1
+            else:
+                self.errors_by_class[row["error_class"]] += 1
+            self.objects += row["num_objects"]
+            for entry in row["class_counts"]:
+                self.objects_by_class[entry["class_name"]] += entry["count"]
+
+    def as_dict(self) -> dict:
+        return {
+            "images": self.images,
+            "ok": self.ok,
+            "error": sum(self.errors_by_class.values()),
+            "errors_by_class": dict(self.errors_by_class.most_common()),
+            "objects": self.objects,
+            "objects_by_class": dict(self.objects_by_class.most_common()),
+        }
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("autolabel", "torch", "torchvision", "sam2", "ultralytics", "ray", "pyarrow", "pycocotools"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def redacted_config(cfg: RunConfig) -> dict:
+    """The config as run, with storage credentials replaced (they must never reach disk or logs)."""
+    data = cfg.model_dump(mode="json")
+    for section in ("input", "output"):
+        data[section]["storage_options"] = {k: "***" for k in data[section]["storage_options"]}
+    return data
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunFolder:
+    """``output.uri``: refuses to mix two runs, and writes run.json."""
+
+    def __init__(self, cfg: RunConfig):
+        self.uri = cfg.output.uri
+        self.fs, self.path = url_to_fs(cfg.output.uri, **cfg.output.storage_options)
+        self.path = self.path.rstrip("/")
+        self.run_uri = self.fs.unstrip_protocol(self.path)
+
+    def existing(self) -> list[str]:
+        return [f for f in (*RUN_FOLDERS, "run.json") if self.fs.exists(f"{self.path}/{f}")]
+
+    def check_free(self, overwrite: bool) -> None:
+        """Refuse (before any work) to write into a folder that holds another run."""
+        found = self.existing()
+        if found and not overwrite:
+            raise ConfigError(
+                f"output.uri {self.uri} already holds a run ({', '.join(found)}); "
+                "choose another output.uri, or pass --overwrite (output.overwrite=true) to replace it"
+            )
+
+    def prepare(self) -> None:
+        """Clear a previous run (only called once every check has passed) and create the folder."""
+        for name in self.existing():
+            self.fs.rm(f"{self.path}/{name}", recursive=True)
+        try:
+            self.fs.makedirs(self.path, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"output.uri {self.uri}: cannot create the run folder ({exc})") from None
+
+    def write_manifest(self, manifest: dict) -> None:
+        self.fs.pipe_file(f"{self.path}/run.json", json.dumps(manifest, indent=2).encode())
+
+
+def preflight(cfg: RunConfig) -> tuple[SamWeights, str, dict[int, str]]:
+    """Resolve weights (fetching official ones once) and read the detector's class names."""
+    try:
+        sam = resolve_sam_checkpoint(cfg.sam.size, cfg.sam.checkpoint)
+        det_path = resolve_detector_weights(cfg.detector.weights)
+    except WeightsError as exc:
+        raise ConfigError(str(exc)) from None
+    from .models import load_yolo
+
+    import torch
+
+    names = load_yolo(det_path, torch.device("cpu")).names
+    if cfg.detector.classes:
+        unknown = [c for c in cfg.detector.classes if c not in names]
+        if unknown:
+            raise ConfigError(f"detector.classes: {unknown} not in the model's classes 0..{len(names) - 1}")
+    return sam, det_path, {int(k): v for k, v in names.items()}
+
+
+def connect_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def actor_plan(cfg: RunConfig) -> dict:
+    """Pool sizes and per-actor resources from what the cluster has.
+
+    GPUs: one SAM actor per GPU (0.75 of it) and one detector actor beside it (0.25).
+    CPU only: fractional CPUs, so both actor pools and the decode/sink tasks fit on a 2-core box.
+    """
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = resources.get("CPU", 1)
+    if gpus:
+        return dict(
+            gpus=gpus, cpus=cpus,
+            sam=dict(size=cfg.ray.sam_actors or gpus, num_gpus=0.75, num_cpus=1),
+            detector=dict(size=cfg.ray.detector_actors or gpus, num_gpus=0.25, num_cpus=1),
+        )
+    per_actor = 0.5 if cpus <= 4 else max(1, int(cpus // 4))
+    return dict(
+        gpus=0, cpus=cpus,
+        sam=dict(size=cfg.ray.sam_actors or 1, num_gpus=0, num_cpus=per_actor),
+        detector=dict(size=cfg.ray.detector_actors or 1, num_gpus=0, num_cpus=per_actor),
+    )
+
+
+def build_dataset(cfg: RunConfig, shards_uri: str, class_names: dict[int, str], plan: dict):
+    import pyarrow.fs as pafs
+    import ray
+
+    from .decode import decode_batch
+    from .detect import Detector
+    from .segment import Segmenter
+    from .sink import write_batch
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    fs, path = url_to_fs(shards_uri, **cfg.output.storage_options)
+    ds = ray.data.read_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+    # Decoding asks for fewer CPUs than the actors on purpose: Ray only fuses stages with equal
+    # resources, and decoding fused into the (few) detector actors could not use idle CPUs.
+    ds = ds.map_batches(
+        decode_batch, batch_format="pyarrow", batch_size=16, num_cpus=0.25,
+        fn_kwargs={"storage_options": cfg.input.storage_options}, runtime_env=runtime_env,
+    )
+    ds = ds.map_batches(
+        Detector, batch_format="pyarrow", batch_size=cfg.detector.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=plan["detector"]["size"]),
+        num_cpus=plan["detector"]["num_cpus"], num_gpus=plan["detector"]["num_gpus"],
+        fn_constructor_kwargs={"cfg": cfg.detector}, runtime_env=runtime_env,
+    )
+    ds = ds.map_batches(
+        Segmenter, batch_format="pyarrow", batch_size=4,
+        compute=ray.data.ActorPoolStrategy(size=plan["sam"]["size"]),
+        num_cpus=plan["sam"]["num_cpus"], num_gpus=plan["sam"]["num_gpus"],
+        fn_constructor_kwargs={"cfg": cfg.sam, "class_names": class_names}, runtime_env=runtime_env,
+    )
+    run_uri = shards_uri.rsplit("/", 1)[0]
+    return ds.map_batches(
+        write_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.25,
+        fn_kwargs={"run_uri": run_uri, "storage_options": cfg.output.storage_options}, runtime_env=runtime_env,
+    )
+
+
+def run(cfg: RunConfig, overwrite: bool = False) -> dict:
+    """Run the whole job; returns the run manifest (also written to RUN/run.json)."""
+    folder = RunFolder(cfg)
+    folder.check_free(overwrite or cfg.output.overwrite)
+    sam, det_path, class_names = preflight(cfg)
+    folder.prepare()
+    random_weights = uses_random_weights(cfg)
+    if random_weights:
+        log.warning(
+            "RANDOM WEIGHTS: %s -- masks and boxes are meaningless; use this only as a smoke test",
+            ", ".join(w for w, r in (("sam.checkpoint=random", sam.is_random), (f"detector.weights={cfg.detector.weights}", det_path.endswith((".yaml", ".yml")))) if r),
+        )
+    started = time.time()
+    manifest = {
+        "status": "running",
+        "started_at": _now(),
+        "finished_at": None,
+        "config": redacted_config(cfg),
+        "random_weights": random_weights,
+        "versions": _versions(),
+        "models": {
+            "sam": {"size": sam.size, "config": sam.config, "checkpoint": sam.source, **weights_identity(sam.path)},
+            "detector": {"weights": cfg.detector.weights, **weights_identity(det_path), "class_names": class_names},
+        },
+    }
+    folder.write_manifest(manifest)
+    try:
+        listing = write_shards(
+            cfg.input.uri, cfg.input.extensions, cfg.input.shard_size, folder.fs, folder.path, cfg.input.storage_options
+        )
+    except (SourceError, FileNotFoundError, PermissionError) as exc:
+        manifest.update(status="failed", finished_at=_now(), error=str(exc))
+        folder.write_manifest(manifest)
+        raise ConfigError(str(exc)) from None
+    manifest["input"] = {"uri": cfg.input.uri, "num_images": listing.num_images, "num_shards": listing.num_shards}
+    log.info("listed %d images in %d shards from %s", listing.num_images, listing.num_shards, cfg.input.uri)
+
+    totals = Totals()
+    try:
+        connect_ray(cfg)
+        plan = actor_plan(cfg)
+        manifest["ray"] = plan
+        log.info("actors: %d detector, %d SAM (cluster: %s CPUs, %d GPUs)", plan["detector"]["size"], plan["sam"]["size"], plan["cpus"], plan["gpus"])
+        ds = build_dataset(cfg, listing.shards_uri, class_names, plan)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            totals.add(batch.to_pylist())
+    except BaseException as exc:
+        manifest.update(status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}", totals=totals.as_dict())
+        folder.write_manifest(manifest)
+        raise
+    elapsed = time.time() - started
+    manifest.update(
+        status="finished",
+        finished_at=_now(),
+        duration_s=round(elapsed, 3),
+        images_per_second=round(totals.images / elapsed, 4) if elapsed else None,
+        totals=totals.as_dict(),
+    )
+    if totals.images != listing.num_images:  # the one-row-per-image invariant, checked, not assumed
+        manifest.update(status="failed", error=f"{listing.num_images} images listed but {totals.images} rows written")
+    folder.write_manifest(manifest)
+    manifest["output_uri"] = folder.run_uri
+    return manifest
+
+
+def format_summary(manifest: dict) -> str:
+    t = manifest.get("totals", {})
+    lines = [
+        "",
+        f"autolabel run {manifest['status']}" + ("  [RANDOM WEIGHTS: smoke test only]" if manifest.get("random_weights") else ""),
+        f"  images     {t.get('images', 0)}  (ok {t.get('ok', 0)}, error {t.get('error', 0)})",
+    ]
+    for cls, n in t.get("errors_by_class", {}).items():
+        lines.append(f"    {cls:<20} {n}")
+    lines.append(f"  objects    {t.get('objects', 0)}")
+    for name, n in list(t.get("objects_by_class", {}).items())[:20]:
+        lines.append(f"    {name:<20} {n}")
+    if len(t.get("objects_by_class", {})) > 20:
+        lines.append(f"    ... {len(t['objects_by_class']) - 20} more classes in run.json")
+    if manifest.get("images_per_second") is not None:
+        lines.append(f"  speed      {manifest['images_per_second']:.2f} images/s over {manifest['duration_s']:.1f} s")
+    lines.append(f"  output     {manifest.get('output_uri', manifest['config']['output']['uri'])}  (run.json, images/, objects/)")
+    if manifest.get("error"):
+        lines.append(f"  error      {manifest['error']}")
+    return "\n".join(lines)

@@ -1,0 +1,31 @@
+"""Binary masks <-> COCO compressed RLE (pycocotools), the form masks take in the objects table."""
+from __future__ import annotations
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+
+def encode(masks: np.ndarray) -> list[dict]:
+    """(N, H, W) bool masks -> N dicts ``{"size": [h, w], "counts": str}``, as pycocotools decodes."""
+    if len(masks) == 0:
+        return []
+    fortran = np.asfortranarray(np.moveaxis(masks.astype(np.uint8, copy=False), 0, -1))
+    return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in mask_utils.encode(fortran)]
+
+
+def decode(rle: dict) -> np.ndarray:
+    """One RLE dict (as stored in Parquet) -> (H, W) bool mask."""
+    counts = rle["counts"]
+    coco = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(coco).astype(bool)
+
+
+def area(rle: dict) -> int:
+    counts = rle["counts"]
+    return int(mask_utils.area({"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Mask IoU; two empty masks are identical (1.0)."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
