@@ -19,6 +19,7 @@ from typing import Optional
 from fsspec.core import url_to_fs
 
 from .config import ConfigError, RunConfig, uses_random_weights
+from .segment import resolve_dtype
 from .models import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
 from .sources import SHARDS_DIR, SourceError, write_shards
 
@@ -174,6 +175,14 @@ def actor_plan(cfg: RunConfig) -> dict:
     )
 
 
+def _sam_device(cfg: RunConfig, plan: dict):
+    import torch
+
+    if cfg.sam.device != "auto":
+        return torch.device(cfg.sam.device)
+    return torch.device("cuda" if plan["gpus"] else "cpu")
+
+
 def build_dataset(cfg: RunConfig, shards_uri: str, class_names: dict[int, str], plan: dict):
     import pyarrow.fs as pafs
     import ray
@@ -254,6 +263,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         connect_ray(cfg)
         plan = actor_plan(cfg)
         manifest["ray"] = plan
+        manifest["models"]["sam"]["dtype"] = resolve_dtype(cfg.sam.dtype, _sam_device(cfg, plan))
         log.info("actors: %d detector, %d SAM (cluster: %s CPUs, %d GPUs)", plan["detector"]["size"], plan["sam"]["size"], plan["cpus"], plan["gpus"])
         ds = build_dataset(cfg, listing.shards_uri, class_names, plan)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

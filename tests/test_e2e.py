@@ -112,6 +112,7 @@ def test_run_json_records_config_models_and_totals(labeled, checkpoints):
         assert manifest["versions"][package]
     assert manifest["input"] == {"uri": str(labeled["cfg"].input.uri), "num_images": 6, "num_shards": 3}
     assert manifest["started_at"] <= manifest["finished_at"]
+    assert manifest["models"]["sam"]["dtype"] == "float32"  # sam.dtype=auto on a CPU-only cluster
 
 
 def test_boxes_equal_direct_yolo_predict(labeled, checkpoints):
@@ -166,17 +167,22 @@ def test_masks_equal_sam2_tutorial_code(labeled, checkpoints):
     assert compared == len(objects) > 0
 
 
-def test_memory_filesystem_input(ray_local, checkpoints, tmp_path):
-    """memory:// lives in the driver process only; the pipeline carries the bytes to workers."""
+def test_memory_filesystem_input_with_bfloat16(ray_local, checkpoints, tmp_path):
+    """memory:// lives in the driver process only; the pipeline carries the bytes to workers.
+
+    Also the bf16 path through the whole job (CPU autocast at a small ``sam.image_size``)."""
     import fsspec
 
     fs = fsspec.filesystem("memory")
     bus = Path(__file__).parent.parent / "samples" / "images" / "bus.jpg"
     fs.pipe_file("/inbox/a/bus.jpg", bus.read_bytes())
     fs.pipe_file("/inbox/b/empty.jpg", b"")
-    cfg = load_config(None, ["input.uri=memory://inbox", f"output.uri={tmp_path / 'out'}", *model_overrides(checkpoints)])
+    cfg = load_config(None, ["input.uri=memory://inbox", f"output.uri={tmp_path / 'out'}", "sam.dtype=bfloat16", *model_overrides(checkpoints)])
     manifest = run(cfg)
     images = pq.read_table(tmp_path / "out" / "images").to_pandas().set_index("uri")
     assert images.loc["memory:///inbox/a/bus.jpg", "status"] == "ok"
     assert images.loc["memory:///inbox/b/empty.jpg", "error_class"] == "decode_error"
     assert manifest["totals"]["images"] == 2
+    assert manifest["models"]["sam"]["dtype"] == "bfloat16"
+    objects = pq.read_table(tmp_path / "out" / "objects").to_pandas()
+    assert len(objects) == images.loc["memory:///inbox/a/bus.jpg", "num_objects"] > 0
