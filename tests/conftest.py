@@ -75,6 +75,26 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def labeled(ray_local, checkpoints, photo_folder, tmp_path_factory):
+    """The photo folder labeled once, in-process on the local Ray; many tests read its output."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+    from pipeline.job import run
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    cfg = load_config(None, run_overrides(photo_folder, out, checkpoints))
+    manifest = run(cfg)
+    return {
+        "manifest": manifest,
+        "out": out,
+        "images": pq.read_table(out / "images").to_pandas(),
+        "objects": pq.read_table(out / "objects").to_pandas(),
+        "cfg": cfg,
+    }
+
+
 def model_overrides(checkpoints: dict) -> list[str]:
     return [
         f"sam.checkpoint={checkpoints['sam']}",
@@ -88,6 +108,11 @@ def model_overrides(checkpoints: dict) -> list[str]:
 
 def autolabel_cli() -> list[str]:
     return [str(VENV_BIN / "autolabel")]
+
+
+def run_overrides(photo_folder: Path, out: Path, checkpoints: dict) -> list[str]:
+    """The configuration of the shared labeled run (also used to submit the same job to a cluster)."""
+    return [f"input.uri={photo_folder}", f"output.uri={out}", "input.shard_size=2", *model_overrides(checkpoints)]
 
 
 @pytest.fixture(scope="session", autouse=True)

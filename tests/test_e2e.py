@@ -23,20 +23,6 @@ from pipeline.sources import image_id_for
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def labeled(ray_local, checkpoints, photo_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    cfg = load_config(None, [f"input.uri={photo_folder}", f"output.uri={out}", "input.shard_size=2", *model_overrides(checkpoints)])
-    manifest = run(cfg)
-    return {
-        "manifest": manifest,
-        "out": out,
-        "images": pq.read_table(out / "images").to_pandas(),
-        "objects": pq.read_table(out / "objects").to_pandas(),
-        "cfg": cfg,
-    }
-
-
 def test_every_listed_image_has_exactly_one_row(labeled, photo_folder):
     images = labeled["images"]
     listed = sorted(p for p in photo_folder.rglob("*") if p.suffix in (".jpg", ".png"))
