@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML config file (see configs/default.yaml)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run in output.uri")
     run.add_argument("overrides", nargs="*", metavar="key=value")
+    run.set_defaults(handler=_run)
+    # Each further subcommand: a sub-parser here with set_defaults(handler=...), the handler
+    # importing its module lazily (so `autolabel --help` stays fast) and returning an exit code.
     return parser
 
 
@@ -37,9 +40,7 @@ def _setup_logging() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
-    if args.command == "run":
-        return _run(args)
-    return EXIT_FAILED
+    return args.handler(args)
 
 
 def _run(args) -> int:

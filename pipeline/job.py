@@ -19,16 +19,16 @@ from typing import Optional
 from fsspec.core import url_to_fs
 
 from .config import ConfigError, RunConfig, uses_random_weights
-from .segment import resolve_dtype
 from .models import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
-from .sources import SHARDS_DIR, SourceError, write_shards
+from .segment import resolve_dtype
+from .sources import SHARDS_DIR, SourceError, iter_image_uris, no_images, write_shards
 
 log = logging.getLogger("autolabel")
 
 # Driver environment variables that actors need too (Ray does not forward the driver's env).
 FORWARDED_ENV = (
     "YOLO_OFFLINE", "YOLO_CONFIG_DIR", "MPLCONFIGDIR", "HF_HOME", "HF_HUB_OFFLINE",
-    "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE", "AUTOLABEL_TEST_HOOKS",
+    "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE",
 )
 RUN_FOLDERS = ("images", "objects", SHARDS_DIR)
 
@@ -106,10 +106,13 @@ class RunFolder:
                 "choose another output.uri, or pass --overwrite (output.overwrite=true) to replace it"
             )
 
-    def prepare(self) -> None:
-        """Clear a previous run (only called once every check has passed) and create the folder."""
+    def clear(self) -> None:
         for name in self.existing():
             self.fs.rm(f"{self.path}/{name}", recursive=True)
+
+    def prepare(self) -> None:
+        """Clear a previous run (only called once every check has passed) and create the folder."""
+        self.clear()
         try:
             self.fs.makedirs(self.path, exist_ok=True)
         except OSError as exc:
@@ -120,7 +123,12 @@ class RunFolder:
 
 
 def preflight(cfg: RunConfig) -> tuple[SamWeights, str, dict[int, str]]:
-    """Resolve weights (fetching official ones once) and read the detector's class names."""
+    """Check the input has images, resolve weights (fetching official ones once), read class names."""
+    try:
+        if next(iter_image_uris(cfg.input.uri, cfg.input.extensions, cfg.input.storage_options), None) is None:
+            raise no_images(cfg.input.uri, cfg.input.extensions)
+    except (SourceError, OSError) as exc:
+        raise ConfigError(str(exc) if isinstance(exc, SourceError) else f"input.uri: cannot list {cfg.input.uri} ({exc})") from None
     try:
         sam = resolve_sam_checkpoint(cfg.sam.size, cfg.sam.checkpoint)
         det_path = resolve_detector_weights(cfg.detector.weights)
@@ -154,7 +162,8 @@ def actor_plan(cfg: RunConfig) -> dict:
     """Pool sizes and per-actor resources from what the cluster has.
 
     GPUs: one SAM actor per GPU (0.75 of it) and one detector actor beside it (0.25).
-    CPU only: fractional CPUs, so both actor pools and the decode/sink tasks fit on a 2-core box.
+    CPU only: fractional CPUs, so both actor pools and the decode/sink tasks fit on a 2-core box
+    (no deadlock), while SAM, by far the slowest stage there, runs torch on the node's cores.
     """
     import ray
 
@@ -168,9 +177,10 @@ def actor_plan(cfg: RunConfig) -> dict:
             detector=dict(size=cfg.ray.detector_actors or gpus, num_gpus=0.25, num_cpus=1),
         )
     per_actor = 0.5 if cpus <= 4 else max(1, int(cpus // 4))
+    sam_actors = cfg.ray.sam_actors or 1
     return dict(
         gpus=0, cpus=cpus,
-        sam=dict(size=cfg.ray.sam_actors or 1, num_gpus=0, num_cpus=per_actor),
+        sam=dict(size=sam_actors, num_gpus=0, num_cpus=per_actor, cpu_threads=max(1, int(cpus // sam_actors))),
         detector=dict(size=cfg.ray.detector_actors or 1, num_gpus=0, num_cpus=per_actor),
     )
 
@@ -212,7 +222,8 @@ def build_dataset(cfg: RunConfig, shards_uri: str, class_names: dict[int, str], 
         Segmenter, batch_format="pyarrow", batch_size=4,
         compute=ray.data.ActorPoolStrategy(size=plan["sam"]["size"]),
         num_cpus=plan["sam"]["num_cpus"], num_gpus=plan["sam"]["num_gpus"],
-        fn_constructor_kwargs={"cfg": cfg.sam, "class_names": class_names}, runtime_env=runtime_env,
+        fn_constructor_kwargs={"cfg": cfg.sam, "class_names": class_names, "cpu_threads": plan["sam"].get("cpu_threads")},
+        runtime_env=runtime_env,
     )
     run_uri = shards_uri.rsplit("/", 1)[0]
     return ds.map_batches(
@@ -230,8 +241,8 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     random_weights = uses_random_weights(cfg)
     if random_weights:
         log.warning(
-            "RANDOM WEIGHTS: %s -- masks and boxes are meaningless; use this only as a smoke test",
-            ", ".join(w for w, r in (("sam.checkpoint=random", sam.is_random), (f"detector.weights={cfg.detector.weights}", det_path.endswith((".yaml", ".yml")))) if r),
+            "RANDOM WEIGHTS (sam.checkpoint=%s, detector.weights=%s): masks and boxes are meaningless; "
+            "use this only as a smoke test", cfg.sam.checkpoint, cfg.detector.weights,
         )
     started = time.time()
     manifest = {
@@ -246,16 +257,15 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
             "detector": {"weights": cfg.detector.weights, **weights_identity(det_path), "class_names": class_names},
         },
     }
-    folder.write_manifest(manifest)
     try:
         listing = write_shards(
             cfg.input.uri, cfg.input.extensions, cfg.input.shard_size, folder.fs, folder.path, cfg.input.storage_options
         )
     except (SourceError, FileNotFoundError, PermissionError) as exc:
-        manifest.update(status="failed", finished_at=_now(), error=str(exc))
-        folder.write_manifest(manifest)
+        folder.clear()  # nothing was labeled: leave no half-made run behind to block the next try
         raise ConfigError(str(exc)) from None
     manifest["input"] = {"uri": cfg.input.uri, "num_images": listing.num_images, "num_shards": listing.num_shards}
+    folder.write_manifest(manifest)
     log.info("listed %d images in %d shards from %s", listing.num_images, listing.num_shards, cfg.input.uri)
 
     totals = Totals()

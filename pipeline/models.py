@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.request
@@ -145,7 +146,7 @@ def resolve_sam_checkpoint(size: str, spec: str) -> SamWeights:
     local = Path(spec.removeprefix("file://")).expanduser()
     if local.is_file():
         return SamWeights(size, config, str(local), spec)
-    if spec.count("/") == 1 and not local.suffix and not spec.startswith((".", "/", "~")):
+    if re.fullmatch(r"[\w-]+/[\w.-]+", spec) and not spec.endswith((".pt", ".pth", ".ckpt")):
         return _resolve_hf(size, spec)
     raise WeightsError(
         f"sam.checkpoint: file not found: {spec}\n"
@@ -162,6 +163,9 @@ def _resolve_hf(size: str, model_id: str) -> SamWeights:
         known = ", ".join(k for k in HF_MODEL_ID_TO_FILENAMES if "sam2.1" in k)
         raise WeightsError(f"sam.checkpoint: unknown Hugging Face id '{model_id}'; known: {known}")
     config, filename = HF_MODEL_ID_TO_FILENAMES[model_id]
+    hf_size = next((s for s, (_, name) in SAM_MODELS.items() if name == filename), None)
+    if hf_size != size:
+        raise WeightsError(f"sam.checkpoint '{model_id}' holds {filename}, which does not match sam.size={size}")
     try:
         path = hf_hub_download(repo_id=model_id, filename=filename)
     except Exception as exc:  # hub errors come in many classes; all mean "could not get it"
@@ -169,9 +173,6 @@ def _resolve_hf(size: str, model_id: str) -> SamWeights:
             f"sam.checkpoint: cannot fetch {filename} from Hugging Face '{model_id}' ({type(exc).__name__}).\n"
             f"  Offline, {RANDOM_HINT}."
         ) from None
-    hf_size = next((s for s, (_, name) in SAM_MODELS.items() if name == filename), None)
-    if hf_size != size:
-        raise WeightsError(f"sam.checkpoint '{model_id}' holds {filename}, which does not match sam.size={size}")
     return SamWeights(size, config, path, model_id)
 
 
@@ -227,7 +228,7 @@ def build_sam_predictor(weights: SamWeights, image_size: int, device: "torch.dev
 def load_yolo(weights: str, device: "torch.device"):
     from ultralytics import YOLO
 
-    model = YOLO(weights, task="detect")
+    model = YOLO(weights)
     if model.task != "detect":
         raise WeightsError(f"detector.weights: {weights} is a '{model.task}' model; a detect model is needed")
     model.to(device)

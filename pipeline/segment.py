@@ -7,6 +7,7 @@ objects an image holds.
 from __future__ import annotations
 
 import contextlib
+import os
 import logging
 
 import numpy as np
@@ -74,7 +75,7 @@ def masks_for_boxes(predictor, boxes: np.ndarray, chunk: int, multimask: bool) -
 class Segmenter:
     """Constructed once per actor (one per GPU); ``__call__`` adds an ``objects`` column."""
 
-    def __init__(self, cfg: SamConfig, class_names: dict[int, str]):
+    def __init__(self, cfg: SamConfig, class_names: dict[int, str], cpu_threads: int | None = None):
         import torch
 
         from .models import build_sam_predictor, pick_device, resolve_sam_checkpoint
@@ -86,6 +87,10 @@ class Segmenter:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        elif cpu_threads:
+            # Ray pins a fractional-CPU actor to one thread; on a CPU-only node SAM is the
+            # bottleneck by far, so it gets the threads the job planned for it.
+            torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
         weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint)
         self.predictor = build_sam_predictor(weights, cfg.image_size, self.device)
         log.info("SAM 2.1 %s (%s) on %s, %s", cfg.size, weights.path or "random weights", self.device, self.dtype)

@@ -35,6 +35,10 @@ class SourceError(ValueError):
     """``input.uri`` cannot be listed; the message says why."""
 
 
+def no_images(uri: str, extensions: list[str]) -> SourceError:
+    return SourceError(f"input.uri: no images with suffix {', '.join(extensions)} under {uri}")
+
+
 def image_id_for(uri: str) -> str:
     """Stable id of an image: the same URI always gives the same id, across runs and machines."""
     return hashlib.sha1(uri.encode("utf-8")).hexdigest()[:16]
@@ -120,5 +124,5 @@ def write_shards(
     if batch:
         flush()
     if num_images == 0:
-        raise SourceError(f"input.uri: no images with suffix {', '.join(extensions)} under {uri}")
+        raise no_images(uri, extensions)
     return ShardListing(run_fs.unstrip_protocol(shards_path), num_shards, num_images)

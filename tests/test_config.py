@@ -84,6 +84,8 @@ def _cli(*args, cwd=REPO):
         (["sam.checkpoint=/nonexistent/sam2.1_hiera_tiny.pt"], "sam.checkpoint: file not found: /nonexistent/sam2.1_hiera_tiny.pt"),
         (["--config", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
         (["sam.checkpoint=random", "detector.weights=/nope/y.pt"], "detector.weights: file not found: /nope/y.pt"),
+        (["input.uri=/nonexistent/photos", "sam.checkpoint=random"], "input.uri: nothing found at /nonexistent/photos"),
+        (["input.uri=pipeline", "sam.checkpoint=random"], "input.uri: no images with suffix .jpg"),
     ],
 )
 def test_cli_rejects_bad_config_before_any_work(tmp_path, args, message):
