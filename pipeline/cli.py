@@ -28,19 +28,90 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing run in output.uri")
     run.add_argument("overrides", nargs="*", metavar="key=value")
     run.set_defaults(handler=_run)
+    report = sub.add_parser(
+        "report",
+        help="write an HTML report (+ counts.csv, summary.json) of a run",
+        description="Write RUN_DIR/report/report.html (one self-contained page: totals, charts, gallery, "
+        "config), counts.csv and summary.json. Reads the Parquet column by column, in bounded memory.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (output.uri of `autolabel run`), any fsspec URL")
+    report.add_argument("--out", help="folder for report.html, counts.csv, summary.json (default: RUN_DIR/report)")
+    report.add_argument("--group-by", default="folder", help="images column to group counts by, or 'folder' (parent folder of the URI; default)")
+    report.add_argument("--gallery", type=int, default=12, help="sample images drawn with their masks: half the most crowded, half random (default 12)")
+    report.add_argument("--seed", type=int, default=0, help="seed of the gallery's random picks (default 0)")
+    _filter_arguments(report)
+    report.set_defaults(handler=_report)
+    export = sub.add_parser(
+        "export",
+        help="export a run's masks as COCO, YOLO-seg, PNG or cutouts",
+        description="Export the ok images of RUN_DIR, streaming image by image, to --out (default RUN_DIR/exports/FORMAT).",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (output.uri of `autolabel run`), any fsspec URL")
+    export.add_argument("--format", required=True, choices=["coco", "yolo", "png", "cutouts"],
+                        help="coco: instances.json; yolo: YOLO-seg images/ labels/ data.yaml; png: instance-id PNGs; cutouts: RGBA PNG per object")
+    export.add_argument("--out", help="destination folder, any fsspec URL (default: RUN_DIR/exports/FORMAT)")
+    export.add_argument("--overwrite", action="store_true", help="replace a destination that is not empty")
+    export.add_argument("--segmentation", choices=["rle", "polygon"], default="rle", help="coco: masks as COCO RLE (lossless, default) or polygons")
+    export.add_argument("--class-png", action="store_true", help="png: also write a class-id PNG per image (class_id + 1, 0 = background)")
+    export.add_argument("--val-fraction", type=float, default=0.0, help="yolo: share of images put in the val split, by image id (default 0: val = train)")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    _filter_arguments(export)
+    export.set_defaults(handler=_export)
+
+    predict = sub.add_parser(
+        "predict",
+        help="segment one image from points / a box / a prior mask",
+        description="Segment one object in one image (local path or fsspec URL) and write mask PNG(s), "
+        "cutout.png (RGBA) and overlay.png; key=value sets sam.* config keys as for `run`.",
+    )
+    predict.add_argument("image")
+    predict.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]", help="click; LABEL 1 foreground (default), 0 background; repeatable")
+    predict.add_argument("--box", metavar="X0,Y0,X1,Y1")
+    predict.add_argument("--mask", metavar="FILE", help="prior mask PNG (nonzero = object), same size as the image")
+    predict.add_argument("--multimask", action=argparse.BooleanOptionalAction, default=None,
+                         help="three ranked candidates (default: sam.multimask, auto = only for a lone point)")
+    predict.add_argument("--out", required=True, metavar="DIR")
+    predict.add_argument("--config", help="YAML config file (its sam section is used)")
+    predict.add_argument("overrides", nargs="*", metavar="key=value")
+    predict.set_defaults(handler=_predict)
     # Each further subcommand: a sub-parser here with set_defaults(handler=...), the handler
     # importing its module lazily (so `autolabel --help` stays fast) and returning an exit code.
     return parser
 
 
+def _filter_arguments(parser: argparse.ArgumentParser) -> None:
+    """Object filters shared by report and export (pipeline/filters.py)."""
+    parser.add_argument("--min-mask-score", type=float, help="keep objects whose mask_score (SAM's predicted IoU) is at least this")
+    parser.add_argument("--min-area", type=int, help="keep objects whose mask has at least this many pixels")
+    parser.add_argument("--classes", help="keep these classes: names or ids, comma-separated (e.g. person,car or 0,2)")
+
+
 def _setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("AUTOLABEL_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Our own messages at INFO; libraries (sam2 logs every set_image at INFO) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("AUTOLABEL_LOG_LEVEL", "INFO")
+    for name in ("autolabel", "pipeline"):
+        logging.getLogger(name).setLevel(level)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may come after options (`predict IMG --out D sam.size=small`), which
+    # argparse cannot split with a sub-command's positional in front: collect them here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if "=" not in e or e.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     _setup_logging()
     return args.handler(args)
+
+
+def _predict(args) -> int:
+    from .predict import predict_command
+
+    return predict_command(args)
 
 
 def _run(args) -> int:
@@ -54,6 +125,54 @@ def _run(args) -> int:
         return EXIT_BAD_CONFIG
     print(format_summary(manifest))
     return EXIT_OK if manifest["status"] == "finished" else EXIT_FAILED
+
+
+def _no_overrides(args, command: str) -> bool:
+    """main() routes stray key=value words to args.overrides; report/export take none."""
+    if getattr(args, "overrides", None):
+        print(f"autolabel {command}: error: unrecognized arguments: {' '.join(args.overrides)}", file=sys.stderr)
+        return False
+    return True
+
+
+def _report(args) -> int:
+    from .filters import FilterError, ObjectFilter, RunError
+    from .report import ReportError, ReportOptions, write_report
+
+    if not _no_overrides(args, "report"):
+        return EXIT_BAD_CONFIG
+    try:
+        filt = ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes)
+        if args.gallery < 0:
+            raise ReportError("--gallery must be >= 0")
+        result = write_report(args.run_dir, args.out, ReportOptions(group_by=args.group_by, gallery=args.gallery, filter=filt, seed=args.seed))
+    except (RunError, FilterError, ReportError) as exc:
+        print(f"autolabel report: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    totals = result["summary"]["totals"]
+    print(f"autolabel report: {totals['images']:,} images ({totals['ok']:,} ok, {totals['error']:,} error), {totals['objects']:,} objects")
+    for name, url in result["paths"].items():
+        print(f"  {name:<13} {url}")
+    return EXIT_OK
+
+
+def _export(args) -> int:
+    from .export import ExportError, export
+    from .filters import FilterError, ObjectFilter, RunError
+
+    if not _no_overrides(args, "export"):
+        return EXIT_BAD_CONFIG
+    try:
+        filt = ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes)
+        result = export(
+            args.run_dir, args.format, args.out, filt, overwrite=args.overwrite, segmentation=args.segmentation,
+            class_png=args.class_png, val_fraction=args.val_fraction, progress=not args.quiet,
+        )
+    except (RunError, FilterError, ExportError) as exc:
+        print(f"autolabel export: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(result.summary())
+    return EXIT_FAILED if result.failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ dotted key and what is allowed. The pydantic models are the single source of def
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -24,10 +24,16 @@ class _Section(BaseModel):
 
 
 class InputConfig(_Section):
-    uri: str = Field("samples/images", description="Folder, glob or single image; any fsspec URL.")
-    shard_size: int = Field(128, gt=0, description="Images per work unit.")
+    uri: str = Field("samples/images", description="Folder, glob, single image, tar shards or a manifest; any fsspec URL.")
+    shard_size: int = Field(128, gt=0, description="Images per work unit (folders and manifests; a tar is one unit).")
     extensions: list[str] = Field(list(IMAGE_EXTENSIONS), description="Image file suffixes to list.")
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    format: Literal["auto", "images", "tar", "manifest"] = Field(
+        "auto", description="auto: .tar or {a..b} brace pattern -> tar; .jsonl/.csv/.parquet -> manifest; else images."
+    )
+    max_pixels: int = Field(
+        89_478_485, gt=0, description="Images with more pixels become too_large error rows (decompression-bomb guard)."
+    )
 
     @field_validator("extensions")
     @classmethod
@@ -91,7 +97,10 @@ class SamConfig(_Section):
     )
     image_size: int = Field(1024, gt=0, description="SAM input resolution; 1024 is what it was trained at.")
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    multimask: bool = Field(False, description="Ask SAM for 3 candidates per box and keep the best.")
+    multimask: Union[bool, Literal["auto"]] = Field(
+        "auto", description="3 candidates per prompt: auto (only for a lone point, as SAM 2 advises), true, false."
+    )
+    candidates: Literal["best", "all"] = Field("best", description="With multimask: keep the best candidate, or all three ranked.")
     box_chunk: int = Field(32, gt=0, description="Boxes per decoder call (bounds memory).")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
@@ -104,9 +113,10 @@ class SamConfig(_Section):
 
 
 class PromptsConfig(_Section):
-    source: Literal["detector"] = Field(
-        "detector", description="Where box prompts come from (manifest prompts: not yet available)."
+    source: Literal["detector", "manifest", "both"] = Field(
+        "detector", description="detector boxes, prompts from prompts.manifest, or both."
     )
+    manifest: Optional[str] = Field(None, description="Prompt manifest (.jsonl or .parquet), local path or fsspec URL.")
 
 
 class RayConfig(_Section):
@@ -116,6 +126,12 @@ class RayConfig(_Section):
     sam_actors: Optional[int] = Field(None, gt=0, description="SAM actor count (null: one per GPU, or 1).")
 
 
+class ReportConfig(_Section):
+    enabled: bool = Field(True, description="Write RUN/report/ (report.html, counts.csv, summary.json) when a run finishes.")
+    gallery: int = Field(12, ge=0, description="Sample images drawn with their masks in the report.")
+    group_by: str = Field("folder", description="Images column to group counts by; folder = parent folder of the URI.")
+
+
 class RunConfig(_Section):
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -123,6 +139,19 @@ class RunConfig(_Section):
     sam: SamConfig = Field(default_factory=SamConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="after")
+    def _manifest_matches_source(self) -> "RunConfig":
+        if self.prompts.source != "detector" and not self.prompts.manifest:
+            raise ValueError(f"prompts.manifest: required when prompts.source={self.prompts.source}")
+        if self.prompts.source == "detector" and self.prompts.manifest:
+            raise ValueError("prompts.manifest is set but prompts.source=detector ignores it; set prompts.source=manifest or both")
+        return self
+
+    @property
+    def uses_detector(self) -> bool:
+        return self.prompts.source in ("detector", "both")
 
 
 def _allowed_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -186,7 +215,7 @@ def _format_validation_error(exc: ValidationError) -> str:
         given = err.get("input")
         shown = "" if isinstance(given, (dict, BaseModel)) else f" (got {given!r})"
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{key}: {msg}{shown}")
+        lines.append(f"{key}: {msg}{shown}" if key else msg)
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -214,4 +243,4 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
 
 
 def uses_random_weights(cfg: RunConfig) -> bool:
-    return cfg.sam.checkpoint == "random" or cfg.detector.weights.endswith((".yaml", ".yml"))
+    return cfg.sam.checkpoint == "random" or (cfg.uses_detector and cfg.detector.weights.endswith((".yaml", ".yml")))

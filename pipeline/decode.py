@@ -6,8 +6,11 @@ so the images table always gets exactly one row per listed image.
 from __future__ import annotations
 
 import io
+import struct
+import sys
+import tarfile
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -22,8 +25,11 @@ IMAGE_COLUMNS = [
     ("status", pa.string()),
     ("error_class", pa.string()),
     ("error", pa.string()),
+    ("note", pa.string()),
     ("pixels", pa.large_binary()),
 ]
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb limit, 89,478,485
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageError(Exception):
@@ -39,49 +45,214 @@ def read_bytes(uri: str, storage_options: Optional[dict] = None) -> bytes:
     except FileNotFoundError:
         raise ImageError("not_found", "file disappeared or does not exist") from None
     except PermissionError as exc:
-        raise ImageError("permission_denied", str(exc) or "permission denied") from None
+        raise ImageError("permission_denied", _short(exc) or "permission denied") from None
     except (OSError, ValueError) as exc:
-        raise ImageError("read_error", f"{type(exc).__name__}: {exc}") from None
+        raise ImageError("read_error", f"{type(exc).__name__}: {_short(exc)}") from None
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
+def open_image(data: bytes) -> Image.Image:
+    """``PIL.Image.open`` as Pillow ships it.
+
+    Importing ultralytics replaces ``PIL.Image.open`` with a wrapper that, on any unidentified
+    file, tries to pip-install and import pi-heif (ModuleNotFoundError offline, a package install
+    at run time online). A broken image must be a decode_error, so use the original opener.
+    """
+    patches = sys.modules.get("ultralytics.utils.patches")
+    opener = getattr(patches, "_image_open", None) or Image.open
+    return opener(io.BytesIO(data))
+
+
+def decode_rgb(data: bytes, max_pixels: Optional[int] = None) -> np.ndarray:
     """Bytes -> HxWx3 uint8 RGB with EXIF orientation applied."""
+    return decode_image(data, max_pixels)[0]
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB. Alpha is dropped (the colour under it is kept); 16-bit and 32-bit
+    integer greyscale is scaled to 8 bits instead of clipped; palette transparency goes via RGBA."""
+    if img.mode in _SIXTEEN_BIT:
+        values = np.asarray(img, dtype=np.int64)
+        top = 65535 if img.mode.startswith("I;16") or values.max(initial=0) <= 65535 else max(int(values.max()), 1)
+        grey = (np.clip(values, 0, top) * 255 // top).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: Optional[int] = None) -> tuple[np.ndarray, Optional[str]]:
+    """Bytes -> (HxWx3 uint8 RGB with EXIF orientation applied, note or None).
+
+    Animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame, with a note.
+    More than ``max_pixels`` pixels (default: Pillow's limit) is ``too_large``, checked from the
+    header before any pixel is decoded.
+    """
     if not data:
-        raise ImageError("decode_error", "empty file")
+        raise ImageError("decode_error", "empty file (0 bytes)")
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit  # Pillow's own guard at the same limit
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with open_image(data) as img:
+                if img.width * img.height > limit:
+                    raise ImageError("too_large", f"{img.width}x{img.height} = {img.width * img.height} pixels, over the limit of {limit} (input.max_pixels)")
+                frames = getattr(img, "n_frames", 1)
+                note = f"animated: first of {frames} frames" if frames > 1 else None
+                img.seek(0)
                 img = ImageOps.exif_transpose(img)
-                return np.asarray(img.convert("RGB"))
+                return np.asarray(_to_rgb(img)), note
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError("too_large", str(exc)) from None
+        raise ImageError("too_large", f"{str(exc).split(',')[0]} (input.max_pixels)") from None
     except UnidentifiedImageError:
         raise ImageError("decode_error", "not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError("decode_error", f"{type(exc).__name__}: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError) as exc:
+        raise ImageError("decode_error", f"{type(exc).__name__}: {exc}"[:300]) from None
+    except MemoryError:
+        raise ImageError("too_large", "out of memory while decoding") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def pixels_of(row_pixels: bytes, width: int, height: int) -> np.ndarray:
     return np.frombuffer(row_pixels, dtype=np.uint8).reshape(height, width, 3)
 
 
-def decode_batch(batch: pa.Table, storage_options: Optional[dict] = None) -> pa.Table:
+def _decoded(data: Optional[bytes], uri: str, storage_options: Optional[dict], max_pixels: Optional[int]) -> tuple:
+    """The image columns' values for one input: ok with pixels, or an error row."""
+    try:
+        if isinstance(data, ImageError):
+            raise data
+        rgb, note = decode_image(data if data is not None else read_bytes(uri, storage_options), max_pixels)
+    except ImageError as exc:
+        return (None, None, "error", exc.error_class, f"{exc.error_class}: {exc}", None, b"")
+    h, w = rgb.shape[:2]
+    return (w, h, "ok", None, None, note, rgb.tobytes())
+
+
+def _append_image_columns(table: pa.Table, values: list[tuple]) -> pa.Table:
+    for i, (name, typ) in enumerate(IMAGE_COLUMNS):
+        table = table.append_column(pa.field(name, typ), pa.array([v[i] for v in values], type=typ))
+    return table
+
+
+def decode_batch(batch: pa.Table, storage_options: Optional[dict] = None, max_pixels: Optional[int] = None) -> pa.Table:
     """Ray map_batches function: shard rows (uri, optional data) -> decoded image rows."""
-    out = {name: [] for name, _ in IMAGE_COLUMNS}
     uris = batch.column("uri").to_pylist()
     carried = batch.column("data").to_pylist() if "data" in batch.column_names else [None] * len(uris)
-    for uri, data in zip(uris, carried):
-        try:
-            rgb = decode_rgb(data if data is not None else read_bytes(uri, storage_options))
-        except ImageError as exc:
-            values = (None, None, "error", exc.error_class, f"{exc.error_class}: {exc}", b"")
-        else:
-            h, w = rgb.shape[:2]
-            values = (w, h, "ok", None, None, rgb.tobytes())
-        for (name, _), value in zip(IMAGE_COLUMNS, values):
-            out[name].append(value)
+    values = [_decoded(data, uri, storage_options, max_pixels) for uri, data in zip(uris, carried)]
     table = batch.drop_columns([c for c in ("data",) if c in batch.column_names])
-    for name, typ in IMAGE_COLUMNS:
-        table = table.append_column(pa.field(name, typ), pa.array(out[name], type=typ))
-    return table
+    return _append_image_columns(table, values)
+
+
+class _BrokenTar(tarfile.ReadError):
+    pass
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """tarfile ends a stream quietly at a cut-off or garbled header after the first member; a
+    shard that breaks off between members must be reported, not read as if it were complete."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exc:
+            if bytes(buf).strip(b"\0"):
+                raise _BrokenTar(f"bad header: {exc}") from None
+            raise
+
+
+def iter_tar_members(
+    tar_uri: str, data: Optional[bytes], extensions: tuple[str, ...], storage_options: Optional[dict] = None,
+) -> Iterator[tuple[str, "bytes | ImageError"]]:
+    """Stream a tar (WebDataset style) and yield ``(TAR_URI#member/name.jpg, bytes)`` per image member.
+
+    Nothing is unpacked to disk, and only one member's bytes are held at a time. Members whose
+    name does not end in one of ``extensions`` (a WebDataset's .json/.cls/.txt siblings) and
+    directories are skipped. A tar that cannot be opened yields one error for ``tar_uri``; a tar
+    that breaks off mid-member yields an error for that member (and, if more is lost after it,
+    one for the tar itself), so nothing is dropped silently.
+    """
+    wanted = tuple(e.lower() for e in extensions)
+    try:
+        if data is not None:
+            fh = io.BytesIO(data)
+        else:
+            fs, path = url_to_fs(tar_uri, **(storage_options or {}))
+            fh = fs.open(path, "rb")
+    except FileNotFoundError:
+        yield tar_uri, ImageError("not_found", "tar shard disappeared or does not exist")
+        return
+    except PermissionError as exc:
+        yield tar_uri, ImageError("permission_denied", _short(exc) or "permission denied")
+        return
+    except (OSError, ValueError) as exc:
+        yield tar_uri, ImageError("read_error", f"{type(exc).__name__}: {_short(exc)}")
+        return
+    current = None
+    yielded = 0
+    try:
+        with fh, tarfile.open(fileobj=fh, mode="r|*", tarinfo=_StrictTarInfo) as tf:
+            for member in tf:
+                tf.members = []  # a stream keeps every TarInfo it has seen; keep memory flat for big shards
+                name = member.name
+                base = name.rsplit("/", 1)[-1]
+                if not member.isfile() or base.startswith(".") or not name.lower().endswith(wanted):
+                    continue
+                current = f"{tar_uri}#{name}"
+                payload = tf.extractfile(member).read()
+                if len(payload) != member.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                yield current, payload
+                yielded += 1
+                current = None
+    except FileNotFoundError:
+        yield tar_uri, ImageError("not_found", "tar shard disappeared or does not exist")
+    except PermissionError as exc:
+        yield tar_uri, ImageError("permission_denied", _short(exc) or "permission denied")
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        reason = f"{'ReadError' if isinstance(exc, tarfile.ReadError) else type(exc).__name__}: {_short(exc)}"
+        if current is not None:
+            yield current, ImageError("read_error", f"tar member cut short ({reason})")
+        else:
+            where = "" if yielded == 0 else f" after {yielded} members"
+            yield tar_uri, ImageError("read_error", f"tar shard unreadable{where} ({reason})")
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc)[:300]
+
+
+def decode_tar_batch(
+    batch: pa.Table, storage_options: Optional[dict] = None, extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png"),
+    max_pixels: Optional[int] = None, rows_per_batch: int = 16,
+) -> Iterator[pa.Table]:
+    """Ray map_batches generator: tar shard rows -> one decoded row per image member, yielded in
+    batches of ``rows_per_batch`` so a big tar never sits in memory decoded all at once."""
+    from .sources import image_id_for
+
+    names = [n for n in ("shard_id", "uri", "image_id", "prompts", "meta", "base_uri")]
+    carried = batch.column("data").to_pylist() if "data" in batch.column_names else [None] * batch.num_rows
+    pending: dict[str, list] = {n: [] for n in names}
+    values: list[tuple] = []
+
+    def flush() -> pa.Table:
+        table = pa.table({n: pa.array(pending[n], type=pa.string()) for n in names})
+        out = _append_image_columns(table, values)
+        for n in names:
+            pending[n].clear()
+        values.clear()
+        return out
+
+    for shard_id, tar_uri, data in zip(batch.column("shard_id").to_pylist(), batch.column("uri").to_pylist(), carried):
+        for uri, payload in iter_tar_members(tar_uri, data, tuple(extensions), storage_options):
+            for n, v in zip(names, (shard_id, uri, image_id_for(uri), None, None, None)):
+                pending[n].append(v)
+            values.append(_decoded(payload, uri, storage_options, max_pixels))
+            if len(values) == rows_per_batch:
+                yield flush()
+    if values:
+        yield flush()

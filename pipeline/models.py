@@ -231,5 +231,11 @@ def load_yolo(weights: str, device: "torch.device"):
     model = YOLO(weights)
     if model.task != "detect":
         raise WeightsError(f"detector.weights: {weights} is a '{model.task}' model; a detect model is needed")
+    if weights.endswith((".yaml", ".yml")) and len(model.names) == 80:
+        # A model built from its .yaml has numbered classes; the official 80-class weights use
+        # COCO's names, so a random-weight smoke run reports the same class names as a real one.
+        from ultralytics.utils import ROOT, YAML
+
+        model.model.names = dict(YAML.load(ROOT / "cfg/datasets/coco.yaml")["names"])
     model.to(device)
     return model

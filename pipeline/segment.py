@@ -1,14 +1,15 @@
-"""Segment stage: a Ray actor holding one SAM 2.1 image predictor, boxes -> masks -> COCO RLE.
+"""Segment stage: a Ray actor holding one SAM 2.1 image predictor, prompts -> masks -> COCO RLE.
 
-Per image: one encoder pass (``set_image``), then the boxes go through the prompt decoder in
-chunks of ``sam.box_chunk`` (one batched call per chunk), so memory stays bounded however many
-objects an image holds.
+Per image: one encoder pass (``set_image``), then the prompts go through the decoder in batches
+of equal shape, ``sam.box_chunk`` at a time, so memory stays bounded however many objects an
+image holds.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import logging
+import os
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +17,7 @@ import pyarrow as pa
 from . import masks as mask_codec
 from .config import SamConfig
 from .decode import pixels_of
+from .prompts import Candidates, Prompt, manifest_prompts, run_prompts
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,12 @@ MASK_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string()
 OBJECT_TYPE = pa.struct(
     [
         ("object_id", pa.int32()),
+        ("object_key", pa.string()),  # the manifest's key; null for detector objects
+        ("source", pa.string()),  # detector | manifest
+        ("prompt", pa.string()),  # box, points, box+points, mask, ...
+        ("candidate", pa.int32()),  # 0 = SAM's best-scoring mask; 1, 2 with sam.candidates=all
+        ("status", pa.string()),  # ok | error (an invalid prompt)
+        ("error", pa.string()),
         ("class_id", pa.int32()),
         ("class_name", pa.string()),
         ("det_score", pa.float32()),
@@ -49,39 +57,16 @@ def autocast(dtype: str, device):
     return contextlib.nullcontext()
 
 
-def masks_for_boxes(predictor, boxes: np.ndarray, chunk: int, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes (N, 4) on the image already set -> bool masks (N, H, W) and SAM scores (N,).
+class SamModel:
+    """One SAM 2.1 image predictor with its device, dtype and thread settings; shared by the Ray
+    segment stage, ``autolabel predict`` and the Python API."""
 
-    With ``multimask`` SAM returns three candidates per box; the best-scoring one is kept.
-    """
-    h, w = predictor._orig_hw[-1]
-    all_masks, all_scores = [], []
-    for start in range(0, len(boxes), chunk):
-        part = boxes[start : start + chunk]
-        masks, scores, _ = predictor.predict(box=part, multimask_output=multimask)
-        k = 3 if multimask else 1
-        # 1 box -> (k, H, W), (k,); n boxes -> (n, k, H, W), (n, k): make both (n, k, ...)
-        masks = masks.reshape(len(part), k, h, w)
-        scores = scores.reshape(len(part), k)
-        best = scores.argmax(axis=1)
-        rows = np.arange(len(part))
-        all_masks.append(masks[rows, best] > 0)  # predict already thresholded; stored as float
-        all_scores.append(scores[rows, best])
-    if not all_masks:
-        return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
-    return np.concatenate(all_masks), np.concatenate(all_scores).astype(np.float32)
-
-
-class Segmenter:
-    """Constructed once per actor (one per GPU); ``__call__`` adds an ``objects`` column."""
-
-    def __init__(self, cfg: SamConfig, class_names: dict[int, str], cpu_threads: int | None = None):
+    def __init__(self, cfg: SamConfig, cpu_threads: Optional[int] = None):
         import torch
 
         from .models import build_sam_predictor, pick_device, resolve_sam_checkpoint
 
         self.cfg = cfg
-        self.class_names = class_names
         self.device = pick_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.device.type == "cuda":
@@ -91,45 +76,95 @@ class Segmenter:
             # Ray pins a fractional-CPU actor to one thread; on a CPU-only node SAM is the
             # bottleneck by far, so it gets the threads the job planned for it.
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
-        weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint)
-        self.predictor = build_sam_predictor(weights, cfg.image_size, self.device)
-        log.info("SAM 2.1 %s (%s) on %s, %s", cfg.size, weights.path or "random weights", self.device, self.dtype)
+        self.weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint)
+        self.predictor = build_sam_predictor(self.weights, cfg.image_size, self.device)
+        log.info("SAM 2.1 %s (%s) on %s, %s", cfg.size, self.weights.path or "random weights", self.device, self.dtype)
 
-    def segment(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def segment(self, image: np.ndarray, prompts: list[Prompt], multimask=None) -> list[Optional[Candidates]]:
+        """One encoder pass for ``image``, then every valid prompt through the decoder.
+
+        ``multimask`` None follows ``sam.multimask``."""
         import torch
 
+        if not any(p.error is None for p in prompts):
+            return [None] * len(prompts)
         with torch.inference_mode(), autocast(self.dtype, self.device):
             self.predictor.set_image(image)
-            return masks_for_boxes(self.predictor, boxes, self.cfg.box_chunk, self.cfg.multimask)
+            policy = self.cfg.multimask if multimask is None else multimask
+            return run_prompts(self.predictor, prompts, self.cfg.box_chunk, policy)
+
+
+def _bbox(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def object_rows(prompts: list[Prompt], answers: list[Optional[Candidates]], keep_all: bool) -> list[dict]:
+    """Prompts and SAM's answers -> objects-table rows (error rows for rejected prompts)."""
+    rows = []
+    for object_id, (prompt, answer) in enumerate(zip(prompts, answers)):
+        base = {
+            "object_id": object_id, "object_key": prompt.object_key, "source": prompt.source, "prompt": prompt.kind,
+            "class_id": prompt.class_id, "class_name": prompt.class_name, "det_score": prompt.det_score,
+        }
+        if answer is None:
+            rows.append({**base, "candidate": 0, "status": "error", "error": prompt.error or "not segmented",
+                         "mask_score": None, "box": None, "area": None, "mask": None})
+            continue
+        count = len(answer.scores) if keep_all else 1
+        rles = mask_codec.encode(answer.masks[:count])
+        for rank in range(count):
+            mask = answer.masks[rank]
+            rows.append({
+                **base, "candidate": rank, "status": "ok", "error": None, "mask_score": float(answer.scores[rank]),
+                "box": [float(v) for v in prompt.box] if prompt.box is not None else _bbox(mask),
+                "area": int(mask.sum()), "mask": rles[rank],
+            })
+    return rows
+
+
+class Segmenter:
+    """Constructed once per actor (one per GPU); ``__call__`` adds an ``objects`` column.
+
+    Prompts per image: the detector's boxes (``prompts.source`` detector or both) followed by the
+    manifest's objects (manifest or both), all answered after one encoder pass.
+    """
+
+    def __init__(self, cfg: SamConfig, class_names: dict[int, str], cpu_threads: Optional[int] = None,
+                 storage_options: Optional[dict] = None):
+        self.sam = SamModel(cfg, cpu_threads)
+        self.class_names = class_names
+        self.class_ids = {name: cid for cid, name in class_names.items()}
+        self.storage_options = storage_options
+        self.keep_all = cfg.candidates == "all"
+
+    def prompts_for(self, row: dict) -> list[Prompt]:
+        prompts = [
+            Prompt(box=np.asarray(box, np.float32), class_id=cls, class_name=self.class_names.get(cls, str(cls)),
+                   det_score=score, source="detector")
+            for box, cls, score in zip(row.get("det_boxes") or [], row.get("det_class_ids") or [], row.get("det_scores") or [])
+        ]
+        if row.get("prompts"):
+            prompts += manifest_prompts(row["prompts"], row.get("base_uri"), row["width"], row["height"],
+                                        self.class_ids, self.storage_options)
+        return prompts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        objects_per_image = []
-        columns = {name: batch.column(name).to_pylist() for name in ("status", "width", "height", "det_boxes", "det_class_ids", "det_scores")}
+        wanted = [c for c in ("status", "width", "height", "det_boxes", "det_class_ids", "det_scores", "prompts", "base_uri")
+                  if c in batch.column_names]
+        rows = batch.select(wanted).to_pylist()
         pixels = batch.column("pixels")
-        for i in range(batch.num_rows):
-            boxes = columns["det_boxes"][i]
-            if columns["status"][i] != "ok" or not boxes:
+        objects_per_image = []
+        for i, row in enumerate(rows):
+            if row["status"] != "ok":
                 objects_per_image.append([])
                 continue
-            image = pixels_of(pixels[i].as_py(), columns["width"][i], columns["height"][i])
-            box_array = np.asarray(boxes, dtype=np.float32)
-            masks, scores = self.segment(image, box_array)
-            rles = mask_codec.encode(masks)
-            areas = masks.reshape(len(masks), -1).sum(axis=1)
-            objects = []
-            for j, (rle, cls, det_score) in enumerate(zip(rles, columns["det_class_ids"][i], columns["det_scores"][i])):
-                objects.append(
-                    {
-                        "object_id": j,
-                        "class_id": cls,
-                        "class_name": self.class_names.get(cls, str(cls)),
-                        "det_score": det_score,
-                        "mask_score": float(scores[j]),
-                        "box": boxes[j],
-                        "area": int(areas[j]),
-                        "mask": rle,
-                    }
-                )
-            objects_per_image.append(objects)
-        batch = batch.drop_columns(["pixels", "det_boxes", "det_class_ids", "det_scores"])
+            prompts = self.prompts_for(row)
+            image = pixels_of(pixels[i].as_py(), row["width"], row["height"]) if prompts else None
+            answers = self.sam.segment(image, prompts) if prompts else []
+            objects_per_image.append(object_rows(prompts, answers, self.keep_all))
+        batch = batch.drop_columns([c for c in ("pixels", "det_boxes", "det_class_ids", "det_scores", "prompts", "base_uri")
+                                    if c in batch.column_names])
         return batch.append_column(pa.field("objects", pa.list_(OBJECT_TYPE)), pa.array(objects_per_image, type=pa.list_(OBJECT_TYPE)))

@@ -1,4 +1,4 @@
-"""Where images come from: list ``input.uri`` through fsspec and cut the listing into shards.
+"""Where images come from: list ``input.uri`` (or read a prompt manifest) and cut it into shards.
 
 The driver never holds the whole listing: it walks the storage lazily and writes each shard
 (``shard_size`` image URIs) as a small Parquet file under ``RUN/_shards/``. Ray then reads the
@@ -7,10 +7,13 @@ constant driver memory, and a later resume can tell which shards are finished.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
-from dataclasses import dataclass
-from typing import Iterator
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
 
 import fsspec
 import pyarrow as pa
@@ -26,6 +29,9 @@ SHARD_SCHEMA = pa.schema(
         # Bytes travel with the work item only for filesystems that live inside one process
         # (memory://), which Ray's workers cannot see; everywhere else workers read the URI.
         ("data", pa.binary()),
+        ("prompts", pa.string()),
+        ("meta", pa.string()),
+        ("base_uri", pa.string()),
     ]
 )
 _GLOB_CHARS = "*?["
@@ -79,50 +85,193 @@ def iter_image_uris(uri: str, extensions: list[str], storage_options: dict | Non
                 yield full(f"{root.rstrip('/')}/{name}")
 
 
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset-style brace patterns: ``shard-{000000..000123}.tar`` (zero padding kept) and
+    ``{a,b}`` lists, any number of them, expanded in order. A pattern without braces is itself."""
+    match = _BRACE.search(pattern)
+    if not match:
+        return [pattern]
+    body = match.group(1)
+    if ".." in body:
+        lo, hi = body.split("..", 1)
+        if not (lo.isdigit() and hi.isdigit()):
+            raise SourceError(f"input.uri: brace range {{{body}}} must be two numbers, e.g. {{000000..000123}}")
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        choices = [str(n).zfill(width) for n in range(int(lo), int(hi) + step, step)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[: match.start()], pattern[match.end():]
+    return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
+
+
+def input_format(uri: str, declared: str = "auto") -> str:
+    """``input.format``, or what ``input.uri`` looks like: tar shards, a manifest, or images."""
+    if declared != "auto":
+        return declared
+    bare = uri.split("?", 1)[0].lower()
+    if bare.endswith(".tar") or _BRACE.search(uri):
+        return "tar"
+    if bare.endswith(MANIFEST_SUFFIXES):
+        return "manifest"
+    return "images"
+
+
+def iter_tar_uris(uri: str, storage_options: dict | None = None) -> Iterator[str]:
+    """Yield the tar shards ``uri`` names (brace pattern, glob, or one file), without opening them.
+
+    Brace patterns are expanded without listing storage (a shard that is not there becomes a
+    ``not_found`` error row, like a file that disappears); globs are listed.
+    """
+    for pattern in expand_braces(uri):
+        fs, path = url_to_fs(pattern, **(storage_options or {}))
+        if any(c in path for c in _GLOB_CHARS):
+            for match in sorted(fs.glob(path, detail=False)):
+                yield fs.unstrip_protocol(match)
+        else:
+            yield fs.unstrip_protocol(path)
+
+
+RESERVED_KEYS = {"uri", "objects", "image_id", "width", "height", "status", "error_class", "error",
+                 "num_objects", "class_counts", "shard_id", "note", "num_prompt_errors"}
+
+
+@dataclass
+class WorkItem:
+    """One image to label: its URI, and for manifest inputs its prompts and metadata (JSON)."""
+
+    uri: str
+    prompts: Optional[str] = None  # JSON list of manifest objects
+    meta: Optional[str] = None  # JSON object of the line's extra keys
+    base_uri: Optional[str] = None  # folder relative mask paths are resolved against
+
+
+def iter_manifest(manifest_uri: str, storage_options: dict | None = None, key: str = "prompts.manifest") -> Iterator[WorkItem]:
+    """Stream a manifest (.jsonl, .csv, or .parquet with the same columns), one item per line.
+
+    Used for prompt manifests and for input manifests (``input.format=manifest``; without an
+    ``objects`` column such a manifest just lists images). ``uri`` may be relative to the
+    manifest's folder; keys other than ``uri`` and ``objects`` are carried to the images table as
+    metadata. In a .csv, ``objects`` (if any) is a JSON string and every other value a string.
+    """
+    fs, path = url_to_fs(manifest_uri, **(storage_options or {}))
+    base = fs.unstrip_protocol(path.rsplit("/", 1)[0]) if "/" in path else fs.unstrip_protocol(".")
+    if not fs.isfile(path):
+        raise SourceError(f"{key}: file not found: {manifest_uri}")
+
+    def rows() -> Iterator[tuple[int, dict]]:
+        if path.endswith(".parquet"):
+            with fs.open(path, "rb") as fh:
+                number = 0
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=1024):
+                    for row in batch.to_pylist():
+                        number += 1
+                        yield number, row
+            return
+        if path.lower().endswith(".csv"):
+            with fs.open(path, "rt", encoding="utf-8", newline="") as fh:
+                for number, row in enumerate(csv.DictReader(fh), 2):  # line 1 is the header
+                    row = {k: (v if v != "" else None) for k, v in row.items() if k is not None}
+                    if isinstance(row.get("objects"), str):
+                        try:
+                            row["objects"] = json.loads(row["objects"])
+                        except json.JSONDecodeError as exc:
+                            raise SourceError(f"{key} line {number}: objects is not valid JSON ({exc.msg})") from None
+                    yield number, row
+            return
+        with fs.open(path, "rt", encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield number, json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise SourceError(f"{key} line {number}: not valid JSON ({exc.msg})") from None
+
+    for number, row in rows():
+        if not isinstance(row, dict) or not isinstance(row.get("uri"), str):
+            raise SourceError(f"{key} line {number}: needs a \"uri\" string")
+        objects = row.get("objects") or []
+        if not isinstance(objects, list):
+            raise SourceError(f"{key} line {number}: \"objects\" must be a list")
+        meta = {k: v for k, v in row.items() if k not in ("uri", "objects")}
+        clash = sorted(set(meta) & RESERVED_KEYS)
+        if clash:
+            raise SourceError(f"{key} line {number}: keys {clash} clash with images-table columns; rename them")
+        uri = row["uri"] if ("://" in row["uri"] or row["uri"].startswith("/")) else f"{base.rstrip('/')}/{row['uri']}"
+        item_fs, item_path = url_to_fs(uri, **(storage_options or {}))
+        yield WorkItem(item_fs.unstrip_protocol(item_path), json.dumps(objects), json.dumps(meta, default=str) if meta else None, base)
+
+
 @dataclass
 class ShardListing:
     shards_uri: str
     num_shards: int
     num_images: int
+    meta_columns: list[str] = field(default_factory=list)  # extra manifest keys, in first-seen order
+    labels: list[str] = field(default_factory=list)  # class names the manifest's objects use
 
 
 def write_shards(
-    uri: str,
-    extensions: list[str],
+    items: Iterable[WorkItem],
     shard_size: int,
     run_fs: fsspec.AbstractFileSystem,
     run_path: str,
     storage_options: dict | None = None,
 ) -> ShardListing:
-    """List the input and write one Parquet file per shard under ``RUN/_shards``."""
-    in_fs, _ = url_to_fs(uri, **(storage_options or {}))
-    carry_bytes = is_process_local(in_fs)
+    """Write the work items as one Parquet file per shard under ``RUN/_shards``."""
     shards_path = f"{run_path.rstrip('/')}/{SHARDS_DIR}"
     run_fs.makedirs(shards_path, exist_ok=True)
-    num_images = num_shards = 0
-    batch: list[str] = []
+    listing = ShardListing(run_fs.unstrip_protocol(shards_path), 0, 0)
+    meta_columns: dict[str, None] = {}
+    labels: set[str] = set()
+    batch: list[WorkItem] = []
 
     def flush() -> None:
-        nonlocal num_shards
-        shard_id = f"{num_shards:06d}"
-        data = [in_fs.cat_file(in_fs._strip_protocol(u)) if carry_bytes else None for u in batch]
+        shard_id = f"{listing.num_shards:06d}"
+        uris = [item.uri for item in batch]
         table = pa.table(
-            {"shard_id": [shard_id] * len(batch), "uri": batch, "image_id": [image_id_for(u) for u in batch], "data": data},
+            {
+                "shard_id": [shard_id] * len(batch),
+                "uri": uris,
+                "image_id": [image_id_for(u) for u in uris],
+                "data": [_bytes_if_process_local(u, storage_options) for u in uris],
+                "prompts": [item.prompts for item in batch],
+                "meta": [item.meta for item in batch],
+                "base_uri": [item.base_uri for item in batch],
+            },
             schema=SHARD_SCHEMA,
         )
         buf = io.BytesIO()
         pq.write_table(table, buf)
         run_fs.pipe_file(f"{shards_path}/shard-{shard_id}.parquet", buf.getvalue())
-        num_shards += 1
+        listing.num_shards += 1
         batch.clear()
 
-    for image_uri in iter_image_uris(uri, extensions, storage_options):
-        batch.append(image_uri)
-        num_images += 1
+    for item in items:
+        batch.append(item)
+        listing.num_images += 1
+        if item.meta:
+            meta_columns.update(dict.fromkeys(json.loads(item.meta)))
+        if item.prompts:
+            labels.update(o["label"] for o in json.loads(item.prompts) if isinstance(o, dict) and isinstance(o.get("label"), str))
         if len(batch) == shard_size:
             flush()
     if batch:
         flush()
-    if num_images == 0:
-        raise no_images(uri, extensions)
-    return ShardListing(run_fs.unstrip_protocol(shards_path), num_shards, num_images)
+    listing.meta_columns = list(meta_columns)
+    listing.labels = sorted(labels)
+    return listing
+
+
+def _bytes_if_process_local(uri: str, storage_options: dict | None) -> Optional[bytes]:
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    if not is_process_local(fs):
+        return None
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None  # the decode stage reports it as not_found

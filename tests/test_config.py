@@ -55,7 +55,9 @@ def test_overrides_are_typed_and_layered_over_the_file(tmp_path):
         ("input.shard_size=0", "input.shard_size: Input should be greater than 0"),
         ("output.uri=memory://out", "output.uri: memory:// lives inside one process"),
         ("detector.conf", "is not key=value"),
-        ("prompts.source=manifest", "prompts.source: Input should be 'detector'"),
+        ("prompts.source=manifest", "prompts.manifest: required when prompts.source=manifest"),
+        ("prompts.source=points", "prompts.source: Input should be 'detector', 'manifest' or 'both'"),
+        ("sam.multimask=maybe", "sam.multimask"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, expected):

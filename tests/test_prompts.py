@@ -310,3 +310,25 @@ def test_manifest_problems_fail_before_work(tmp_path):
     proc = subprocess.run([*autolabel_cli(), "run", "prompts.source=manifest", f"prompts.manifest={tmp_path / 'none.jsonl'}",
                            "sam.checkpoint=random", f"output.uri={tmp_path / 'out'}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "prompts.manifest: file not found" in proc.stderr
+
+
+def test_parquet_manifest_without_detector(ray_local, checkpoints, voc, tmp_path):
+    """prompts.source=manifest: no YOLO stage at all; a Parquet manifest works like JSON Lines."""
+    import pyarrow as pa
+
+    from pipeline.job import run
+
+    objects = [{"object_key": "a", "box": voc["boxes"][0].tolist(), "label": "cat"},
+               {"object_key": "b", "points": [_centroid(voc["masks"][9])], "point_labels": [1], "label": "dog"}]
+    table = pa.table({"uri": [str(voc["path"])], "camera": ["c7"], "objects": [json.loads(json.dumps(objects))]})
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(table, manifest)
+    cfg = load_config(None, [f"output.uri={tmp_path / 'out'}", "prompts.source=manifest", f"prompts.manifest={manifest}",
+                             f"sam.checkpoint={checkpoints['sam']}", f"sam.image_size={SAM_IMAGE_SIZE}"])
+    result = run(cfg)
+    assert "detector" not in result["models"] and result["class_names"] == {0: "cat", 1: "dog"}
+    rows = pq.read_table(tmp_path / "out" / "objects").to_pandas().set_index("object_key")
+    assert list(rows.index) == ["a", "b"] and (rows["source"] == "manifest").all() and rows["det_score"].isna().all()
+    assert list(rows["class_id"]) == [0, 1]
+    images = pq.read_table(tmp_path / "out" / "images").to_pandas()
+    assert list(images["camera"]) == ["c7"] and list(images["num_objects"]) == [2]

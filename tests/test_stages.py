@@ -14,7 +14,7 @@ from pipeline import masks as mask_codec
 from pipeline.config import IMAGE_EXTENSIONS, SamConfig
 from pipeline.decode import ImageError, decode_batch, decode_rgb, pixels_of, read_bytes
 from pipeline.sink import split_tables
-from pipeline.sources import SourceError, image_id_for, iter_image_uris, write_shards
+from pipeline.sources import SourceError, WorkItem, image_id_for, iter_image_uris, write_shards
 
 
 def _jpeg(rgb: np.ndarray, **save) -> bytes:
@@ -47,15 +47,14 @@ def test_shards_hold_shard_size_images(tmp_path):
         (tmp_path / "in" / f"{i}.jpg").parent.mkdir(exist_ok=True)
         (tmp_path / "in" / f"{i}.jpg").write_bytes(b"x")
     fs = fsspec.filesystem("file")
-    listing = write_shards(str(tmp_path / "in"), [".jpg"], 3, fs, str(tmp_path / "run"))
+    items = (WorkItem(u) for u in iter_image_uris(str(tmp_path / "in"), [".jpg"]))
+    listing = write_shards(items, 3, fs, str(tmp_path / "run"))
     assert (listing.num_shards, listing.num_images) == (3, 7)
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "run" / "_shards")
     assert sorted(table.column("shard_id").to_pylist()) == ["000000"] * 3 + ["000001"] * 3 + ["000002"]
     assert table.column("image_id").to_pylist() == [image_id_for(u) for u in table.column("uri").to_pylist()]
-    with pytest.raises(SourceError, match="no images"):
-        write_shards(str(tmp_path / "in"), [".png"], 3, fs, str(tmp_path / "run2"))
 
 
 def test_image_id_is_stable():
@@ -87,6 +86,8 @@ def test_decode_turns_any_mode_into_rgb(mode):
     [(b"", "decode_error"), (b"GIF89a garbage", "decode_error"), (b"plain text", "decode_error")],
 )
 def test_decode_failures_are_named(data, error_class):
+    import ultralytics.utils.patches  # noqa: F401  (it patches PIL.Image.open; decoding must not care)
+
     with pytest.raises(ImageError) as err:
         decode_rgb(data)
     assert err.value.error_class == error_class
@@ -130,21 +131,31 @@ def test_rle_round_trip_matches_pycocotools():
 def test_split_tables_counts_per_class():
     from pipeline.segment import OBJECT_TYPE
 
-    obj = lambda i, c, n: {"object_id": i, "class_id": c, "class_name": n, "det_score": 0.5, "mask_score": 0.9, "box": [0, 0, 1, 1], "area": 1, "mask": {"size": [2, 2], "counts": "04"}}  # noqa: E731
+    def obj(i, c, n, status="ok", candidate=0):
+        return {"object_id": i, "object_key": None, "source": "detector", "prompt": "box", "candidate": candidate,
+                "status": status, "error": None if status == "ok" else "bad prompt", "class_id": c, "class_name": n,
+                "det_score": 0.5, "mask_score": 0.9, "box": [0, 0, 1, 1], "area": 1, "mask": {"size": [2, 2], "counts": "04"}}
+
     batch = pa.table(
         {
             "image_id": ["a", "b"], "uri": ["u1", "u2"], "width": [2, None], "height": [2, None],
             "status": ["ok", "error"], "error_class": [None, "decode_error"], "error": [None, "decode_error: x"], "shard_id": ["0", "0"],
-            "objects": pa.array([[obj(0, 0, "person"), obj(1, 2, "car"), obj(2, 0, "person")], []], type=pa.list_(OBJECT_TYPE)),
+            "objects": pa.array(
+                [[obj(0, 0, "person"), obj(1, 2, "car"), obj(1, 2, "car", candidate=1), obj(2, 0, "person"), obj(3, 0, "person", "error")], []],
+                type=pa.list_(OBJECT_TYPE),
+            ),
+            "meta": ['{"site": "north", "camera": 3}', None],
         }
     )
-    images, objects = split_tables(batch)
-    assert images.column("num_objects").to_pylist() == [3, 0]
+    images, objects = split_tables(batch, ["site", "camera"])
+    assert images.column("num_objects").to_pylist() == [3, 0]  # not the 2nd candidate, not the error row
+    assert images.column("num_prompt_errors").to_pylist() == [1, 0]
+    assert images.column("site").to_pylist() == ["north", None] and images.column("camera").to_pylist() == ["3", None]
     assert images.column("class_counts").to_pylist()[0] == [
         {"class_id": 0, "class_name": "person", "count": 2},
         {"class_id": 2, "class_name": "car", "count": 1},
     ]
-    assert objects.num_rows == 3 and set(objects.column("image_id").to_pylist()) == {"a"}
+    assert objects.num_rows == 5 and set(objects.column("image_id").to_pylist()) == {"a"}
 
 
 def test_dtype_auto_is_float32_on_cpu_and_bfloat16_on_cuda():
@@ -161,21 +172,23 @@ def test_segmenter_bfloat16_path_runs_under_autocast(checkpoints):
     """The bf16 path for real: the mask decoder computes in bfloat16 (CPU autocast, small input)."""
     import torch
 
-    from pipeline.segment import Segmenter
+    from pipeline.prompts import Prompt
+    from pipeline.segment import SamModel
 
     image = np.asarray(Image.open(__file__.rsplit("/tests/", 1)[0] + "/samples/images/bus.jpg").convert("RGB"))
     boxes = np.array([[50, 400, 250, 900], [0, 200, 800, 800]], np.float32)
     results = {}
     for dtype in ("float32", "bfloat16"):
-        seg = Segmenter(SamConfig(checkpoint=str(checkpoints["sam"]), image_size=SAM_IMAGE_SIZE, dtype=dtype), {})
+        sam = SamModel(SamConfig(checkpoint=str(checkpoints["sam"]), image_size=SAM_IMAGE_SIZE, dtype=dtype))
         seen = []
-        hook = seg.predictor.model.sam_mask_decoder.register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))
-        masks, scores = seg.segment(image, boxes)
+        hook = sam.predictor.model.sam_mask_decoder.register_forward_hook(lambda m, i, o: seen.append(o[0].dtype))
+        answers = sam.segment(image, [Prompt(box=b) for b in boxes])
         hook.remove()
-        assert masks.shape == (2, *image.shape[:2]) and masks.dtype == bool and scores.dtype == np.float32
+        masks = np.stack([a.masks[0] for a in answers])
+        assert masks.shape == (2, *image.shape[:2]) and masks.dtype == bool and answers[0].scores.dtype == np.float32
         assert seen == [torch.bfloat16 if dtype == "bfloat16" else torch.float32]
         results[dtype] = masks
-    auto = Segmenter(SamConfig(checkpoint=str(checkpoints["sam"]), image_size=SAM_IMAGE_SIZE), {})
+    auto = SamModel(SamConfig(checkpoint=str(checkpoints["sam"]), image_size=SAM_IMAGE_SIZE))
     assert auto.dtype == "float32"
     # bf16 changes low bits, not the answer: the masks mostly agree with fp32
     assert np.mean([mask_codec.iou(a, b) for a, b in zip(results["float32"], results["bfloat16"])]) > 0.8

@@ -1,0 +1,154 @@
+"""Driver memory while listing and streaming many images: does it grow with the number of images?
+
+Writes N tiny PNGs (8x8) into a local folder for each N, then in ONE driver process, on one local
+Ray, runs the job's own listing (``job.work_items`` + ``sources.write_shards``) and streams every
+image through the job's own decode stage and sink (``decode.decode_batch``, ``sink.write_batch``)
+while the driver collects the per-image summaries into ``job.Totals``, exactly as ``job.run``
+does. Only detection and segmentation are left out: they are replaced by a stub stage named
+``_TEST_ONLY_no_models`` (every image gets zero objects) so that tens of thousands of images fit in
+a CI minute. A thread samples the driver's RSS every 20 ms; the peak of each phase is reported.
+
+    python benchmarks/listing_memory.py --images 2000 20000 [--shard-size 500] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.decode import decode_batch  # noqa: E402
+from pipeline.job import RunFolder, Totals, work_items  # noqa: E402
+from pipeline.segment import OBJECT_TYPE  # noqa: E402
+from pipeline.sink import write_batch  # noqa: E402
+from pipeline.sources import write_shards  # noqa: E402
+
+MB = 1024 * 1024
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a background thread."""
+
+    def __init__(self, interval: float = 0.02):
+        self.proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self.proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def make_images(folder: Path, n: int) -> None:
+    """n distinct 8x8 PNGs, 1000 per sub-folder (like a real dataset's layout)."""
+    rng = np.random.default_rng(n)
+    template = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(template, format="PNG")
+    data = template.getvalue()
+    for i in range(n):
+        sub = folder / f"d{i // 1000:04d}"
+        if i % 1000 == 0:
+            sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"img{i:07d}.png").write_bytes(data)
+
+
+def _TEST_ONLY_no_models(batch: pa.Table) -> pa.Table:
+    """Test-only stand-in for the detector and SAM stages: every image gets zero objects."""
+    drop = [c for c in ("pixels", "prompts", "base_uri") if c in batch.column_names]
+    empty = pa.array([[] for _ in range(batch.num_rows)], type=pa.list_(OBJECT_TYPE))
+    return batch.drop_columns(drop).append_column(pa.field("objects", pa.list_(OBJECT_TYPE)), empty)
+
+
+def run_once(images: Path, out: Path, shard_size: int) -> dict:
+    import pyarrow.fs as pafs
+    import ray
+    from fsspec.core import url_to_fs
+
+    cfg = load_config(None, [f"input.uri={images}", f"output.uri={out}", f"input.shard_size={shard_size}"])
+    folder = RunFolder(cfg)
+    folder.prepare()
+    result = {"rss_before_mb": round(psutil.Process().memory_info().rss / MB, 1)}
+    t0 = time.time()
+    with PeakRSS() as listing_peak:
+        listing = write_shards(work_items(cfg), cfg.input.shard_size, folder.fs, folder.path, cfg.input.storage_options)
+    result["listing_s"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    with PeakRSS() as stream_peak:
+        fs, path = url_to_fs(listing.shards_uri)
+        ds = ray.data.read_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=16, num_cpus=0.25,
+                            fn_kwargs={"max_pixels": cfg.input.max_pixels})
+        ds = ds.map_batches(_TEST_ONLY_no_models, batch_format="pyarrow", batch_size=64, num_cpus=0.25)
+        ds = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.25,
+                            fn_kwargs={"run_uri": folder.run_uri, "meta_columns": []})
+        totals = Totals()
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            totals.add(batch.to_pylist())
+    result.update(
+        images=listing.num_images, shards=listing.num_shards, rows=totals.images, ok=totals.ok,
+        stream_s=round(time.time() - t0, 2),
+        listing_peak_rss_mb=round(listing_peak.peak / MB, 1), stream_peak_rss_mb=round(stream_peak.peak / MB, 1),
+    )
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, nargs="+", default=[2000, 20000])
+    ap.add_argument("--shard-size", type=int, default=500)
+    ap.add_argument("--warmup", type=int, default=500, help="images of an untimed first run (imports, Ray workers)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="listing-memory-"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results = {"warmup": None, "runs": []}
+    try:
+        for label, n in [("warmup", args.warmup), *(("run", n) for n in args.images)]:
+            folder = work / f"images-{n}"
+            if not folder.exists():
+                make_images(folder, n)
+            res = run_once(folder, work / f"out-{label}-{n}", args.shard_size)
+            if label == "warmup":
+                results["warmup"] = res
+            else:
+                results["runs"].append(res)
+            print(json.dumps(res), flush=True)
+    finally:
+        ray.shutdown()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

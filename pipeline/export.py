@@ -1,0 +1,481 @@
+"""``autolabel export RUN --format coco|yolo|png|cutouts``: the run's masks in other tools' formats.
+
+Exports stream image by image: the sink writes ``images/part-X.parquet`` and
+``objects/part-X.parquet`` side by side, one image's objects in one part, so each images part is
+read with its objects part (a few dozen images at a time) and memory stays bounded however large
+the run. Each image's object count is checked against its ``num_objects`` before anything is
+written for it, so a damaged run fails loudly instead of exporting with holes. Source and
+destination are any fsspec URLs.
+
+Objects whose mask is empty (area 0) are left out of every format (COCO, YOLO and pycocotools
+cannot represent them) and counted in the result. Polygons (COCO ``--segmentation polygon`` and
+YOLO) are the outer contours of the mask from ``cv2.findContours``: holes are dropped; COCO keeps
+every contour, YOLO (one polygon per object) joins them with ultralytics' own
+``merge_multi_segment``, as its COCO converter does.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from . import masks as mask_codec
+from .filters import UNLABELED, ObjectFilter, RunData, RunError, read_rgb
+
+log = logging.getLogger("autolabel.export")
+
+FORMATS = ("coco", "yolo", "png", "cutouts")
+# Image suffixes ultralytics' loader accepts; anything else is re-encoded as PNG for YOLO.
+YOLO_IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm"}
+EXIF_ORIENTATION = 0x0112
+
+
+class ExportError(ValueError):
+    """The export cannot be done as asked (bad option, destination in use, damaged run)."""
+
+
+@dataclass
+class ExportResult:
+    format: str
+    out: str
+    images: int = 0
+    objects: int = 0
+    skipped_empty: int = 0
+    filtered_out: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason): images that could not be exported
+    files: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"autolabel export {self.format}: {self.images:,} images, {self.objects:,} objects -> {self.out}",
+        ]
+        if self.filtered_out:
+            lines.append(f"  {self.filtered_out:,} objects left out by the filters")
+        if self.skipped_empty:
+            lines.append(f"  {self.skipped_empty:,} objects with an empty mask left out")
+        if self.failed:
+            lines.append(f"  {len(self.failed):,} images FAILED (not exported):")
+            lines += [f"    {uri}: {why}" for uri, why in self.failed[:20]]
+            if len(self.failed) > 20:
+                lines.append(f"    ... {len(self.failed) - 20} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class ImageLabels:
+    """One ok image with its (filtered, non-empty) objects in object_id order."""
+
+    image_id: str
+    uri: str
+    width: int
+    height: int
+    objects: list[dict]
+
+    @property
+    def name(self) -> str:
+        """A readable, unique file stem: the image's own stem plus its image_id."""
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(self.uri.rstrip("/").rsplit("/", 1)[-1])[0])[:80] or "image"
+        return f"{stem}-{self.image_id}"
+
+    @property
+    def suffix(self) -> str:
+        return os.path.splitext(self.uri.rsplit("/", 1)[-1])[1].lower()
+
+
+def iter_images(run: RunData, filt: ObjectFilter, result: ExportResult, unlabeled_id: Optional[int] = None) -> Iterator[ImageLabels]:
+    """Every ok image of the run, part by part, with its objects; checks counts against the images table.
+
+    Objects without a class get ``unlabeled_id`` (named ``(unlabeled)``) so every format can hold them.
+    """
+    afs = run.arrow_fs()
+    objects_by_name = {p.rsplit("/", 1)[-1]: p for p in run.object_files}
+    expr = filt.expression()
+    counted = run.counted_expression()
+    for images_path in run.image_files:
+        name = images_path.rsplit("/", 1)[-1]
+        images = pq.read_table(images_path, filesystem=afs, columns=["image_id", "uri", "width", "height", "status", "num_objects"])
+        images = images.filter(pc.field("status") == "ok")
+        if not images.num_rows:
+            continue
+        objects_path = objects_by_name.get(name)
+        if objects_path is None:
+            if pc.sum(images.column("num_objects")).as_py():
+                raise ExportError(f"{run.url('images', name)} lists objects but objects/{name} is missing: the run is damaged")
+            grouped, found = {}, {}
+        else:
+            table = pq.read_table(objects_path, filesystem=afs)
+            if counted is not None:  # invalid-prompt rows and extra SAM candidates are not objects
+                table = table.filter(counted)
+            found = {r["values"]: r["counts"] for r in pc.value_counts(table.column("image_id")).to_pylist()}
+            if expr is not None:
+                kept = table.filter(expr)
+                result.filtered_out += table.num_rows - kept.num_rows
+                table = kept
+            grouped = {}
+            for row in table.sort_by([("image_id", "ascending"), ("object_id", "ascending")]).to_pylist():
+                grouped.setdefault(row["image_id"], []).append(row)
+        for row in images.to_pylist():
+            expected, got = row["num_objects"] or 0, found.get(row["image_id"], 0)
+            if expected != got:
+                raise ExportError(f"{row['uri']}: images table says {expected} objects, objects/{name} has {got}: the run is damaged")
+            objects = []
+            for obj in grouped.get(row["image_id"], []):
+                if obj["class_id"] is None:
+                    obj["class_id"], obj["class_name"] = unlabeled_id, UNLABELED
+                if not obj["area"] or obj["mask"] is None:
+                    result.skipped_empty += 1
+                else:
+                    objects.append(obj)
+            yield ImageLabels(row["image_id"], row["uri"], int(row["width"]), int(row["height"]), objects)
+
+
+def count_ok_images(run: RunData) -> int:
+    return run.dataset("images").count_rows(filter=pc.field("status") == "ok")
+
+
+def mask_polygons(mask: np.ndarray) -> list[np.ndarray]:
+    """Outer contours of a binary mask as (k, 2) float arrays of x, y pixel coordinates (k >= 3)."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    for contour in contours:
+        points = contour.reshape(-1, 2).astype(np.float64)
+        if len(points) < 3:  # a dot or a straight line of pixels has no area between pixel centres: take its pixel rectangle
+            (x0, y0), (x1, y1) = points.min(0), points.max(0) + 1
+            points = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+        polygons.append(points)
+    return polygons
+
+
+def _mask_bbox(rle: dict) -> list[float]:
+    from pycocotools import mask as mask_utils
+
+    counts = rle["counts"]
+    coco = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return [float(v) for v in mask_utils.toBbox(coco)]
+
+
+def _local_name(uri: str) -> str:
+    """COCO ``file_name``: a plain path for local files (joins with an image root), else the URI."""
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+class Destination:
+    """An output folder on any fsspec filesystem; refuses to mix with an earlier export."""
+
+    def __init__(self, uri: str, overwrite: bool, storage_options: Optional[dict] = None):
+        self.fs, path = url_to_fs(uri, **(storage_options or {}))
+        self.path = path.rstrip("/")
+        self.url = self.fs.unstrip_protocol(self.path)
+        if self.fs.exists(self.path) and (not self.fs.isdir(self.path) or self.fs.ls(self.path)):
+            if not overwrite:
+                raise ExportError(f"{self.url} already exists and is not empty; choose another --out or pass --overwrite to replace it")
+            self.fs.rm(self.path, recursive=True)
+        self.fs.makedirs(self.path, exist_ok=True)
+        self._made: set[str] = {self.path}
+
+    def full(self, rel: str) -> str:
+        return f"{self.path}/{rel}"
+
+    def _parent(self, rel: str) -> None:
+        parent = self.full(rel).rsplit("/", 1)[0]
+        if parent not in self._made:
+            self.fs.makedirs(parent, exist_ok=True)
+            self._made.add(parent)
+
+    def write(self, rel: str, data: bytes) -> str:
+        self._parent(rel)
+        self.fs.pipe_file(self.full(rel), data)
+        return self.full(rel)
+
+    def open(self, rel: str, mode: str = "w", **kwargs):
+        self._parent(rel)
+        return self.fs.open(self.full(rel), mode, **kwargs)
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------ formats
+
+
+class CocoWriter:
+    """COCO instances JSON, streamed: images go straight out, annotations via a local temp file."""
+
+    def __init__(self, dest: Destination, run: RunData, categories: dict[int, str], segmentation: str):
+        self.dest, self.segmentation = dest, segmentation
+        self.out = dest.open("instances.json", "w")
+        self.tmp = tempfile.TemporaryFile("w+", encoding="utf-8")
+        self.image_id = self.annotation_id = 0
+        info = {
+            "description": f"autolabel export of {run.url()}",
+            "date_created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "version": str((run.manifest.get("versions") or {}).get("autolabel")),
+            "random_weights": bool(run.manifest.get("random_weights")),
+        }
+        cats = [{"id": cid + 1, "name": name, "supercategory": "object", "class_id": cid} for cid, name in sorted(categories.items())]
+        self.out.write('{"info": ' + json.dumps(info) + ', "licenses": [], "categories": ' + json.dumps(cats) + ', "images": [')
+
+    def add(self, image: ImageLabels) -> int:
+        self.image_id += 1
+        entry = {"id": self.image_id, "file_name": _local_name(image.uri), "width": image.width, "height": image.height,
+                 "uri": image.uri, "autolabel_image_id": image.image_id}
+        self.out.write(("" if self.image_id == 1 else ", ") + json.dumps(entry))
+        written = 0
+        for obj in image.objects:
+            if self.segmentation == "polygon":
+                polys = mask_polygons(mask_codec.decode(obj["mask"]))
+                segmentation = [[round(float(v), 2) for v in p.reshape(-1)] for p in polys]
+            else:
+                segmentation = {"size": [int(s) for s in obj["mask"]["size"]], "counts": obj["mask"]["counts"]}
+            self.annotation_id += 1
+            ann = {
+                "id": self.annotation_id, "image_id": self.image_id, "category_id": int(obj["class_id"]) + 1,
+                "segmentation": segmentation, "area": int(obj["area"]), "bbox": _mask_bbox(obj["mask"]), "iscrowd": 0,
+                "score": round(float(obj["det_score"]), 6), "mask_score": round(float(obj["mask_score"]), 6),
+                "object_id": int(obj["object_id"]),
+                "det_box": [round(float(v), 2) for v in (obj["box"][0], obj["box"][1], obj["box"][2] - obj["box"][0], obj["box"][3] - obj["box"][1])],
+            }
+            self.tmp.write(("" if self.annotation_id == 1 else ", ") + json.dumps(ann))
+            written += 1
+        return written
+
+    def close(self) -> list[str]:
+        self.out.write('], "annotations": [')
+        self.tmp.seek(0)
+        shutil.copyfileobj(self.tmp, self.out, 1 << 20)
+        self.out.write("]}\n")
+        self.out.close()
+        self.tmp.close()
+        return [self.dest.full("instances.json")]
+
+
+class YoloWriter:
+    """YOLO-seg: images/{train,val}/NAME.ext, labels/{train,val}/NAME.txt, data.yaml."""
+
+    def __init__(self, dest: Destination, categories: dict[int, str], val_fraction: float):
+        from ultralytics.data.converter import merge_multi_segment  # YOLO's own joining of multi-part masks
+
+        self.merge = merge_multi_segment
+        self.dest, self.categories, self.val_fraction = dest, categories, val_fraction
+        self.splits: set[str] = set()
+
+    def split_of(self, image_id: str) -> str:
+        """Repeatable split from the image id (the same image always lands in the same split)."""
+        return "val" if int(image_id[:8], 16) / 2**32 < self.val_fraction else "train"
+
+    def _image_bytes(self, image: ImageLabels) -> tuple[bytes, str]:
+        """The original file's bytes, unless its EXIF rotates it or YOLO cannot read its format: then a PNG of the pixels."""
+        import fsspec
+        from PIL import Image
+
+        with fsspec.open(image.uri, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as img:
+            size = img.size
+            rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+        if not rotated and image.suffix in YOLO_IMAGE_SUFFIXES and size == (image.width, image.height):
+            return data, image.suffix
+        rgb = read_rgb(image.uri)
+        if rgb.shape[:2] != (image.height, image.width):
+            raise ExportError(f"the file is now {rgb.shape[1]}x{rgb.shape[0]}, the run labeled it at {image.width}x{image.height}")
+        return _png(rgb), ".png"
+
+    def add(self, image: ImageLabels) -> int:
+        data, suffix = self._image_bytes(image)
+        split = self.split_of(image.image_id)
+        self.splits.add(split)
+        lines = []
+        for obj in image.objects:
+            polys = mask_polygons(mask_codec.decode(obj["mask"]))
+            if len(polys) > 1:
+                poly = np.concatenate(self.merge([p.reshape(-1).tolist() for p in polys]), axis=0)
+            else:
+                poly = polys[0]
+            norm = np.clip(poly / np.array([image.width, image.height], np.float64), 0.0, 1.0)
+            lines.append(f"{int(obj['class_id'])} " + " ".join(f"{v:.6f}" for v in norm.reshape(-1)))
+        self.dest.write(f"images/{split}/{image.name}{suffix}", data)
+        self.dest.write(f"labels/{split}/{image.name}.txt", ("\n".join(lines) + "\n" if lines else "").encode())
+        return len(lines)
+
+    def close(self) -> list[str]:
+        import yaml
+
+        n = max(self.categories) + 1 if self.categories else 0
+        names = {i: self.categories.get(i, f"class_{i}") for i in range(n)}
+        val = "images/val" if "val" in self.splits else "images/train"
+        root = self.dest.path if self.dest.url.startswith("file://") else self.dest.url
+        text = "# written by autolabel export --format yolo; class ids are the detector's\n" + yaml.safe_dump(
+            {"path": root, "train": "images/train", "val": val, "names": names}, sort_keys=False
+        )
+        return [self.dest.write("data.yaml", text.encode())]
+
+
+class PngWriter:
+    """instances/NAME.png (uint16: object_id + 1, 0 = background) and optionally classes/NAME.png."""
+
+    def __init__(self, dest: Destination, categories: dict[int, str], class_png: bool):
+        self.dest, self.class_png = dest, class_png
+        self.class_dtype = np.uint8 if (max(categories, default=0) + 1) <= 255 else np.uint16
+        self.index = dest.open("index.csv", "w", newline="")
+        self.csv = csv.writer(self.index)
+        self.csv.writerow(["image_id", "uri", "instances_png", "classes_png", "objects"])
+
+    def add(self, image: ImageLabels) -> int:
+        instances = np.zeros((image.height, image.width), np.uint16)
+        classes = np.zeros((image.height, image.width), self.class_dtype) if self.class_png else None
+        # Overlaps: the best-scoring object (lowest object_id) is painted last and wins.
+        for obj in sorted(image.objects, key=lambda o: -o["object_id"]):
+            mask = mask_codec.decode(obj["mask"])
+            instances[mask] = int(obj["object_id"]) + 1
+            if classes is not None:
+                classes[mask] = int(obj["class_id"]) + 1
+        inst_rel = f"instances/{image.name}.png"
+        self.dest.write(inst_rel, _png(instances))
+        cls_rel = ""
+        if classes is not None:
+            cls_rel = f"classes/{image.name}.png"
+            self.dest.write(cls_rel, _png(classes))
+        self.csv.writerow([image.image_id, image.uri, inst_rel, cls_rel, len(image.objects)])
+        return len(image.objects)
+
+    def close(self) -> list[str]:
+        self.index.close()
+        return [self.dest.full("index.csv")]
+
+
+class CutoutWriter:
+    """NAME/OBJECTID_CLASS.png: RGBA crop of each object's mask bounding box, alpha = the mask."""
+
+    def __init__(self, dest: Destination):
+        self.dest = dest
+        self.index = dest.open("index.csv", "w", newline="")
+        self.csv = csv.writer(self.index)
+        self.csv.writerow(["image_id", "uri", "object_id", "class_id", "class_name", "det_score", "mask_score", "area", "path"])
+
+    def add(self, image: ImageLabels) -> int:
+        if not image.objects:
+            return 0
+        rgb = read_rgb(image.uri)
+        if rgb.shape[:2] != (image.height, image.width):
+            raise ExportError(f"the file is now {rgb.shape[1]}x{rgb.shape[0]}, the run labeled it at {image.width}x{image.height}")
+        for obj in image.objects:
+            mask = mask_codec.decode(obj["mask"])
+            ys, xs = np.nonzero(mask)
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            rgba = np.dstack([rgb[y0:y1, x0:x1], mask[y0:y1, x0:x1].astype(np.uint8) * 255])
+            safe_class = re.sub(r"[^A-Za-z0-9._-]+", "_", str(obj["class_name"]))
+            rel = f"{image.name}/{int(obj['object_id']):04d}_{safe_class}.png"
+            self.dest.write(rel, _png(rgba))
+            self.csv.writerow([image.image_id, image.uri, obj["object_id"], obj["class_id"], obj["class_name"],
+                               f"{obj['det_score']:.6f}", f"{obj['mask_score']:.6f}", obj["area"], rel])
+        return len(image.objects)
+
+    def close(self) -> list[str]:
+        self.index.close()
+        return [self.dest.full("index.csv")]
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def known_classes(run: RunData) -> dict[int, str]:
+    """Detector classes from run.json, plus any class found in the objects table (column scan only)."""
+    names = run.class_names()
+    unlabeled = False
+    if run.object_files:
+        seen = run.dataset("objects").to_table(columns=["class_id", "class_name"]).group_by(["class_id", "class_name"]).aggregate([])
+        for cid, cname in zip(seen.column("class_id").to_pylist(), seen.column("class_name").to_pylist()):
+            if cid is None:
+                unlabeled = True
+            else:
+                names.setdefault(int(cid), cname)
+    if unlabeled:
+        names[max(names, default=-1) + 1] = UNLABELED
+    return names
+
+
+def export(
+    run_uri: str,
+    fmt: str,
+    out_uri: Optional[str] = None,
+    filt: Optional[ObjectFilter] = None,
+    overwrite: bool = False,
+    segmentation: str = "rle",
+    class_png: bool = False,
+    val_fraction: float = 0.0,
+    progress: bool = True,
+    storage_options: Optional[dict] = None,
+) -> ExportResult:
+    """Export a run; raises RunError/ExportError/FilterError for what the user must fix."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    if segmentation not in ("rle", "polygon"):
+        raise ExportError(f"--segmentation {segmentation}: choose rle or polygon")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ExportError(f"--val-fraction must be in [0, 1) (got {val_fraction})")
+    filt = filt or ObjectFilter()
+    run = RunData(run_uri, storage_options)
+    classes = known_classes(run)
+    filt.check_classes(classes)
+    categories = {cid: name for cid, name in classes.items() if filt.keeps_class(cid, name)}
+    dest = Destination(out_uri or run.url("exports", fmt), overwrite, storage_options)
+    result = ExportResult(format=fmt, out=dest.url)
+    if fmt == "coco":
+        writer = CocoWriter(dest, run, categories, segmentation)
+    elif fmt == "yolo":
+        writer = YoloWriter(dest, classes, val_fraction)
+    elif fmt == "png":
+        writer = PngWriter(dest, classes, class_png)
+    else:
+        writer = CutoutWriter(dest)
+    total = count_ok_images(run)
+    log.info("export %s: %d ok images from %s to %s (filters: %s)", fmt, total, run.url(), dest.url, filt.describe())
+    try:
+        _export_all(run, filt, classes, writer, fmt, total, progress, result)
+    except BaseException:
+        # The destination was empty or new: remove the half-written export rather than leave it looking whole.
+        dest.fs.rm(dest.path, recursive=True)
+        raise
+    result.files = writer.close()
+    return result
+
+
+def _export_all(run: RunData, filt: ObjectFilter, classes: dict[int, str], writer, fmt: str, total: int, progress: bool,
+                result: ExportResult) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="img", desc=f"export {fmt}", mininterval=1.0, disable=not progress) as bar:
+        unlabeled_id = next((cid for cid, name in classes.items() if name == UNLABELED), None)
+        for image in iter_images(run, filt, result, unlabeled_id):
+            try:
+                result.objects += writer.add(image)
+                result.images += 1
+            except (OSError, ExportError) as exc:  # a source image gone, unreadable or changed: record it, go on
+                if fmt == "coco":
+                    raise
+                log.warning("export %s: %s failed: %s", fmt, image.uri, exc)
+                result.failed.append((image.uri, f"{type(exc).__name__}: {exc}"))
+            bar.update(1)
+
+
+__all__ = ["export", "ExportError", "ExportResult", "FORMATS", "mask_polygons", "iter_images", "RunError"]

@@ -1,0 +1,223 @@
+"""What ``autolabel report`` and ``autolabel export`` read: a run folder, and which of its objects.
+
+``RunData`` opens ``RUN`` (any fsspec URL), checks it is a run, and lists its Parquet parts, so
+both commands read runs the same way and fail the same way on a folder that is not one.
+``ObjectFilter`` is one definition of ``--min-mask-score/--min-area/--classes`` with three
+consumers: a SQL predicate for the report's duckdb queries, a pyarrow expression for the exports'
+streaming reads, and a line of text saying what was applied (so a filtered report or export never
+passes for the whole run).
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+from fsspec.core import url_to_fs
+
+
+class FilterError(ValueError):
+    """A filter the user must fix (bad value or unknown class)."""
+
+
+UNLABELED = "(unlabeled)"  # class name shown for objects without a class (manifest prompts with no label)
+
+
+class RunError(ValueError):
+    """RUN_DIR is not a readable autolabel run; the message says why."""
+
+
+class RunData:
+    """A run folder: ``run.json`` plus ``images/`` and ``objects/`` Parquet parts, local or remote."""
+
+    def __init__(self, uri: str, storage_options: Optional[dict] = None):
+        self.uri = str(uri)
+        self.storage_options = storage_options or {}
+        self.fs, root = url_to_fs(self.uri, **self.storage_options)
+        self.root = root.rstrip("/")
+        try:
+            raw = self.fs.cat_file(f"{self.root}/run.json")
+        except FileNotFoundError:
+            raise RunError(f"{self.uri}: no run.json here; RUN_DIR must be the output.uri of an `autolabel run`") from None
+        except OSError as exc:
+            raise RunError(f"{self.uri}: cannot read run.json ({exc})") from None
+        try:
+            self.manifest = json.loads(raw)
+        except ValueError as exc:
+            raise RunError(f"{self.uri}/run.json is not valid JSON ({exc})") from None
+        self._datasets: dict = {}
+        self.image_files = self._parts("images")
+        self.object_files = self._parts("objects")
+        if not self.image_files:
+            raise RunError(f"{self.uri}: run.json is there but images/ holds no Parquet files (status: {self.manifest.get('status')})")
+
+    @property
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return protocol in ("file", "local")
+
+    def _parts(self, table: str) -> list[str]:
+        """Finished part files, sorted; the sink's temporary ``.tmp-*`` names are skipped."""
+        try:
+            names = self.fs.ls(f"{self.root}/{table}", detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(".parquet") and not n.rsplit("/", 1)[-1].startswith("."))
+
+    def arrow_fs(self) -> pafs.FileSystem:
+        return pafs.LocalFileSystem() if self.is_local else pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+    def dataset(self, table: str) -> pads.Dataset:
+        if table not in self._datasets:
+            self._datasets[table] = self._open_dataset(table)
+        return self._datasets[table]
+
+    def _open_dataset(self, table: str) -> pads.Dataset:
+        from .sink import IMAGES_SCHEMA, OBJECTS_SCHEMA
+
+        files = self.image_files if table == "images" else self.object_files
+        schema = IMAGES_SCHEMA if table == "images" else OBJECTS_SCHEMA
+        if files:
+            # Unify with the files' own schema so extra metadata columns (e.g. from a prompt manifest) stay visible.
+            schema = pads.dataset(files[:1], filesystem=self.arrow_fs(), format="parquet").schema
+        return pads.dataset(files, schema=schema, filesystem=self.arrow_fs(), format="parquet")
+
+    def class_names(self) -> dict[int, str]:
+        """The run's classes from run.json (all of them, also those never detected)."""
+        names = self.manifest.get("class_names") or ((self.manifest.get("models") or {}).get("detector") or {}).get("class_names") or {}
+        return {int(k): str(v) for k, v in names.items()}
+
+    @property
+    def object_columns(self) -> list[str]:
+        return self.dataset("objects").schema.names if self.object_files else []
+
+    def counted_sql(self) -> str:
+        """Rows that are objects: runs with prompt-error rows and extra SAM candidates mark them
+        (``status``, ``candidate``); ``num_objects`` counts exactly these."""
+        cols = self.object_columns
+        parts = (["status = 'ok'"] if "status" in cols else []) + (["candidate = 0"] if "candidate" in cols else [])
+        return " AND ".join(parts) or "TRUE"
+
+    def counted_expression(self) -> Optional[pc.Expression]:
+        cols, expr = self.object_columns, None
+        if "status" in cols:
+            expr = pc.field("status") == "ok"
+        if "candidate" in cols:
+            cand = pc.field("candidate") == 0
+            expr = cand if expr is None else expr & cand
+        return expr
+
+    def url(self, *parts: str) -> str:
+        return self.fs.unstrip_protocol("/".join([self.root, *parts]))
+
+
+def read_rgb(uri: str):
+    """An image as the pipeline saw it (EXIF orientation applied, RGB), so masks line up with it."""
+    import fsspec
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with fsspec.open(uri, "rb") as f:
+        img = Image.open(io.BytesIO(f.read()))
+        img = ImageOps.exif_transpose(img)
+        return np.asarray(img.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class ObjectFilter:
+    min_mask_score: Optional[float] = None
+    min_area: Optional[int] = None
+    class_ids: tuple[int, ...] = ()
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def parse(cls, min_mask_score: Optional[float] = None, min_area: Optional[int] = None, classes: Optional[str] = None) -> "ObjectFilter":
+        """``--classes person,car`` or ``--classes 0,2`` (names and ids may be mixed)."""
+        if min_mask_score is not None and not 0.0 <= min_mask_score <= 1.0:
+            raise FilterError(f"--min-mask-score must be between 0 and 1 (got {min_mask_score})")
+        if min_area is not None and min_area < 0:
+            raise FilterError(f"--min-area must be >= 0 pixels (got {min_area})")
+        ids, names = [], []
+        for item in (classes or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            (ids.append(int(item)) if item.isdigit() else names.append(item))
+        if classes is not None and not ids and not names:
+            raise FilterError("--classes needs at least one class name or id, e.g. --classes person,car or --classes 0,2")
+        return cls(min_mask_score, min_area, tuple(ids), tuple(names))
+
+    @property
+    def active(self) -> bool:
+        return self.min_mask_score is not None or self.min_area is not None or bool(self.class_ids or self.class_names)
+
+    def check_classes(self, known: dict[int, str]) -> None:
+        """Refuse class names/ids the run does not have (a typo would silently select nothing)."""
+        bad = [str(i) for i in self.class_ids if i not in known] + [n for n in self.class_names if n not in known.values()]
+        if bad:
+            shown = ", ".join(f"{i}={n}" for i, n in sorted(known.items())[:40])
+            raise FilterError(f"--classes: {', '.join(bad)} not in this run's classes ({shown}{' ...' if len(known) > 40 else ''})")
+
+    def sql(self) -> str:
+        """Predicate over the objects table's columns, for duckdb (``TRUE`` when nothing is filtered)."""
+        parts = []
+        if self.min_mask_score is not None:
+            parts.append(f"mask_score >= {float(self.min_mask_score)!r}")
+        if self.min_area is not None:
+            parts.append(f"area >= {int(self.min_area)}")
+        if self.class_ids or self.class_names:
+            alternatives = []
+            if self.class_ids:
+                alternatives.append(f"class_id IN ({', '.join(str(int(i)) for i in self.class_ids)})")
+            if self.class_names:
+                quoted = ", ".join("'" + n.replace("'", "''") + "'" for n in self.class_names)
+                alternatives.append(f"class_name IN ({quoted})")
+            parts.append("(" + " OR ".join(alternatives) + ")")
+        return " AND ".join(parts) if parts else "TRUE"
+
+    def expression(self) -> Optional[pc.Expression]:
+        """The same predicate as a pyarrow expression (None when nothing is filtered)."""
+        expr = None
+
+        def both(a, b):
+            return b if a is None else a & b
+
+        if self.min_mask_score is not None:
+            expr = both(expr, pc.field("mask_score") >= self.min_mask_score)
+        if self.min_area is not None:
+            expr = both(expr, pc.field("area") >= self.min_area)
+        if self.class_ids or self.class_names:
+            cls_expr = None
+            if self.class_ids:
+                cls_expr = pc.field("class_id").isin(list(self.class_ids))
+            if self.class_names:
+                by_name = pc.field("class_name").isin(list(self.class_names))
+                cls_expr = by_name if cls_expr is None else cls_expr | by_name
+            expr = both(expr, cls_expr)
+        return expr
+
+    def keeps_class(self, class_id: int, class_name: str) -> bool:
+        if not (self.class_ids or self.class_names):
+            return True
+        return class_id in self.class_ids or class_name in self.class_names
+
+    def describe(self) -> str:
+        parts = []
+        if self.min_mask_score is not None:
+            parts.append(f"mask_score >= {self.min_mask_score}")
+        if self.min_area is not None:
+            parts.append(f"area >= {self.min_area} px")
+        if self.class_ids or self.class_names:
+            parts.append("classes " + ", ".join([*map(str, self.class_ids), *self.class_names]))
+        return "; ".join(parts) if parts else "none"
+
+    def as_dict(self) -> dict:
+        return {
+            "min_mask_score": self.min_mask_score,
+            "min_area": self.min_area,
+            "classes": [*self.class_ids, *self.class_names] or None,
+        }

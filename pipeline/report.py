@@ -1,0 +1,656 @@
+"""``autolabel report RUN``: one self-contained HTML page (plus counts.csv, summary.json) about a run.
+
+Every number comes from the Parquet tables through duckdb, which scans the pyarrow datasets
+column by column with a memory limit: a run with tens of millions of objects reports in bounded
+memory, and only the gallery images' masks are ever decoded. Charts are matplotlib (Agg) SVGs and
+gallery pictures JPEGs, both inlined as data: URIs, so the page opens from disk with no network,
+no scripts and no external fonts (a Content-Security-Policy forbids anything else).
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import html
+import io
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import yaml
+
+from .filters import UNLABELED, FilterError, ObjectFilter, RunData, RunError, read_rgb
+
+log = logging.getLogger("autolabel.report")
+
+FOLDER = "folder"  # --group-by pseudo-column: the parent folder of each image's URI
+SCORE_BINS = 50
+AREA_BINS_PER_DECADE = 10
+GALLERY_MAX_SIDE = 640
+LABELS_PER_IMAGE = 40
+TOP_GROUPS_SHOWN = 40
+TOP_CLASSES_CHARTED = 30
+MAX_GROUPS = 1000  # groups kept in summary.json (the page shows TOP_GROUPS_SHOWN; counts.csv has all)
+DUCKDB_MEMORY_LIMIT = "1GB"
+
+
+class ReportError(ValueError):
+    """A report option the user must fix (e.g. an unknown --group-by column)."""
+
+
+@dataclass
+class ReportOptions:
+    group_by: str = FOLDER
+    gallery: int = 12
+    filter: ObjectFilter = ObjectFilter()
+    seed: int = 0
+
+
+def class_color(class_id: Optional[int]) -> tuple[float, float, float]:
+    """Stable colour per class (matplotlib's tab20), the same in charts and gallery; grey if unlabeled."""
+    from matplotlib import colormaps
+
+    if class_id is None:
+        return (0.55, 0.55, 0.55)
+    return tuple(colormaps["tab20"](int(class_id) % 20)[:3])
+
+
+def _hex(rgb) -> str:
+    return "#" + "".join(f"{int(round(c * 255)):02x}" for c in rgb)
+
+
+# ----------------------------------------------------------------------------------- numbers
+
+
+class RunStats:
+    """The report's queries. Views: ``images`` (all rows), ``objects`` (filtered), ``per_image``."""
+
+    def __init__(self, run: RunData, options: ReportOptions):
+        import duckdb
+
+        self.run, self.options = run, options
+        # Bounded memory: duckdb spills joins/aggregates past the limit to a private temp folder.
+        self.tmp = tempfile.mkdtemp(prefix="autolabel-report-")
+        self.con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY_LIMIT, "temp_directory": self.tmp})
+        self.con.execute("SET preserve_insertion_order = false")
+        if sys.stderr.isatty():  # duckdb's own progress bar for the long scans of a big run
+            self.con.execute("SET enable_progress_bar = true")
+        self.con.register("images_ds", run.dataset("images"))
+        self.image_columns = run.dataset("images").schema.names
+        if run.object_files:
+            self.con.register("objects_ds", run.dataset("objects"))
+        else:  # a run where nothing was detected may have no objects parts at all
+            from .sink import OBJECTS_SCHEMA
+
+            self.con.register("objects_ds", OBJECTS_SCHEMA.empty_table())
+        self.con.execute("CREATE VIEW images AS SELECT * FROM images_ds")
+        # Only rows that are objects (not invalid-prompt rows or extra SAM candidates), then the user's filters.
+        self.con.execute(
+            f"CREATE VIEW objects AS SELECT * REPLACE (coalesce(class_name, '{UNLABELED}') AS class_name) FROM objects_ds "
+            f"WHERE {run.counted_sql()} AND {options.filter.sql()}"
+        )
+        self.prompt_errors = (
+            self.rows("SELECT count(*) FROM objects_ds WHERE status <> 'ok'")[0][0] if "status" in run.object_columns else 0
+        )
+        group = options.group_by
+        if group != FOLDER and group not in self.image_columns:
+            usable = [c for c in self.image_columns if c not in ("class_counts", "mask")]
+            raise ReportError(f"--group-by {group}: no such images column; use one of {', '.join([FOLDER, *usable])} ('{FOLDER}' = parent folder of the URI)")
+        self.group_sql = self.group_expr("")
+        if options.filter.active:
+            self.con.execute(
+                "CREATE VIEW per_image AS SELECT i.image_id, i.uri, i.width, i.height, coalesce(c.n, 0) AS n "
+                "FROM images i LEFT JOIN (SELECT image_id, count(*) AS n FROM objects GROUP BY image_id) c USING (image_id) "
+                "WHERE i.status = 'ok'"
+            )
+        else:  # no filter: the images table's own counts, no join needed
+            self.con.execute("CREATE VIEW per_image AS SELECT image_id, uri, width, height, num_objects AS n FROM images WHERE status = 'ok'")
+
+    def close(self) -> None:
+        self.con.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def group_expr(self, alias: str) -> str:
+        """SQL for the group of a row of images (``alias`` = table alias with its dot, or "")."""
+        if self.options.group_by == FOLDER:
+            return f"regexp_replace({alias}uri, '/[^/]*$', '')"
+        quoted = '"' + self.options.group_by.replace('"', '""') + '"'
+        return f"CAST({alias}{quoted} AS VARCHAR)"
+
+    def rows(self, sql: str, params=None) -> list[tuple]:
+        return self.con.execute(sql, params or []).fetchall()
+
+    def totals(self) -> dict:
+        by_status = self.rows("SELECT status, error_class, count(*) FROM images GROUP BY ALL ORDER BY 3 DESC, 2")
+        classes = self.rows("SELECT class_id, class_name, count(*) FROM objects GROUP BY ALL ORDER BY 3 DESC, 1")
+        ok = sum(n for s, _, n in by_status if s == "ok")
+        errors = {(c or "unknown"): n for s, c, n in by_status if s != "ok"}
+        return {
+            "images": sum(n for _, _, n in by_status),
+            "ok": ok,
+            "error": sum(errors.values()),
+            "errors_by_class": errors,
+            "objects": sum(n for *_, n in classes),
+            "objects_by_class": [{"class_id": None if i is None else int(i), "class_name": c, "count": int(n)} for i, c, n in classes],
+            "prompt_errors": self.prompt_errors,
+            "images_with_objects": self.rows("SELECT count(*) FROM per_image WHERE n > 0")[0][0],
+        }
+
+    def histograms(self) -> dict:
+        per_image = self.rows("SELECT n, count(*) FROM per_image GROUP BY n ORDER BY n")
+        out = {"objects_per_image": {"values": [int(v) for v, _ in per_image], "images": [int(c) for _, c in per_image]}}
+        for col in ("det_score", "mask_score"):
+            rows = self.rows(f"SELECT least(greatest(floor({col} * {SCORE_BINS}), 0), {SCORE_BINS - 1})::INT AS b, count(*) FROM objects WHERE {col} IS NOT NULL GROUP BY b")
+            counts = np.zeros(SCORE_BINS, np.int64)
+            for b, c in rows:
+                counts[b] = c
+            out[col] = {"edges": [round(i / SCORE_BINS, 4) for i in range(SCORE_BINS + 1)], "counts": counts.tolist()}
+        rows = self.rows(f"SELECT floor(log10(greatest(area, 1)) * {AREA_BINS_PER_DECADE})::INT AS b, count(*) FROM objects GROUP BY b ORDER BY b")
+        if rows:
+            lo, hi = rows[0][0], rows[-1][0]
+            counts = np.zeros(hi - lo + 1, np.int64)
+            for b, c in rows:
+                counts[b - lo] = c
+            edges = [round(10 ** (b / AREA_BINS_PER_DECADE), 2) for b in range(lo, hi + 2)]
+        else:
+            counts, edges = np.zeros(0, np.int64), []
+        out["area"] = {"edges": edges, "counts": counts.tolist()}
+        quantiles = self.rows("SELECT quantile_cont(area, [0.05, 0.25, 0.5, 0.75, 0.95]) FROM objects")[0][0]
+        out["area"]["quantiles"] = dict(zip(("p05", "p25", "p50", "p75", "p95"), quantiles)) if quantiles else None
+        return out
+
+    def _objects_with_group(self) -> str:
+        """FROM clause giving objects a ``g`` column (no join when grouping by folder: the URI is there)."""
+        if self.options.group_by == FOLDER:
+            return f"(SELECT *, {self.group_sql} AS g FROM objects)"
+        return f"(SELECT o.*, {self.group_expr('i.')} AS g FROM objects o JOIN images i USING (image_id))"
+
+    def groups(self) -> tuple[list[dict], int]:
+        """The largest MAX_GROUPS groups (by objects, then images) with per-class counts, and how many
+        groups there are; counts.csv has them all. Bounded however many distinct values the column has."""
+        total = self.rows(f"SELECT count(DISTINCT {self.group_sql}) FROM images")[0][0]
+        top = self.rows(
+            f"WITH img AS (SELECT {self.group_sql} AS g, count(*) AS images, count(*) FILTER (WHERE status = 'ok') AS ok, "
+            "count(*) FILTER (WHERE status <> 'ok') AS error FROM images GROUP BY g), "
+            f"obj AS (SELECT g, count(*) AS objects FROM {self._objects_with_group()} GROUP BY g) "
+            "SELECT img.g, images, ok, error, coalesce(objects, 0) AS objects FROM img LEFT JOIN obj USING (g) "
+            "ORDER BY objects DESC, images DESC, img.g LIMIT ?", [MAX_GROUPS]
+        )
+        groups = {g: {"group": g, "images": n, "ok": ok, "error": err, "objects": objs, "by_class": {}} for g, n, ok, err, objs in top}
+        class_rows = self.rows(
+            f"SELECT g, class_id, class_name, count(*) FROM {self._objects_with_group()} WHERE list_contains(?, g) GROUP BY ALL ORDER BY 4 DESC",
+            [list(groups)],
+        )
+        for g, cid, cname, n in class_rows:
+            groups[g]["by_class"][cname] = {"class_id": None if cid is None else int(cid), "count": int(n)}
+        return list(groups.values()), total
+
+    def gallery_picks(self) -> list[dict]:
+        """The most crowded images, then a repeatable pseudo-random sample of the other ok images."""
+        k = self.options.gallery
+        if k <= 0:
+            return []
+        crowded_k = (k + 1) // 2
+        crowded = self.rows("SELECT image_id, uri, width, height, n FROM per_image WHERE n > 0 ORDER BY n DESC, image_id LIMIT ?", [crowded_k])
+        taken = [r[0] for r in crowded]
+        rest = self.rows(
+            "SELECT image_id, uri, width, height, n FROM per_image WHERE NOT list_contains(?, image_id) "
+            "ORDER BY md5(image_id || ?) LIMIT ?", [taken, str(self.options.seed), k - len(crowded)]
+        )
+        keys = ("image_id", "uri", "width", "height", "n")
+        return [dict(zip(keys, r), why="most objects") for r in crowded] + [dict(zip(keys, r), why="random") for r in rest]
+
+    def objects_of(self, image_ids: list[str]) -> dict[str, list[dict]]:
+        """The gallery images' objects. Reads only the objects parts named like the images parts that
+        hold these images (the sink writes both under one name), not the whole objects table."""
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        out: dict[str, list[dict]] = {i: [] for i in image_ids}
+        if not image_ids or not self.run.object_files:
+            return out
+        wanted = pc.field("image_id").isin(image_ids)
+        scan = self.run.dataset("images").scanner(columns=["image_id"], filter=wanted)
+        parts = {b.fragment.path.rsplit("/", 1)[-1] for b in scan.scan_batches() if b.record_batch.num_rows}
+        by_name = {p.rsplit("/", 1)[-1]: p for p in self.run.object_files}
+        paths = [by_name[n] for n in sorted(parts) if n in by_name]
+        if len(paths) < len(parts):  # not the sink's layout: filter the whole table instead
+            paths = self.run.object_files
+        expr = wanted
+        for extra in (self.run.counted_expression(), self.options.filter.expression()):
+            if extra is not None:
+                expr = expr & extra
+        table = pads.dataset(paths, schema=self.run.dataset("objects").schema, filesystem=self.run.arrow_fs(), format="parquet").to_table(
+            columns=["image_id", "object_id", "class_id", "class_name", "det_score", "mask_score", "box", "area", "mask"], filter=expr
+        )
+        for row in table.sort_by([("image_id", "ascending"), ("object_id", "ascending")]).to_pylist():
+            row["class_name"] = row["class_name"] if row["class_name"] is not None else UNLABELED
+            out[row["image_id"]].append(row)
+        return out
+
+    def errors_sample(self, limit: int = 20) -> list[tuple]:
+        return self.rows("SELECT uri, error_class, error FROM images WHERE status <> 'ok' ORDER BY error_class, uri LIMIT ?", [limit])
+
+    def class_group_csv(self, fileobj) -> int:
+        """counts.csv: one row per (group, class) with objects and images holding that class; streamed."""
+        reader = self.con.sql(
+            "SELECT g, class_id, class_name, count(*) AS objects, count(DISTINCT image_id) AS images "
+            f"FROM {self._objects_with_group()} GROUP BY ALL ORDER BY g, objects DESC, class_id"
+        ).to_arrow_reader(65536)
+        writer = csv.writer(fileobj)
+        writer.writerow([self.options.group_by, "class_id", "class_name", "objects", "images"])
+        n = 0
+        for batch in reader:
+            cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
+            writer.writerows(zip(*cols))
+            n += batch.num_rows
+        return n
+
+
+# ----------------------------------------------------------------------------------- pictures
+
+
+# Applied with matplotlib.rc_context while the report draws, so a caller's own settings are left alone.
+STYLE = {"svg.fonttype": "path", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "svg.hashsalt": "autolabel"}
+
+
+def _svg(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(width=6.4, height=3.2):
+    """A figure without pyplot: no global figure registry, no backend switch (Agg renders the pixels)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
+def chart_classes(classes: list[dict]) -> Optional[str]:
+    if not classes:
+        return None
+    shown = classes[:TOP_CLASSES_CHARTED]
+    fig, ax = _figure(6.4, max(1.6, 0.24 * len(shown) + 0.8))
+    names = [c["class_name"] for c in shown][::-1]
+    counts = [c["count"] for c in shown][::-1]
+    bars = ax.barh(names, counts, color=[class_color(c["class_id"]) for c in shown][::-1])
+    ax.bar_label(bars, labels=[f"{c:,}" for c in counts], padding=3, fontsize=8)
+    ax.set_xlabel("objects")
+    title = "Objects per class" + (f" (top {TOP_CLASSES_CHARTED} of {len(classes)})" if len(classes) > len(shown) else "")
+    ax.set_title(title, loc="left")
+    ax.margins(x=0.12)
+    return _svg(fig)
+
+
+def chart_hist(edges, counts, title: str, xlabel: str, log_x: bool = False) -> Optional[str]:
+    if not len(counts) or not sum(counts):
+        return None
+    fig, ax = _figure(4.6, 2.8)
+    ax.stairs(counts, edges, fill=True, color="#4c78a8", alpha=0.85)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_title(title, loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("objects")
+    return _svg(fig)
+
+
+def chart_objects_per_image(values, images) -> Optional[str]:
+    if not values:
+        return None
+    fig, ax = _figure(4.6, 2.8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.bar(values, images, width=0.9 if len(values) < 60 else 1.0, color="#f58518")
+    ax.set_xlim(-0.6, max(values) + 0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Objects per image (ok images)", loc="left")
+    ax.set_xlabel("objects in the image")
+    ax.set_ylabel("images")
+    return _svg(fig)
+
+
+def chart_groups(groups: list[dict], classes: list[dict], label: str, num_groups: int) -> Optional[str]:
+    shown = [g for g in groups[:TOP_GROUPS_SHOWN]]
+    if not shown or not any(g["objects"] for g in shown):
+        return None
+    top = [c for c in classes[:8]]
+    fig, ax = _figure(6.4, max(1.8, 0.26 * len(shown) + 1.0))
+    names = [_short(str(g["group"]), 48) for g in shown][::-1]
+    left = np.zeros(len(shown))
+    for c in top:
+        vals = np.array([g["by_class"].get(c["class_name"], {}).get("count", 0) for g in shown][::-1], float)
+        ax.barh(names, vals, left=left, color=class_color(c["class_id"]), label=c["class_name"])
+        left += vals
+    other = np.array([g["objects"] for g in shown][::-1], float) - left
+    if other.any():
+        ax.barh(names, other, left=left, color="#bbbbbb", label="other classes")
+    ax.set_xlabel("objects")
+    ax.set_title(f"Objects by {label}" + (f" (top {len(shown)} of {num_groups:,})" if num_groups > len(shown) else ""), loc="left")
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _svg(fig)
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else "…" + text[-(n - 1):]
+
+
+def render_gallery_image(pick: dict, objects: list[dict]) -> tuple[str, Optional[str]]:
+    """JPEG data URI of the image with masks in class colours, boxes and labels; and a note if unreadable."""
+    from PIL import Image
+
+    from . import masks as mask_codec
+
+    h, w = int(pick["height"]), int(pick["width"])
+    note = None
+    try:
+        rgb = read_rgb(pick["uri"])
+        if rgb.shape[:2] != (h, w):
+            note = f"the file is now {rgb.shape[1]}x{rgb.shape[0]}, the run saw {w}x{h}: drawn on a blank canvas"
+            rgb = None
+    except Exception as exc:  # noqa: BLE001 - a missing picture must not stop the report
+        note = f"image not readable now ({type(exc).__name__}: {exc}): masks drawn on a blank canvas"
+        rgb = None
+    # Every picture is drawn GALLERY_MAX_SIDE wide or high: big photos shrink, tiny ones are
+    # enlarged (pixelated, not blurred) so the labels stay readable.
+    scale = GALLERY_MAX_SIDE / max(h, w)
+    sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+    base = np.full((h, w, 3), 235, np.uint8) if rgb is None else rgb
+    resample = Image.BILINEAR if scale < 1 else Image.NEAREST
+    canvas = np.asarray(Image.fromarray(base).resize((sw, sh), resample), dtype=np.float32) / 255.0
+    for obj in sorted(objects, key=lambda o: -o["object_id"]):  # best-scoring object painted last, on top
+        mask = mask_codec.decode(obj["mask"])
+        small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((sw, sh), Image.NEAREST)) > 127
+        canvas[small] = canvas[small] * 0.5 + np.array(class_color(obj["class_id"])) * 0.5
+    fig, ax = _figure(sw / 100, sh / 100)
+    fig.subplots_adjust(0, 0, 1, 1)
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    from matplotlib.patches import Rectangle
+
+    for obj in objects[:LABELS_PER_IMAGE]:
+        x0, y0, x1, y1 = (v * scale for v in obj["box"])
+        color = class_color(obj["class_id"])
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.2))
+        inside = y0 < 16  # no room above the box (it touches the top): put the label just inside it
+        ax.text(x0 + (1 if inside else 0), y0 + (1 if inside else 0), f"{obj['class_name']} {obj['det_score']:.2f}·{obj['mask_score']:.2f}", fontsize=9, color="white",
+                va="top" if inside else "bottom", ha="left", bbox=dict(facecolor=color, edgecolor="none", pad=1.0, alpha=0.9), clip_on=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="jpeg", dpi=100, pil_kwargs={"quality": 85})
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), note
+
+
+# ----------------------------------------------------------------------------------- page
+
+CSS = """
+:root { color-scheme: light; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; margin: 0; color: #1d2430; background: #f6f7f9; }
+header { background: #1d2430; color: #fff; padding: 18px 28px; }
+header h1 { margin: 0 0 4px; font-size: 20px; }
+header .sub { color: #c3cad6; font-size: 13px; word-break: break-all; }
+main { padding: 12px 28px 40px; max-width: 1280px; }
+section { background: #fff; border: 1px solid #e2e6ec; border-radius: 8px; padding: 14px 18px; margin: 14px 0; }
+h2 { font-size: 16px; margin: 0 0 10px; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { background: #f1f4f8; border-radius: 6px; padding: 10px 16px; min-width: 130px; }
+.card .v { font-size: 24px; font-weight: 600; }
+.card .k { color: #5a6577; font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
+.warn { background: #fff4e5; border: 1px solid #f0b35a; border-radius: 6px; padding: 8px 12px; margin: 10px 0; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { text-align: left; padding: 4px 10px; border-bottom: 1px solid #eceff3; vertical-align: top; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+.swatch { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 6px; }
+.charts { display: flex; flex-wrap: wrap; gap: 12px; }
+.charts img { max-width: 100%; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 14px; }
+figure { margin: 0; background: #f1f4f8; border-radius: 6px; overflow: hidden; }
+figure img { width: 100%; display: block; }
+figcaption { padding: 6px 10px; font-size: 12px; color: #3b4555; word-break: break-all; }
+.tag { display: inline-block; background: #1d2430; color: #fff; border-radius: 3px; padding: 0 5px; font-size: 11px; margin-right: 4px; }
+pre { background: #f1f4f8; padding: 10px; border-radius: 6px; overflow: auto; font-size: 12px; max-height: 420px; }
+.muted { color: #5a6577; }
+.scroll { overflow-x: auto; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _num(value) -> str:
+    return f"{value:,}" if isinstance(value, (int, np.integer)) else _e(value)
+
+
+def _img(uri: Optional[str], alt: str, data_chart: str) -> str:
+    if uri is None:
+        return f'<p class="muted" data-chart-empty="{_e(data_chart)}">{_e(alt)}: nothing to show.</p>'
+    return f'<img src="{uri}" alt="{_e(alt)}" data-chart="{_e(data_chart)}">'
+
+
+def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[dict], errors: list[tuple], run: RunData) -> str:
+    t = summary["totals"]
+    m = run.manifest
+    warn = []
+    if m.get("status") != "finished":
+        warn.append(f"The run's status is <b>{_e(m.get('status'))}</b>: the tables may be incomplete." + (f" Error: {_e(m.get('error'))}" if m.get("error") else ""))
+    if m.get("random_weights"):
+        warn.append("This run used <b>random weights</b> (a smoke test): boxes, masks and classes are meaningless.")
+    if summary["filters"]["active"]:
+        warn.append(f"Filtered: only objects with {_e(summary['filters']['description'])} are counted and shown.")
+    if summary.get("run_json_mismatch"):
+        warn.append("run.json's totals differ from the Parquet tables: " + _e(summary["run_json_mismatch"]) + " (this page shows the Parquet).")
+    error_lines = "".join(f"<tr><td>{_e(c)}</td><td class='n' data-error-class='{_e(c)}'>{_num(n)}</td></tr>" for c, n in t["errors_by_class"].items())
+    class_rows = "".join(
+        f"<tr><td><span class='swatch' style='background:{_hex(class_color(c['class_id']))}'></span>{_e(c['class_name'])}</td>"
+        f"<td class='n'>{_e(c['class_id'])}</td><td class='n' data-class='{_e(c['class_name'])}'>{_num(c['count'])}</td>"
+        f"<td class='n'>{100 * c['count'] / max(t['objects'], 1):.1f}%</td></tr>"
+        for c in t["objects_by_class"]
+    )
+    group_label = summary["group_by"]
+    top_classes = [c["class_name"] for c in t["objects_by_class"][:6]]
+    group_rows = ""
+    for g in groups[:TOP_GROUPS_SHOWN]:
+        per_img = f"{g['objects'] / g['ok']:.2f}" if g["ok"] else "–"
+        cells = "".join(f"<td class='n'>{_num(g['by_class'].get(c, {}).get('count', 0))}</td>" for c in top_classes)
+        group_rows += (
+            f"<tr><td>{_e(g['group'])}</td><td class='n'>{_num(g['images'])}</td><td class='n'>{_num(g['ok'])}</td>"
+            f"<td class='n'>{_num(g['error'])}</td><td class='n' data-group-objects>{_num(g['objects'])}</td>"
+            f"<td class='n'>{per_img}</td>{cells}</tr>"
+        )
+    num_groups = summary["num_groups"]
+    more_groups = f"<p class='muted'>{num_groups - TOP_GROUPS_SHOWN:,} more groups in counts.csv.</p>" if num_groups > TOP_GROUPS_SHOWN else ""
+    figures = "".join(
+        f"<figure data-image-id='{_e(p['image_id'])}'><img src='{p['src']}' alt='{_e(p['uri'])}' data-gallery>"
+        f"<figcaption><span class='tag'>{_e(p['why'])}</span><b>{_num(p['n'])}</b> objects · {p['width']}×{p['height']}<br>{_e(p['uri'])}"
+        + (f"<br><span class='muted'>{_e(p['note'])}</span>" if p.get("note") else "")
+        + "</figcaption></figure>"
+        for p in gallery
+    )
+    error_rows = "".join(f"<tr><td>{_e(u)}</td><td>{_e(c)}</td><td>{_e(msg)}</td></tr>" for u, c, msg in errors)
+    models = m.get("models") or {}
+    sam, det = models.get("sam") or {}, models.get("detector") or {}
+
+    def kv(rows):
+        return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows if v is not None) + "</table>"
+
+    run_rows = [
+        ("status", m.get("status")), ("started", m.get("started_at")), ("finished", m.get("finished_at")),
+        ("duration", f"{m['duration_s']:,.1f} s" if m.get("duration_s") is not None else None),
+        ("speed", f"{m['images_per_second']:.3f} images/s" if m.get("images_per_second") is not None else None),
+        ("input", (m.get("input") or {}).get("uri")), ("listed images", (m.get("input") or {}).get("num_images")),
+        ("shards", (m.get("input") or {}).get("num_shards")),
+        ("Ray", ", ".join(f"{k}: {v}" for k, v in (m.get("ray") or {}).items()) or None),
+    ]
+    model_rows = [
+        ("SAM 2.1", f"{sam.get('size')} · {sam.get('checkpoint')} · {sam.get('dtype', '')}".strip(" ·")),
+        ("SAM sha256", sam.get("sha256")),
+        ("detector", det.get("weights")), ("detector sha256", det.get("sha256")),
+        ("detector classes", len(det.get("class_names") or {}) or None),
+    ]
+    versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)
+    gallery_section = (
+        f"<div class='gallery'>{figures}</div><p class='muted'>Labels: class, detector score · mask score (SAM's predicted IoU). "
+        f"At most {LABELS_PER_IMAGE} labels per image; every mask is drawn.</p>"
+        if gallery else "<p class='muted'>No gallery (gallery size 0 or no ok images).</p>"
+    )
+    hist = "".join(_img(charts[k], title, k) for k, title in (
+        ("objects_per_image", "Objects per image"), ("det_score", "Detector scores"),
+        ("mask_score", "Mask scores"), ("area", "Mask areas")))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>autolabel report – {_e(run.uri)}</title><style>{CSS}</style></head>
+<body>
+<header><h1>autolabel report</h1><div class="sub">{_e(run.url())} · generated {_e(summary['generated_at'])}</div></header>
+<main>
+{''.join(f'<div class="warn">{w}</div>' for w in warn)}
+<section id="totals"><h2>Totals</h2>
+<div class="cards">
+<div class="card"><div class="v" data-stat="images">{_num(t['images'])}</div><div class="k">images</div></div>
+<div class="card"><div class="v" data-stat="ok">{_num(t['ok'])}</div><div class="k">ok</div></div>
+<div class="card"><div class="v" data-stat="error">{_num(t['error'])}</div><div class="k">errors</div></div>
+<div class="card"><div class="v" data-stat="objects">{_num(t['objects'])}</div><div class="k">objects</div></div>
+<div class="card"><div class="v" data-stat="classes">{_num(len(t['objects_by_class']))}</div><div class="k">classes seen</div></div>
+<div class="card"><div class="v">{t['objects'] / max(t['ok'], 1):.2f}</div><div class="k">objects / ok image</div></div>
+{f'<div class="card"><div class="v" data-stat="prompt_errors">{_num(t["prompt_errors"])}</div><div class="k">invalid prompts</div></div>' if t.get("prompt_errors") else ''}
+</div>
+{('<h3>Errors by class</h3><table><tr><th>error class</th><th class="n">images</th></tr>' + error_lines + '</table>') if error_lines else ''}
+</section>
+<section id="classes"><h2>Objects per class</h2>
+<div class="charts">{_img(charts['classes'], 'Objects per class', 'classes')}</div>
+<div class="scroll"><table><tr><th>class</th><th class="n">id</th><th class="n">objects</th><th class="n">share</th></tr>{class_rows}</table></div>
+</section>
+<section id="distributions"><h2>Distributions</h2><div class="charts">{hist}</div>
+{('<p class="muted">Mask area (pixels): ' + ', '.join(f'{k} {v:,.0f}' for k, v in summary['histograms']['area']['quantiles'].items()) + '</p>') if summary['histograms']['area'].get('quantiles') else ''}
+</section>
+<section id="groups"><h2>Counts by {_e(group_label)}{' (parent folder of the URI)' if group_label == FOLDER else ''}</h2>
+<div class="charts">{_img(charts['groups'], 'Objects by ' + group_label, 'groups')}</div>
+<div class="scroll"><table><tr><th>{_e(group_label)}</th><th class="n">images</th><th class="n">ok</th><th class="n">errors</th><th class="n">objects</th><th class="n">objects / ok image</th>{''.join(f'<th class="n">{_e(c)}</th>' for c in top_classes)}</tr>{group_rows}</table></div>{more_groups}
+</section>
+<section id="gallery"><h2>Gallery</h2>{gallery_section}</section>
+{('<section id="errors"><h2>Failed images (first ' + str(len(errors)) + ')</h2><div class="scroll"><table><tr><th>uri</th><th>class</th><th>error</th></tr>' + error_rows + '</table></div></section>') if errors else ''}
+<section id="run"><h2>Run</h2>{kv(run_rows)}<h3>Models</h3>{kv(model_rows)}<p class="muted">Versions: {_e(versions)}</p>
+<h3>Config</h3><pre>{_e(yaml.safe_dump(m.get('config') or {}, sort_keys=False))}</pre></section>
+</main></body></html>
+"""
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+def _compare_with_manifest(totals: dict, manifest: dict) -> Optional[str]:
+    recorded = manifest.get("totals") or {}
+    diffs = [f"{k}: run.json {recorded[k]} vs Parquet {totals[k]}" for k in ("images", "ok", "error", "objects") if k in recorded and recorded[k] != totals[k]]
+    return "; ".join(diffs) or None
+
+
+def build_report(run: RunData, options: ReportOptions) -> tuple[str, dict, RunStats]:
+    """(html, summary dict, stats) for a run; the caller writes them."""
+    stats = RunStats(run, options)
+    try:
+        return _build(run, options, stats)
+    except BaseException:
+        stats.close()
+        raise
+
+
+def _build(run: RunData, options: ReportOptions, stats: RunStats) -> tuple[str, dict, RunStats]:
+    known = {**run.class_names(), **{int(i): n for i, n in stats.rows("SELECT DISTINCT class_id, class_name FROM objects_ds WHERE class_id IS NOT NULL")}}
+    options.filter.check_classes(known)
+    log.info("report: counting %s (%d images parts, %d objects parts)", run.uri, len(run.image_files), len(run.object_files))
+    totals = stats.totals()
+    histograms = stats.histograms()
+    groups, num_groups = stats.groups()
+    summary = {
+        "run": run.url(),
+        "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_status": run.manifest.get("status"),
+        "random_weights": run.manifest.get("random_weights"),
+        "filters": {"active": options.filter.active, "description": options.filter.describe(), **options.filter.as_dict()},
+        "group_by": options.group_by,
+        "totals": totals,
+        "histograms": histograms,
+        "groups": [{**g, "by_class": [{"class_name": k, **v} for k, v in g["by_class"].items()]} for g in groups],
+        "num_groups": num_groups,
+        "run_json_mismatch": None if options.filter.active else _compare_with_manifest(totals, run.manifest),
+    }
+    import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        charts, picks, objects = _draw(stats, totals, histograms, groups, num_groups, options)
+    summary["gallery"] = [{**{k: p[k] for k in ("image_id", "uri", "n", "why")}, "drawn": len(objects[p["image_id"]])} for p in picks]
+    page = render_html(summary, groups, charts, picks, stats.errors_sample(), run)
+    return page, summary, stats
+
+
+def _draw(stats: RunStats, totals: dict, histograms: dict, groups: list[dict], num_groups: int, options: ReportOptions):
+    """Charts (SVG data URIs) and the gallery (JPEG data URIs)."""
+    charts = {
+        "classes": chart_classes(totals["objects_by_class"]),
+        "objects_per_image": chart_objects_per_image(histograms["objects_per_image"]["values"], histograms["objects_per_image"]["images"]),
+        "det_score": chart_hist(histograms["det_score"]["edges"], histograms["det_score"]["counts"], "Detector scores", "det_score"),
+        "mask_score": chart_hist(histograms["mask_score"]["edges"], histograms["mask_score"]["counts"], "Mask scores (SAM predicted IoU)", "mask_score"),
+        "area": chart_hist(histograms["area"]["edges"], histograms["area"]["counts"], "Mask areas", "pixels (log scale)", log_x=True),
+        "groups": chart_groups(groups, totals["objects_by_class"], options.group_by, num_groups),
+    }
+    picks = stats.gallery_picks()
+    log.info("report: drawing %d gallery images", len(picks))
+    objects = stats.objects_of([p["image_id"] for p in picks])
+    for pick in picks:
+        pick["src"], pick["note"] = render_gallery_image(pick, objects[pick["image_id"]])
+    return charts, picks, objects
+
+
+def write_report(
+    run_uri: str,
+    out_uri: Optional[str] = None,
+    options: Optional[ReportOptions] = None,
+    storage_options: Optional[dict] = None,
+) -> dict:
+    """Write report.html, counts.csv and summary.json (default: RUN/report/); returns their URLs."""
+    options = options or ReportOptions()
+    run = RunData(run_uri, storage_options)
+    page, summary, stats = build_report(run, options)
+    try:
+        return _write_outputs(run, out_uri, storage_options, page, summary, stats)
+    finally:
+        stats.close()
+
+
+def _write_outputs(run: RunData, out_uri: Optional[str], storage_options: Optional[dict], page: str, summary: dict, stats: RunStats) -> dict:
+    from fsspec.core import url_to_fs
+
+    if out_uri is None:
+        fs, folder = run.fs, f"{run.root}/report"
+    else:
+        fs, folder = url_to_fs(out_uri, **(storage_options or {}))
+        folder = folder.rstrip("/")
+    fs.makedirs(folder, exist_ok=True)
+    with fs.open(f"{folder}/counts.csv", "w", newline="") as f:
+        summary["counts_csv_rows"] = stats.class_group_csv(f)
+    fs.pipe_file(f"{folder}/summary.json", json.dumps(summary, indent=2, default=str).encode())
+    fs.pipe_file(f"{folder}/report.html", page.encode("utf-8"))
+    paths = {name: fs.unstrip_protocol(f"{folder}/{name}") for name in ("report.html", "counts.csv", "summary.json")}
+    log.info("report: %s", paths["report.html"])
+    return {"paths": paths, "summary": summary}
+
+
+def report_after_run(cfg, run_uri: str) -> Optional[str]:
+    """The automatic report at the end of ``autolabel run`` (``report.*`` config); never fails the run."""
+    try:
+        options = ReportOptions(group_by=cfg.report.group_by, gallery=cfg.report.gallery)
+        return write_report(run_uri, None, options, cfg.output.storage_options)["paths"]["report.html"]
+    except Exception as exc:  # noqa: BLE001 - the labels are written; a report problem is only a warning
+        log.warning("report: not written (%s: %s); run `autolabel report %s` to retry", type(exc).__name__, exc, run_uri)
+        return None
+
+
+__all__ = ["report_after_run", "ReportError", "ReportOptions", "write_report", "build_report", "FilterError", "RunError", "FOLDER"]

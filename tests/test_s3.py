@@ -1,0 +1,126 @@
+"""Object storage for real: a moto S3 server on loopback, read and written by the job through s3fs.
+
+The test fills a bucket (real photos, a broken JPEG, an object a bucket policy forbids reading,
+a tar shard), runs ``autolabel run`` as a subprocess reading from and writing to the server, and
+checks the output — and that the credentials appear nowhere: not in stdout/stderr, run.json, the
+Parquet files, the report, nor any error message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import pyarrow.parquet as pq
+import pytest
+
+from bad_inputs import write_tar
+from conftest import VENV_BIN, autolabel_cli, model_overrides
+from pipeline.decode import ImageError, iter_tar_members, read_bytes
+
+KEY = "AKIAAUTOLABELTEST7Q2X"
+SECRET = "autolabel-TEST-secret/9f3c1e7d+b04a6e52"
+PHOTOS = {"coffee.png": "coffee.png", "chelsea.jpg": "nested/chelsea.jpg"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(photo_folder, tmp_path_factory):
+    """moto's S3 server on 127.0.0.1, with a data bucket and an empty runs bucket."""
+    import boto3
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as fh:
+        server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=fh, stderr=fh)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name="us-east-1")
+    client.create_bucket(Bucket="data")
+    client.create_bucket(Bucket="runs")
+    for name, src in PHOTOS.items():
+        client.put_object(Bucket="data", Key=f"photos/{name}", Body=(photo_folder / src).read_bytes())
+    client.put_object(Bucket="data", Key="photos/bad/broken.jpg", Body=b"\xff\xd8\xff\xe0 not really a jpeg")
+    client.put_object(Bucket="data", Key="photos/locked/private.jpg", Body=(photo_folder / "coffee.png").read_bytes())
+    write_tar_path = tmp_path_factory.mktemp("tar") / "s.tar"
+    write_tar(write_tar_path, {"a/coffee.png": (photo_folder / "coffee.png").read_bytes(), "a/coffee.json": b"{}"})
+    client.put_object(Bucket="data", Key="shards/s-000000.tar", Body=write_tar_path.read_bytes())
+    # A real access-control refusal: the bucket policy denies GetObject on one key (moto enforces it).
+    client.put_bucket_policy(Bucket="data", Policy=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::data/photos/locked/*"}],
+    }))
+    yield {"endpoint": endpoint, "client": client, "options": {"endpoint_url": endpoint, "key": KEY, "secret": SECRET},
+           "photo_bytes": {name: (photo_folder / src).read_bytes() for name, src in PHOTOS.items()}}
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_reads_and_tar_streams_over_s3_and_a_policy_denial_is_permission_denied(s3):
+    opts = s3["options"]
+    assert read_bytes("s3://data/photos/bad/broken.jpg", opts).startswith(b"\xff\xd8")
+    with pytest.raises(ImageError) as err:
+        read_bytes("s3://data/photos/locked/private.jpg", opts)
+    assert err.value.error_class == "permission_denied" and SECRET not in str(err.value) and KEY not in str(err.value)
+    with pytest.raises(ImageError) as err:
+        read_bytes("s3://data/photos/nope.jpg", opts)
+    assert err.value.error_class == "not_found"
+    members = list(iter_tar_members("s3://data/shards/s-000000.tar", None, (".png",), opts))
+    assert [u for u, _ in members] == ["s3://data/shards/s-000000.tar#a/coffee.png"]  # the .json sibling is skipped
+    assert members[0][1] == s3["photo_bytes"]["coffee.png"]
+    gone = list(iter_tar_members("s3://data/shards/s-000009.tar", None, (".png",), opts))
+    assert [(u, v.error_class) for u, v in gone] == [("s3://data/shards/s-000009.tar", "not_found")]
+
+
+@pytest.mark.slow
+def test_job_reads_from_and_writes_to_s3_without_leaking_credentials(s3, checkpoints, tmp_path):
+    import s3fs
+
+    opts = json.dumps(s3["options"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.run(
+        [*autolabel_cli(), "run", "input.uri=s3://data/photos", "output.uri=s3://runs/r1",
+         f"input.storage_options={opts}", f"output.storage_options={opts}", "ray.num_cpus=2", "report.gallery=2",
+         *model_overrides(checkpoints)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-4000:]
+    fs = s3fs.S3FileSystem(endpoint_url=s3["endpoint"], key=KEY, secret=SECRET)
+    fs.invalidate_cache()
+    run_json = json.loads(fs.cat_file("runs/r1/run.json"))
+    assert run_json["status"] == "finished"
+    assert run_json["config"]["input"]["storage_options"] == {"endpoint_url": "***", "key": "***", "secret": "***"}
+    assert run_json["totals"]["errors_by_class"] == {"decode_error": 1, "permission_denied": 1}
+    assert run_json["totals"]["ok"] == 2
+
+    images = pq.read_table("runs/r1/images", filesystem=fs).to_pandas().set_index("uri")
+    assert sorted(images.index) == sorted(["s3://data/photos/coffee.png", "s3://data/photos/chelsea.jpg",
+                                           "s3://data/photos/bad/broken.jpg", "s3://data/photos/locked/private.jpg"])
+    assert images.loc["s3://data/photos/locked/private.jpg", "error_class"] == "permission_denied"
+    assert images.loc["s3://data/photos/bad/broken.jpg", "error_class"] == "decode_error"
+    assert (images.loc[["s3://data/photos/coffee.png", "s3://data/photos/chelsea.jpg"], "status"] == "ok").all()
+    objects = pq.read_table("runs/r1/objects", filesystem=fs).to_pandas()
+    assert len(objects) == images["num_objects"].sum() > 0
+
+    written = fs.find("runs/r1")
+    assert any(p.endswith("report/report.html") for p in written) and any("/_shards/" in p for p in written)
+    for secret in (KEY, SECRET):
+        assert secret not in logs, "a credential was printed"
+        for path in written:
+            assert secret.encode() not in fs.cat_file(path), f"a credential was written to {path}"
