@@ -50,6 +50,21 @@ def read_bytes(uri: str, storage_options: Optional[dict] = None) -> bytes:
         raise ImageError("read_error", f"{type(exc).__name__}: {_short(exc)}") from None
 
 
+def read_image_bytes(uri: str, storage_options: Optional[dict] = None) -> bytes:
+    """The bytes behind an images-table ``uri``, including ``TAR_URI#member`` ones (the tar is
+    streamed up to that member). For re-reading images after a run: reports, exports."""
+    tar_uri, sep, member = uri.partition("#")
+    if not sep or not tar_uri.lower().endswith(".tar"):
+        return read_bytes(uri, storage_options)
+    suffix = "." + member.rsplit(".", 1)[-1].lower() if "." in member else ""
+    for found, payload in iter_tar_members(tar_uri, None, (suffix,), storage_options):
+        if isinstance(payload, ImageError):
+            raise payload
+        if found == uri:
+            return payload
+    raise ImageError("not_found", f"{member} is not in {tar_uri}")
+
+
 def open_image(data: bytes) -> Image.Image:
     """``PIL.Image.open`` as Pillow ships it.
 

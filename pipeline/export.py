@@ -285,12 +285,10 @@ class YoloWriter:
 
     def _image_bytes(self, image: ImageLabels) -> tuple[bytes, str]:
         """The original file's bytes, unless its EXIF rotates it or YOLO cannot read its format: then a PNG of the pixels."""
-        import fsspec
-        from PIL import Image
+        from .decode import open_image, read_image_bytes
 
-        with fsspec.open(image.uri, "rb") as f:
-            data = f.read()
-        with Image.open(io.BytesIO(data)) as img:
+        data = read_image_bytes(image.uri)
+        with open_image(data) as img:
             size = img.size
             rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
         if not rotated and image.suffix in YOLO_IMAGE_SUFFIXES and size == (image.width, image.height):
@@ -464,13 +462,15 @@ def _export_all(run: RunData, filt: ObjectFilter, classes: dict[int, str], write
                 result: ExportResult) -> None:
     from tqdm import tqdm
 
+    from .decode import ImageError
+
     with tqdm(total=total, unit="img", desc=f"export {fmt}", mininterval=1.0, disable=not progress) as bar:
         unlabeled_id = next((cid for cid, name in classes.items() if name == UNLABELED), None)
         for image in iter_images(run, filt, result, unlabeled_id):
             try:
                 result.objects += writer.add(image)
                 result.images += 1
-            except (OSError, ExportError) as exc:  # a source image gone, unreadable or changed: record it, go on
+            except (OSError, ImageError, ExportError) as exc:  # a source image gone, unreadable or changed: record it, go on
                 if fmt == "coco":
                     raise
                 log.warning("export %s: %s failed: %s", fmt, image.uri, exc)

@@ -9,7 +9,6 @@ passes for the whole run).
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Optional
@@ -116,15 +115,13 @@ class RunData:
 
 
 def read_rgb(uri: str):
-    """An image as the pipeline saw it (EXIF orientation applied, RGB), so masks line up with it."""
-    import fsspec
-    import numpy as np
-    from PIL import Image, ImageOps
+    """An image as the pipeline saw it (EXIF orientation applied, RGB), so masks line up with it.
 
-    with fsspec.open(uri, "rb") as f:
-        img = Image.open(io.BytesIO(f.read()))
-        img = ImageOps.exif_transpose(img)
-        return np.asarray(img.convert("RGB"))
+    Same reader and decoder as the decode stage (tar members included); failures raise
+    ``decode.ImageError`` with its error class."""
+    from .decode import decode_rgb, read_image_bytes
+
+    return decode_rgb(read_image_bytes(uri))
 
 
 @dataclass(frozen=True)

@@ -372,3 +372,36 @@ def _check_row(name: str, row: dict, expect: Expect) -> None:
         assert row["error"] is None, name
         assert (row["width"], row["height"]) == expect.size, name
         assert row["note"] == expect.note, name
+
+
+def test_a_tar_member_uri_reads_back_its_bytes(tmp_path):
+    """Reports and exports re-read images by their images-table uri, tar members included."""
+    from pipeline.decode import read_image_bytes
+
+    write_tar(tmp_path / "s.tar", {"a/one.png": b"first", "a/two.jpg": b"second", "a/two.json": b"{}"})
+    assert read_image_bytes(f"file://{tmp_path}/s.tar#a/two.jpg") == b"second"
+    with pytest.raises(ImageError) as err:
+        read_image_bytes(f"file://{tmp_path}/s.tar#a/three.jpg")
+    assert err.value.error_class == "not_found"
+
+
+@pytest.mark.slow
+def test_cutouts_export_from_a_tar_run_equals_the_folder_run(corpus, tmp_path):
+    """`autolabel export --format cutouts` re-reads tar members: same pixels as from the folder."""
+    import csv
+
+    from PIL import Image
+
+    cutouts = {}
+    for kind in ("folder", "tar"):
+        out = tmp_path / kind
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "export", str(corpus["runs"][kind]["out"]), "--format", "cutouts",
+                               "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        with open(out / "index.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        cutouts[kind] = {(r["uri"].rsplit("/", 1)[-1], r["object_id"]): np.asarray(Image.open(out / r["path"]))
+                         for r in rows if "photos/" in r["uri"]}
+    assert cutouts["tar"] and cutouts["tar"].keys() == cutouts["folder"].keys()
+    for key, pixels in cutouts["folder"].items():
+        assert (cutouts["tar"][key] == pixels).all()
