@@ -95,6 +95,12 @@ def labeled(ray_local, checkpoints, photo_folder, tmp_path_factory):
     }
 
 
+def counted_objects(objects):
+    """Rows of an objects table that are objects: not invalid-prompt rows, not extra SAM candidates
+    (what ``num_objects`` counts)."""
+    return objects[(objects["status"] == "ok") & (objects["candidate"] == 0)]
+
+
 def model_overrides(checkpoints: dict) -> list[str]:
     return [
         f"sam.checkpoint={checkpoints['sam']}",

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import autolabel_cli
+from conftest import autolabel_cli, counted_objects
 from synthetic_run import write_synthetic_run
 
 from pipeline import masks as mask_codec
@@ -26,12 +26,9 @@ from pipeline.filters import ObjectFilter, read_rgb
 
 
 def _counted(objects: pd.DataFrame) -> pd.DataFrame:
-    keep = pd.Series(True, index=objects.index)
-    if "status" in objects:
-        keep &= objects["status"] == "ok"
-    if "candidate" in objects:
-        keep &= objects["candidate"] == 0
-    return objects[keep & (objects["area"] > 0)]
+    """What an export writes: counted objects with a non-empty mask."""
+    objects = counted_objects(objects)
+    return objects[objects["area"] > 0]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, autolabel_cli
+from conftest import REPO, autolabel_cli, counted_objects
 from synthetic_run import write_synthetic_run
 
 from pipeline.filters import ObjectFilter
@@ -126,14 +126,7 @@ def _parquet_class_counts(objects: pd.DataFrame) -> dict[str, int]:
     return {k: int(v) for k, v in objects.groupby("class_name").size().items()}
 
 
-def _counted(objects: pd.DataFrame) -> pd.DataFrame:
-    """Rows that are objects (runs may also hold invalid-prompt rows and extra SAM candidates)."""
-    keep = pd.Series(True, index=objects.index)
-    if "status" in objects:
-        keep &= objects["status"] == "ok"
-    if "candidate" in objects:
-        keep &= objects["candidate"] == 0
-    return objects[keep]
+_counted = counted_objects
 
 
 @pytest.mark.slow
