@@ -161,14 +161,6 @@ def mask_polygons(mask: np.ndarray) -> list[np.ndarray]:
     return polygons
 
 
-def _mask_bbox(rle: dict) -> list[float]:
-    from pycocotools import mask as mask_utils
-
-    counts = rle["counts"]
-    coco = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return [float(v) for v in mask_utils.toBbox(coco)]
-
-
 def _local_name(uri: str) -> str:
     """COCO ``file_name``: a plain path for local files (joins with an image root), else the URI."""
     return uri[len("file://"):] if uri.startswith("file://") else uri
@@ -250,7 +242,7 @@ class CocoWriter:
             self.annotation_id += 1
             ann = {
                 "id": self.annotation_id, "image_id": self.image_id, "category_id": int(obj["class_id"]) + 1,
-                "segmentation": segmentation, "area": int(obj["area"]), "bbox": _mask_bbox(obj["mask"]), "iscrowd": 0,
+                "segmentation": segmentation, "area": int(obj["area"]), "bbox": mask_codec.bbox_xywh(obj["mask"]), "iscrowd": 0,
                 "score": round(float(obj["det_score"]), 6), "mask_score": round(float(obj["mask_score"]), 6),
                 "object_id": int(obj["object_id"]),
                 "det_box": [round(float(v), 2) for v in (obj["box"][0], obj["box"][1], obj["box"][2] - obj["box"][0], obj["box"][3] - obj["box"][1])],

@@ -13,16 +13,24 @@ def encode(masks: np.ndarray) -> list[dict]:
     return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in mask_utils.encode(fortran)]
 
 
+def to_coco(rle: dict) -> dict:
+    """An RLE dict as stored in Parquet (counts as text) -> the form pycocotools takes (bytes)."""
+    counts = rle["counts"]
+    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
 def decode(rle: dict) -> np.ndarray:
     """One RLE dict (as stored in Parquet) -> (H, W) bool mask."""
-    counts = rle["counts"]
-    coco = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return mask_utils.decode(coco).astype(bool)
+    return mask_utils.decode(to_coco(rle)).astype(bool)
 
 
 def area(rle: dict) -> int:
-    counts = rle["counts"]
-    return int(mask_utils.area({"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}))
+    return int(mask_utils.area(to_coco(rle)))
+
+
+def bbox_xywh(rle: dict) -> list[float]:
+    """The mask's tight box, COCO style [x, y, w, h]."""
+    return [float(v) for v in mask_utils.toBbox(to_coco(rle))]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -55,7 +55,6 @@ class Candidates:
     masks: np.ndarray  # (C, H, W) bool
     scores: np.ndarray  # (C,) float32, descending
     logits: np.ndarray  # (C, h, w) low-res logits, reusable as a mask prompt
-    extra: dict = field(default_factory=dict)
 
 
 def as_points(points: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
