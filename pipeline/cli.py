@@ -99,11 +99,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     # key=value overrides may come after options (`predict IMG --out D sam.size=small`), which
     # argparse cannot split with a sub-command's positional in front: collect them here.
     args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if "=" not in e or e.startswith("-")]
+    takes_overrides = hasattr(args, "overrides")  # run and predict; report and export take none
+    stray = [e for e in extra if "=" not in e or e.startswith("-") or not takes_overrides]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
-        args.overrides = [*getattr(args, "overrides", []), *extra]
+        args.overrides = [*args.overrides, *extra]
     _setup_logging()
     return args.handler(args)
 
@@ -127,20 +128,10 @@ def _run(args) -> int:
     return EXIT_OK if manifest["status"] == "finished" else EXIT_FAILED
 
 
-def _no_overrides(args, command: str) -> bool:
-    """main() routes stray key=value words to args.overrides; report/export take none."""
-    if getattr(args, "overrides", None):
-        print(f"autolabel {command}: error: unrecognized arguments: {' '.join(args.overrides)}", file=sys.stderr)
-        return False
-    return True
-
-
 def _report(args) -> int:
     from .filters import FilterError, ObjectFilter, RunError
     from .report import ReportError, ReportOptions, write_report
 
-    if not _no_overrides(args, "report"):
-        return EXIT_BAD_CONFIG
     try:
         filt = ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes)
         if args.gallery < 0:
@@ -160,8 +151,6 @@ def _export(args) -> int:
     from .export import ExportError, export
     from .filters import FilterError, ObjectFilter, RunError
 
-    if not _no_overrides(args, "export"):
-        return EXIT_BAD_CONFIG
     try:
         filt = ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes)
         result = export(
