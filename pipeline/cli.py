@@ -116,7 +116,7 @@ def _predict(args) -> int:
 
 
 def _run(args) -> int:
-    from .job import format_summary, run
+    from .job import JobFailed, format_summary, run
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -124,6 +124,9 @@ def _run(args) -> int:
     except ConfigError as exc:
         print(f"autolabel: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except JobFailed as exc:
+        print(f"autolabel: error: the job failed: {exc}\n  finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
     print(format_summary(manifest))
     return EXIT_OK if manifest["status"] == "finished" else EXIT_FAILED
 

@@ -124,6 +124,10 @@ class RayConfig(_Section):
     num_cpus: Optional[int] = Field(None, gt=0, description="CPUs for a locally started Ray (null: all).")
     detector_actors: Optional[int] = Field(None, gt=0, description="Detector actor count (null: one per GPU, or 1).")
     sam_actors: Optional[int] = Field(None, gt=0, description="SAM actor count (null: one per GPU, or 1).")
+    max_image_crashes: int = Field(
+        3, gt=0, description="Worker deaths on one image before it becomes a worker_crash error row instead of being retried."
+    )
+    task_retries: int = Field(3, ge=0, description="Extra re-runs of a decode or write task whose worker died (actors restart without limit).")
 
 
 class ReportConfig(_Section):

@@ -153,11 +153,33 @@ def _append_image_columns(table: pa.Table, values: list[tuple]) -> pa.Table:
     return table
 
 
-def decode_batch(batch: pa.Table, storage_options: Optional[dict] = None, max_pixels: Optional[int] = None) -> pa.Table:
+class _GuardedDecode:
+    """Decoding under the crash ledger (see faults.py): an image that kills the decode worker
+    again and again becomes a ``worker_crash`` row instead of failing the job."""
+
+    def __init__(self, ledger, max_image_crashes: int):
+        from .faults import CrashGuard, InjectedFaults
+
+        self.guard = CrashGuard(ledger, "decode", max_image_crashes)
+        self.faults = InjectedFaults.from_env()
+
+    def __call__(self, data, uri: str, storage_options: Optional[dict], max_pixels: Optional[int]) -> tuple:
+        if not self.guard.start(uri):
+            error_class, message = self.guard.crash_error()
+            return (None, None, "error", error_class, message, None, b"")
+        if self.faults:
+            self.faults.maybe_kill("decode", uri)
+        return _decoded(data, uri, storage_options, max_pixels)
+
+
+def decode_batch(batch: pa.Table, storage_options: Optional[dict] = None, max_pixels: Optional[int] = None,
+                 ledger=None, max_image_crashes: int = 3) -> pa.Table:
     """Ray map_batches function: shard rows (uri, optional data) -> decoded image rows."""
     uris = batch.column("uri").to_pylist()
     carried = batch.column("data").to_pylist() if "data" in batch.column_names else [None] * len(uris)
-    values = [_decoded(data, uri, storage_options, max_pixels) for uri, data in zip(uris, carried)]
+    decode = _GuardedDecode(ledger, max_image_crashes)
+    values = [decode(data, uri, storage_options, max_pixels) for uri, data in zip(uris, carried)]
+    decode.guard.done()
     table = batch.drop_columns([c for c in ("data",) if c in batch.column_names])
     return _append_image_columns(table, values)
 
@@ -243,19 +265,26 @@ def _short(exc: BaseException) -> str:
 
 def decode_tar_batch(
     batch: pa.Table, storage_options: Optional[dict] = None, extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png"),
-    max_pixels: Optional[int] = None, rows_per_batch: int = 16,
+    max_pixels: Optional[int] = None, rows_per_batch: int = 16, ledger=None, max_image_crashes: int = 3,
 ) -> Iterator[pa.Table]:
     """Ray map_batches generator: tar shard rows -> one decoded row per image member, yielded in
-    batches of ``rows_per_batch`` so a big tar never sits in memory decoded all at once."""
+    batches of ``rows_per_batch`` so a big tar never sits in memory decoded all at once.
+
+    A tar's member count is only known once it has been read, so each batch is held back until
+    the next one is full; the tar's last batch carries ``shard_rows`` (the count) on its rows,
+    which tells the driver when the shard is complete.
+    """
     from .sources import image_id_for
 
     names = [n for n in ("shard_id", "uri", "image_id", "prompts", "meta", "base_uri")]
     carried = batch.column("data").to_pylist() if "data" in batch.column_names else [None] * batch.num_rows
+    decode = _GuardedDecode(ledger, max_image_crashes)
     pending: dict[str, list] = {n: [] for n in names}
     values: list[tuple] = []
 
-    def flush() -> pa.Table:
+    def flush(shard_rows: Optional[int] = None) -> pa.Table:
         table = pa.table({n: pa.array(pending[n], type=pa.string()) for n in names})
+        table = table.append_column("shard_rows", pa.array([shard_rows] * table.num_rows, pa.int32()))
         out = _append_image_columns(table, values)
         for n in names:
             pending[n].clear()
@@ -263,11 +292,20 @@ def decode_tar_batch(
         return out
 
     for shard_id, tar_uri, data in zip(batch.column("shard_id").to_pylist(), batch.column("uri").to_pylist(), carried):
+        held, count = None, 0
         for uri, payload in iter_tar_members(tar_uri, data, tuple(extensions), storage_options):
             for n, v in zip(names, (shard_id, uri, image_id_for(uri), None, None, None)):
                 pending[n].append(v)
-            values.append(_decoded(payload, uri, storage_options, max_pixels))
+            values.append(decode(payload, uri, storage_options, max_pixels))
+            count += 1
             if len(values) == rows_per_batch:
-                yield flush()
-    if values:
-        yield flush()
+                if held is not None:
+                    yield held
+                held = flush()
+        if values:  # the full batch held back goes first; the partial last one carries the count
+            if held is not None:
+                yield held
+            yield flush(count)
+        elif held is not None:  # the last batch was a full one
+            yield held.set_column(held.schema.get_field_index("shard_rows"), "shard_rows", pa.array([count] * held.num_rows, pa.int32()))
+    decode.guard.done()

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from .config import DetectorConfig
 from .decode import pixels_of
+from .faults import CrashGuard, InjectedFaults
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def detections_of(result) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 class Detector:
     """Constructed once per actor; ``__call__`` maps a batch of decoded images to boxes."""
 
-    def __init__(self, cfg: DetectorConfig):
+    def __init__(self, cfg: DetectorConfig, ledger=None, max_image_crashes: int = 3):
         from .models import load_yolo, pick_device, resolve_detector_weights
 
         self.cfg = cfg
@@ -44,6 +45,8 @@ class Detector:
         weights_path = resolve_detector_weights(cfg.weights)  # per node: fetched or copied if needed
         self.model = load_yolo(weights_path, self.device)
         self.kwargs = dict(predict_kwargs(cfg), device=self.device)
+        self.guard = CrashGuard(ledger, "detect", max_image_crashes)
+        self.faults = InjectedFaults.from_env()
         log.info("detector %s on %s", weights_path, self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -56,16 +59,35 @@ class Detector:
         widths = batch.column("width").to_pylist()
         heights = batch.column("height").to_pylist()
         pixels = batch.column("pixels")
-        for i in range(n):
-            if statuses[i] == "ok":
-                by_shape[(heights[i], widths[i])].append(i)
+        uris = batch.column("uri").to_pylist()
+        ok = [i for i in range(n) if statuses[i] == "ok"]
+        errors: dict[int, tuple[str, str]] = {}
+        # Images are detected together; after a worker died on this batch, one at a time, so the
+        # crash ledger can find the image responsible (faults.py).
+        one_by_one = self.guard.batch_crashed([uris[i] for i in ok]) if ok else False
+        for i in ok:
+            by_shape[(heights[i], widths[i])].append(i)
         for (h, w), rows in by_shape.items():
-            for start in range(0, len(rows), self.cfg.batch_size):
-                chunk = rows[start : start + self.cfg.batch_size]
+            step = 1 if one_by_one else self.cfg.batch_size
+            for start in range(0, len(rows), step):
+                chunk = rows[start : start + step]
+                if one_by_one and not self.guard.start(uris[chunk[0]]):
+                    errors[chunk[0]] = self.guard.crash_error()
+                    continue
+                if self.faults:
+                    for i in chunk:
+                        self.faults.maybe_kill("detect", uris[i])
                 # ultralytics takes numpy images as BGR (OpenCV order)
                 images = [pixels_of(pixels[i].as_py(), w, h)[:, :, ::-1] for i in chunk]
                 for i, result in zip(chunk, self.model.predict(images, **self.kwargs)):
                     results[i] = detections_of(result)
+        self.guard.done()
+        if errors:
+            for name in ("status", "error_class", "error"):
+                values = batch.column(name).to_pylist()
+                for i, (error_class, message) in errors.items():
+                    values[i] = "error" if name == "status" else error_class if name == "error_class" else message
+                batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
         empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32))
         boxes, classes, scores = zip(*[r if r is not None else empty for r in results]) if n else ((), (), ())
         columns = {

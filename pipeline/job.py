@@ -6,13 +6,12 @@ listing) is checked before Ray starts, so a mistake costs seconds, not a cluster
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import platform
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+import warnings
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from importlib import metadata
 from typing import Iterator, Optional
 
@@ -20,10 +19,11 @@ from fsspec.core import url_to_fs
 
 from .config import ConfigError, RunConfig, uses_random_weights
 from .models import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
+from .runstate import Progress, RunFolder, ShardTracker, fingerprint
 from .segment import resolve_dtype
+from .sink import STAGING_DIR, OutputWriteError, Totals, commit_shard
 from .sources import (
-    SHARDS_DIR, ShardListing, SourceError, WorkItem, input_format, iter_image_uris, iter_manifest, iter_tar_uris, no_images,
-    write_shards,
+    ShardListing, SourceError, WorkItem, input_format, iter_image_uris, iter_manifest, iter_tar_uris, no_images, write_shards,
 )
 
 log = logging.getLogger("autolabel")
@@ -31,44 +31,9 @@ log = logging.getLogger("autolabel")
 # Driver environment variables that actors need too (Ray does not forward the driver's env).
 FORWARDED_ENV = (
     "YOLO_OFFLINE", "YOLO_CONFIG_DIR", "MPLCONFIGDIR", "HF_HOME", "HF_HUB_OFFLINE",
-    "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE",
+    "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE", "AUTOLABEL_TEST_FAULTS",
 )
-RUN_FOLDERS = ("images", "objects", SHARDS_DIR, "report", "exports")
-
-
-@dataclass
-class Totals:
-    images: int = 0
-    ok: int = 0
-    errors_by_class: Counter = field(default_factory=Counter)
-    objects: int = 0
-    objects_by_class: Counter = field(default_factory=Counter)
-    prompt_errors: int = 0
-
-    def add(self, summary_rows: list[dict]) -> None:
-        for row in summary_rows:
-            self.images += 1
-            if row["status"] == "ok":
-                self.ok += 1
-            else:
-                self.errors_by_class[row["error_class"]] += 1
-            self.objects += row["num_objects"]
-            self.prompt_errors += row["num_prompt_errors"]
-            for entry in row["class_counts"]:
-                self.objects_by_class[entry["class_name"] or "(unlabeled)"] += entry["count"]
-
-    def as_dict(self) -> dict:
-        return {
-            "images": self.images,
-            "ok": self.ok,
-            "error": sum(self.errors_by_class.values()),
-            "errors_by_class": dict(self.errors_by_class.most_common()),
-            "objects": self.objects,
-            "objects_by_class": dict(self.objects_by_class.most_common()),
-            "prompt_errors": self.prompt_errors,
-        }
-
-
+COMMIT_THREADS = 4  # shards committed by the driver in parallel (I/O bound)
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("autolabel", "torch", "torchvision", "sam2", "ultralytics", "ray", "pyarrow", "pycocotools"):
@@ -89,43 +54,6 @@ def redacted_config(cfg: RunConfig) -> dict:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-class RunFolder:
-    """``output.uri``: refuses to mix two runs, and writes run.json."""
-
-    def __init__(self, cfg: RunConfig):
-        self.uri = cfg.output.uri
-        self.fs, self.path = url_to_fs(cfg.output.uri, **cfg.output.storage_options)
-        self.path = self.path.rstrip("/")
-        self.run_uri = self.fs.unstrip_protocol(self.path)
-
-    def existing(self) -> list[str]:
-        return [f for f in (*RUN_FOLDERS, "run.json") if self.fs.exists(f"{self.path}/{f}")]
-
-    def check_free(self, overwrite: bool) -> None:
-        """Refuse (before any work) to write into a folder that holds another run."""
-        found = self.existing()
-        if found and not overwrite:
-            raise ConfigError(
-                f"output.uri {self.uri} already holds a run ({', '.join(found)}); "
-                "choose another output.uri, or pass --overwrite (output.overwrite=true) to replace it"
-            )
-
-    def clear(self) -> None:
-        for name in self.existing():
-            self.fs.rm(f"{self.path}/{name}", recursive=True)
-
-    def prepare(self) -> None:
-        """Clear a previous run (only called once every check has passed) and create the folder."""
-        self.clear()
-        try:
-            self.fs.makedirs(self.path, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"output.uri {self.uri}: cannot create the run folder ({exc})") from None
-
-    def write_manifest(self, manifest: dict) -> None:
-        self.fs.pipe_file(f"{self.path}/run.json", json.dumps(manifest, indent=2).encode())
 
 
 def work_items(cfg: RunConfig) -> Iterator[WorkItem]:
@@ -235,7 +163,14 @@ def _sam_device(cfg: RunConfig, plan: dict):
     return torch.device("cuda" if plan["gpus"] else "cpu")
 
 
-def build_dataset(cfg: RunConfig, listing: ShardListing, class_names: dict[int, str], plan: dict):
+def build_dataset(cfg: RunConfig, shard_uris: list[str], meta_columns: list[str], class_names: dict[int, str],
+                  plan: dict, run_uri: str, ledger):
+    """read shard files -> decode (tasks) -> detect (actors) -> segment (actors) -> stage (tasks).
+
+    Retries: a dead task is re-run and a dead actor restarted with its task retried (Ray Data
+    restarts actors without limit); an image on which workers keep dying is cut out by the crash
+    ledger after ``ray.max_image_crashes`` deaths, so retries cannot loop on it forever.
+    """
     import pyarrow.fs as pafs
     import ray
 
@@ -246,28 +181,35 @@ def build_dataset(cfg: RunConfig, listing: ShardListing, class_names: dict[int, 
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
-    fs, path = url_to_fs(listing.shards_uri, **cfg.output.storage_options)
-    ds = ray.data.read_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+    crashes = cfg.ray.max_image_crashes
+    guarded = {"ledger": ledger, "max_image_crashes": crashes}
+    # Retry settings have no named map_batches parameter in Ray 2.60; they go through
+    # ray_remote_args, which warns that it is deprecated (silenced where _process calls this).
+    task_retries = {"max_retries": crashes + cfg.ray.task_retries}  # room for the ledger's deaths, then real retries
+    actor_retries = {"max_restarts": -1, "max_task_retries": -1}
+    fs, _ = url_to_fs(run_uri, **cfg.output.storage_options)
+    ds = ray.data.read_parquet([url_to_fs(u, **cfg.output.storage_options)[1] for u in shard_uris],
+                               filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
     # Decoding asks for fewer CPUs than the actors on purpose: Ray only fuses stages with equal
     # resources, and decoding fused into the (few) detector actors could not use idle CPUs.
     if reads_tars(cfg):  # one shard row per tar; the task streams it and yields decoded members 16 at a time
         ds = ds.map_batches(
             decode_tar_batch, batch_format="pyarrow", batch_size=1, num_cpus=0.25,
             fn_kwargs={"storage_options": cfg.input.storage_options, "extensions": cfg.input.extensions,
-                       "max_pixels": cfg.input.max_pixels}, runtime_env=runtime_env,
+                       "max_pixels": cfg.input.max_pixels, **guarded}, runtime_env=runtime_env, **task_retries,
         )
     else:
         ds = ds.map_batches(
-            decode_batch, batch_format="pyarrow", batch_size=16, num_cpus=0.25,
-            fn_kwargs={"storage_options": cfg.input.storage_options, "max_pixels": cfg.input.max_pixels},
-            runtime_env=runtime_env,
+            decode_batch, batch_format="pyarrow", batch_size=min(16, cfg.input.shard_size), num_cpus=0.25,
+            fn_kwargs={"storage_options": cfg.input.storage_options, "max_pixels": cfg.input.max_pixels, **guarded},
+            runtime_env=runtime_env, **task_retries,
         )
     if cfg.uses_detector:
         ds = ds.map_batches(
             Detector, batch_format="pyarrow", batch_size=cfg.detector.batch_size,
             compute=ray.data.ActorPoolStrategy(size=plan["detector"]["size"]),
             num_cpus=plan["detector"]["num_cpus"], num_gpus=plan["detector"]["num_gpus"],
-            fn_constructor_kwargs={"cfg": cfg.detector}, runtime_env=runtime_env,
+            fn_constructor_kwargs={"cfg": cfg.detector, **guarded}, runtime_env=runtime_env, **actor_retries,
         )
     ds = ds.map_batches(
         Segmenter, batch_format="pyarrow", batch_size=4,
@@ -275,24 +217,83 @@ def build_dataset(cfg: RunConfig, listing: ShardListing, class_names: dict[int, 
         num_cpus=plan["sam"]["num_cpus"], num_gpus=plan["sam"]["num_gpus"],
         fn_constructor_kwargs={
             "cfg": cfg.sam, "class_names": class_names, "cpu_threads": plan["sam"].get("cpu_threads"),
-            "storage_options": cfg.input.storage_options,
+            "storage_options": cfg.input.storage_options, **guarded,
         },
-        runtime_env=runtime_env,
+        runtime_env=runtime_env, **actor_retries,
     )
-    run_uri = listing.shards_uri.rsplit("/", 1)[0]
+    # Shards are committed once all their images are staged: small shards, small staging batches.
+    stage_rows = 64 if reads_tars(cfg) else min(64, cfg.input.shard_size)
     return ds.map_batches(
-        write_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.25,
-        fn_kwargs={"run_uri": run_uri, "storage_options": cfg.output.storage_options, "meta_columns": listing.meta_columns},
-        runtime_env=runtime_env,
+        write_batch, batch_format="pyarrow", batch_size=stage_rows, num_cpus=0.25,
+        fn_kwargs={"run_uri": run_uri, "storage_options": cfg.output.storage_options, "meta_columns": meta_columns},
+        runtime_env=runtime_env, **task_retries,
     )
+
+
+def find_cause(exc: BaseException, kind: type) -> Optional[BaseException]:
+    """The original ``kind`` exception in a chain. Ray wraps a worker's exception (sometimes
+    twice) in classes that are also instances of it but print a whole traceback; its ``cause``
+    is the exception as raised."""
+    found, seen = None, set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, kind):
+            found = exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return found
+
+
+class JobFailed(RuntimeError):
+    """The job stopped while running (after its checks passed); the message says why."""
+
+
+def _listing(cfg: RunConfig, folder: RunFolder, manifest: dict) -> ShardListing:
+    """List the input into shard files; once complete, run.json says so and a resume reuses it."""
+    tars = reads_tars(cfg)  # one tar = one work unit; its members are listed by the decode stage
+    try:
+        listing = write_shards(work_items(cfg), 1 if tars else cfg.input.shard_size, folder.fs, folder.path,
+                               cfg.input.storage_options, tars=tars)
+        if listing.num_images == 0:
+            raise no_images(cfg.prompts.manifest or cfg.input.uri, cfg.input.extensions)
+    except (SourceError, FileNotFoundError, PermissionError) as exc:
+        folder.clear()  # nothing was labeled: leave no half-made run behind to block the next try
+        raise ConfigError(str(exc)) from None
+    manifest["class_names"] = with_manifest_labels(manifest["class_names"], listing.labels)
+    manifest["input"] = {
+        "uri": cfg.prompts.manifest if cfg.prompts.source != "detector" else cfg.input.uri,
+        "format": "tar" if tars else input_format(cfg.input.uri, cfg.input.format) if cfg.prompts.source == "detector" else "manifest",
+        "num_images": None if tars else listing.num_images, "num_shards": listing.num_shards,
+        "metadata_columns": listing.meta_columns,
+    }
+    manifest["listing"] = "complete"
+    folder.write_manifest(manifest)
+    if tars:
+        log.info("listed %d tar shards from %s (their members are listed as they are read)", listing.num_shards, cfg.input.uri)
+    else:
+        log.info("listed %d images in %d shards from %s", listing.num_images, listing.num_shards, cfg.input.uri)
+    return listing
 
 
 def run(cfg: RunConfig, overwrite: bool = False) -> dict:
-    """Run the whole job; returns the run manifest (also written to RUN/run.json)."""
+    """Run the whole job, or resume it; returns the run manifest (also written to RUN/run.json).
+
+    Same command, same ``output.uri``: finished shards are kept and the rest is (re)done.
+    """
     folder = RunFolder(cfg)
-    folder.check_free(overwrite or cfg.output.overwrite)
+    previous = folder.previous_run(overwrite or cfg.output.overwrite)
     sam, det_path, class_names = preflight(cfg)
-    folder.prepare()
+    models = {"sam": {"size": sam.size, "config": sam.config, "checkpoint": sam.source, **weights_identity(sam.path)}}
+    if det_path is not None:
+        models["detector"] = {"weights": cfg.detector.weights, **weights_identity(det_path), "class_names": class_names}
+    identity = fingerprint(cfg, models)
+    if previous is not None:
+        folder.check_resumable(previous, identity)
+        if previous.get("status") == "finished":
+            log.info("%s already holds this run, finished at %s: nothing to do (--overwrite redoes it)", folder.run_uri, previous.get("finished_at"))
+            return {**previous, "output_uri": folder.run_uri, "note": "already finished; nothing was redone"}
+        if previous.get("listing") != "complete":
+            log.info("the previous attempt stopped while listing the input; listing again")
+            previous = None
     random_weights = uses_random_weights(cfg)
     if random_weights:
         log.warning(
@@ -300,64 +301,64 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
             "use this only as a smoke test", cfg.sam.checkpoint, cfg.detector.weights,
         )
     started = time.time()
-    manifest = {
-        "status": "running",
-        "started_at": _now(),
-        "finished_at": None,
-        "config": redacted_config(cfg),
-        "random_weights": random_weights,
-        "versions": _versions(),
-        "models": {
-            "sam": {"size": sam.size, "config": sam.config, "checkpoint": sam.source, **weights_identity(sam.path)},
-        },
-    }
-    if det_path is not None:
-        manifest["models"]["detector"] = {"weights": cfg.detector.weights, **weights_identity(det_path), "class_names": class_names}
-    try:
-        tars = reads_tars(cfg)  # one tar = one work unit; its members are listed by the decode stage
-        listing = write_shards(work_items(cfg), 1 if tars else cfg.input.shard_size, folder.fs, folder.path, cfg.input.storage_options)
-        if listing.num_images == 0:
-            raise no_images(cfg.prompts.manifest or cfg.input.uri, cfg.input.extensions)
-    except (SourceError, FileNotFoundError, PermissionError) as exc:
-        folder.clear()  # nothing was labeled: leave no half-made run behind to block the next try
-        raise ConfigError(str(exc)) from None
-    class_names = with_manifest_labels(class_names, listing.labels)
-    manifest["class_names"] = class_names
-    manifest["input"] = {
-        "uri": cfg.prompts.manifest if cfg.prompts.source != "detector" else cfg.input.uri,
-        "format": "tar" if tars else input_format(cfg.input.uri, cfg.input.format) if cfg.prompts.source == "detector" else "manifest",
-        "num_images": None if tars else listing.num_images, "num_shards": listing.num_shards,
-        "metadata_columns": listing.meta_columns,
-    }
-    folder.write_manifest(manifest)
-    if tars:
-        log.info("listed %d tar shards from %s (their members are listed as they are read)", listing.num_shards, cfg.input.uri)
+    attempt = {"started_at": _now(), "shards_done_before": 0}
+    if previous is None:
+        manifest = {
+            "status": "listing", "started_at": attempt["started_at"], "finished_at": None,
+            "config": redacted_config(cfg), "fingerprint": identity, "random_weights": random_weights,
+            "versions": _versions(), "models": models, "class_names": class_names, "attempts": [attempt],
+        }
+        folder.prepare(manifest)  # clears what was there (only with --overwrite) and proves the folder writable
+        listing = _listing(cfg, folder, manifest)
+        done: dict[str, dict] = {}
     else:
-        log.info("listed %d images in %d shards from %s", listing.num_images, listing.num_shards, cfg.input.uri)
-
+        manifest = {**previous, "status": "running", "finished_at": None, "config": redacted_config(cfg), "versions": _versions()}
+        manifest.pop("error", None)
+        manifest["class_names"] = {int(k): v for k, v in previous["class_names"].items()}  # JSON made the ids strings
+        done = folder.done_shards()
+        attempt["shards_done_before"] = len(done)
+        manifest["attempts"] = [*previous.get("attempts", []), attempt]
+        inp = previous["input"]
+        listing = ShardListing(folder.url("_shards"), inp["num_shards"], inp["num_images"] or 0, inp["metadata_columns"])
+    shard_ids = folder.shard_ids()
+    pending = [s for s in shard_ids if s not in done]
+    if previous is not None:
+        removed = folder.clean_unfinished(set(pending))
+        log.info("resuming %s: %d of %d shards already done (%d images); %d to do%s", folder.run_uri, len(done), len(shard_ids),
+                 sum(d["images"] for d in done.values()), len(pending), f" (removed {removed} unfinished files)" if removed else "")
     totals = Totals()
+    for marker in done.values():
+        totals.merge(marker)
+    progress = Progress(len(shard_ids), len(done), totals.images)
+    manifest["progress"] = progress.as_dict()
+    manifest["status"] = "running"
     try:
-        connect_ray(cfg)
-        plan = actor_plan(cfg)
-        manifest["ray"] = plan
-        manifest["models"]["sam"]["dtype"] = resolve_dtype(cfg.sam.dtype, _sam_device(cfg, plan))
-        log.info("actors: %d detector, %d SAM (cluster: %s CPUs, %d GPUs)", plan["detector"]["size"] if cfg.uses_detector else 0, plan["sam"]["size"], plan["cpus"], plan["gpus"])
-        ds = build_dataset(cfg, listing, class_names, plan)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            totals.add(batch.to_pylist())
-    except BaseException as exc:
-        manifest.update(status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}", totals=totals.as_dict())
         folder.write_manifest(manifest)
+        if pending:
+            _process(cfg, folder, manifest, pending, listing.meta_columns, totals, progress)
+    except BaseException as exc:
+        write_error = find_cause(exc, OutputWriteError)
+        reason = str(write_error) if write_error else f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        manifest.update(status="failed", finished_at=_now(), error=reason, totals=totals.as_dict(), progress=progress.as_dict())
+        try:
+            folder.write_manifest(manifest)
+        except OutputWriteError as again:
+            log.error("run.json could not record the failure either: %s", again)
+        if write_error or isinstance(exc, Exception):
+            log.error("the job failed: %s; the %d shards done are kept: rerun the same command to resume", reason, progress.done)
+            raise JobFailed(reason) from exc
         raise
     elapsed = time.time() - started
+    attempt["finished_at"] = _now()
     manifest.update(
         status="finished",
-        finished_at=_now(),
+        finished_at=attempt["finished_at"],
         duration_s=round(elapsed, 3),
-        images_per_second=round(totals.images / elapsed, 4) if elapsed else None,
+        images_per_second=round(progress.as_dict()["images_this_attempt"] / elapsed, 4) if elapsed else None,
         totals=totals.as_dict(),
+        progress=progress.as_dict(),
     )
-    if tars:  # members are listed inside the decode stage, which emits exactly one row per member it lists
+    if manifest["input"]["format"] == "tar":  # members are listed inside the decode stage
         manifest["input"]["num_images"] = totals.images
     elif totals.images != listing.num_images:  # the one-row-per-image invariant, checked, not assumed
         manifest.update(status="failed", error=f"{listing.num_images} images listed but {totals.images} rows written")
@@ -370,6 +371,51 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     return manifest
 
 
+def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[str], meta_columns: list[str],
+             totals: Totals, progress: Progress) -> None:
+    """Run the Ray pipeline over the pending shards, committing each shard as soon as all its
+    images are staged (so a crash later keeps it), and the stragglers once the data is through."""
+    from .faults import start_ledger
+
+    connect_ray(cfg)
+    plan = actor_plan(cfg)
+    manifest["ray"] = plan
+    manifest["models"]["sam"]["dtype"] = resolve_dtype(cfg.sam.dtype, _sam_device(cfg, plan))
+    log.info("actors: %d detector, %d SAM (cluster: %s CPUs, %d GPUs)", plan["detector"]["size"] if cfg.uses_detector else 0, plan["sam"]["size"], plan["cpus"], plan["gpus"])
+    class_names = manifest["class_names"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, start_ledger())
+    tracker = ShardTracker(pending)
+    commits: set[Future] = set()
+
+    def harvest(block: bool) -> None:
+        finished, _ = wait(commits, return_when=FIRST_COMPLETED) if block else ({f for f in commits if f.done()}, None)
+        for future in finished:
+            commits.discard(future)
+            marker = future.result()  # raises OutputWriteError if the commit could not be written
+            totals.merge(marker)
+            if progress.shard_done(marker["images"]):
+                log.info(progress.line())
+                manifest.update(progress=progress.as_dict(), totals=totals.as_dict())
+                folder.write_manifest(manifest)
+
+    with ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit") as pool:
+        def commit(shard_id: str) -> None:
+            commits.add(pool.submit(commit_shard, folder.fs, folder.path, shard_id, meta_columns))
+
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for shard_id in tracker.add(batch.to_pylist()):
+                commit(shard_id)
+            harvest(block=False)
+        for shard_id in tracker.remaining():  # every row is staged now: commit what is left (e.g. empty tars)
+            commit(shard_id)
+        while commits:
+            harvest(block=True)
+    if folder.fs.exists(folder.url(STAGING_DIR)):
+        folder.fs.rm(folder.url(STAGING_DIR), recursive=True)
+
+
 def format_summary(manifest: dict) -> str:
     t = manifest.get("totals", {})
     lines = [
@@ -377,6 +423,12 @@ def format_summary(manifest: dict) -> str:
         f"autolabel run {manifest['status']}" + ("  [RANDOM WEIGHTS: smoke test only]" if manifest.get("random_weights") else ""),
         f"  images     {t.get('images', 0)}  (ok {t.get('ok', 0)}, error {t.get('error', 0)})",
     ]
+    if manifest.get("note"):
+        lines[1] += f"  ({manifest['note']})"
+    p = manifest.get("progress") or {}
+    if p.get("shards_done_before_this_attempt"):
+        lines.append(f"  shards     {p['shards_done']}/{p['shards_total']}  ({p['shards_done_before_this_attempt']} done before this attempt, "
+                     f"{p['images_this_attempt']} images labeled in it)")
     for cls, n in t.get("errors_by_class", {}).items():
         lines.append(f"    {cls:<20} {n}")
     lines.append(f"  objects    {t.get('objects', 0)}" + (f"  (invalid prompts: {t['prompt_errors']})" if t.get("prompt_errors") else ""))

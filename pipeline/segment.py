@@ -17,6 +17,7 @@ import pyarrow as pa
 from . import masks as mask_codec
 from .config import SamConfig
 from .decode import pixels_of
+from .faults import CrashGuard, InjectedFaults
 from .prompts import Candidates, Prompt, manifest_prompts, run_prompts
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,22 @@ OBJECT_TYPE = pa.struct(
         ("mask", MASK_TYPE),
     ]
 )
+
+
+class SegmentOOM(RuntimeError):
+    """The GPU ran out of memory on this image even with the smallest decoder batches."""
+
+    error_class = "oom"
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_dtype(requested: str, device) -> str:
@@ -78,20 +95,61 @@ class SamModel:
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
         self.weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint)
         self.predictor = build_sam_predictor(self.weights, cfg.image_size, self.device)
+        self.faults = InjectedFaults.from_env()
+        self._uri: Optional[str] = None  # the image being segmented, for test faults
+        if self.faults:
+            self._inject_test_faults()
         log.info("SAM 2.1 %s (%s) on %s, %s", cfg.size, self.weights.path or "random weights", self.device, self.dtype)
 
-    def segment(self, image: np.ndarray, prompts: list[Prompt], multimask=None) -> list[Optional[Candidates]]:
+    def segment(self, image: np.ndarray, prompts: list[Prompt], multimask=None, uri: Optional[str] = None) -> list[Optional[Candidates]]:
         """One encoder pass for ``image``, then every valid prompt through the decoder.
 
-        ``multimask`` None follows ``sam.multimask``."""
+        ``multimask`` None follows ``sam.multimask``. Out of GPU memory, the decoder batches are
+        halved until one prompt at a time (the answers do not depend on the batching); the
+        encoder is retried once. ``SegmentOOM`` when that is still too much.
+        """
         import torch
 
         if not any(p.error is None for p in prompts):
             return [None] * len(prompts)
+        self._uri = uri
+        policy = self.cfg.multimask if multimask is None else multimask
         with torch.inference_mode(), autocast(self.dtype, self.device):
-            self.predictor.set_image(image)
-            policy = self.cfg.multimask if multimask is None else multimask
-            return run_prompts(self.predictor, prompts, self.cfg.box_chunk, policy)
+            for attempt in (1, 2):
+                try:
+                    self.predictor.set_image(image)
+                    break
+                except torch.OutOfMemoryError as exc:
+                    _free_gpu_memory()
+                    if attempt == 2:
+                        raise SegmentOOM(f"oom: out of GPU memory in the image encoder ({_short(exc)})") from None
+            chunk = self.cfg.box_chunk
+            while True:
+                try:
+                    return run_prompts(self.predictor, prompts, chunk, policy)
+                except torch.OutOfMemoryError as exc:
+                    _free_gpu_memory()
+                    if chunk == 1:
+                        raise SegmentOOM(
+                            f"oom: out of GPU memory even one prompt at a time ({len(prompts)} prompts; {_short(exc)})"
+                        ) from None
+                    log.warning("out of GPU memory with %d prompts per decoder call on %s; retrying with %d", chunk, uri or "an image", chunk // 2)
+                    chunk //= 2
+
+    def _inject_test_faults(self) -> None:
+        """TEST ONLY (``AUTOLABEL_TEST_FAULTS``): make the decoder raise CUDA OOM on demand."""
+        real_predict = self.predictor.predict
+
+        def predict(**kwargs):
+            batched = next((v for k, v in kwargs.items() if k in ("box", "point_coords", "mask_input") and v is not None), None)
+            self.faults.maybe_oom(self._uri, 1 if batched is None else len(batched))
+            return real_predict(**kwargs)
+
+        self.predictor.predict = predict
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 def _bbox(mask: np.ndarray) -> list[float]:
@@ -133,12 +191,13 @@ class Segmenter:
     """
 
     def __init__(self, cfg: SamConfig, class_names: dict[int, str], cpu_threads: Optional[int] = None,
-                 storage_options: Optional[dict] = None):
+                 storage_options: Optional[dict] = None, ledger=None, max_image_crashes: int = 3):
         self.sam = SamModel(cfg, cpu_threads)
         self.class_names = class_names
         self.class_ids = {name: cid for cid, name in class_names.items()}
         self.storage_options = storage_options
         self.keep_all = cfg.candidates == "all"
+        self.guard = CrashGuard(ledger, "segment", max_image_crashes)
 
     def prompts_for(self, row: dict) -> list[Prompt]:
         prompts = [
@@ -152,8 +211,8 @@ class Segmenter:
         return prompts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        wanted = [c for c in ("status", "width", "height", "det_boxes", "det_class_ids", "det_scores", "prompts", "base_uri")
-                  if c in batch.column_names]
+        wanted = [c for c in ("uri", "status", "error_class", "error", "width", "height", "det_boxes", "det_class_ids",
+                              "det_scores", "prompts", "base_uri") if c in batch.column_names]
         rows = batch.select(wanted).to_pylist()
         pixels = batch.column("pixels")
         objects_per_image = []
@@ -161,10 +220,24 @@ class Segmenter:
             if row["status"] != "ok":
                 objects_per_image.append([])
                 continue
+            if not self.guard.start(row["uri"]):  # this image killed the worker again and again
+                row["status"], (row["error_class"], row["error"]) = "error", self.guard.crash_error()
+                objects_per_image.append([])
+                continue
+            if self.sam.faults:
+                self.sam.faults.maybe_kill("segment", row["uri"])
             prompts = self.prompts_for(row)
-            image = pixels_of(pixels[i].as_py(), row["width"], row["height"]) if prompts else None
-            answers = self.sam.segment(image, prompts) if prompts else []
+            try:
+                image = pixels_of(pixels[i].as_py(), row["width"], row["height"]) if prompts else None
+                answers = self.sam.segment(image, prompts, uri=row["uri"]) if prompts else []
+            except SegmentOOM as exc:
+                row["status"], row["error_class"], row["error"] = "error", exc.error_class, str(exc)
+                objects_per_image.append([])
+                continue
             objects_per_image.append(object_rows(prompts, answers, self.keep_all))
+        self.guard.done()
+        for name in ("status", "error_class", "error"):  # images that failed here become error rows
+            batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array([r[name] for r in rows], pa.string()))
         batch = batch.drop_columns([c for c in ("pixels", "det_boxes", "det_class_ids", "det_scores", "prompts", "base_uri")
                                     if c in batch.column_names])
         return batch.append_column(pa.field("objects", pa.list_(OBJECT_TYPE)), pa.array(objects_per_image, type=pa.list_(OBJECT_TYPE)))

@@ -1,8 +1,18 @@
-"""Sink: per-image rows with nested objects -> ``RUN/images/*.parquet`` and ``RUN/objects/*.parquet``.
+"""Sink: per-image rows with nested objects -> ``RUN/images/shard-X.parquet`` and ``RUN/objects/shard-X.parquet``.
 
-Runs inside Ray workers and writes through fsspec, so the run folder can be local or an object
-store. Each file is written under a temporary name and then moved into place, so readers never
-see half a file. Returns one small summary row per image for the driver's totals.
+Two steps, so that a crash anywhere never leaves output that readers would take as data, and
+a resumed run writes exactly what an uninterrupted one would:
+
+1. ``write_batch`` (Ray tasks) stages each batch's rows per shard under
+   ``RUN/_staging/shard-X/`` and returns one small row per image to the driver.
+2. ``commit_shard`` (the driver, once every image of a shard is staged) merges the staged parts
+   into the shard's two files, deterministic in name and content (one row per image however
+   often a retried task staged it), then writes ``RUN/_done/shard-X.json`` with the shard's
+   totals. That marker is what makes the shard count as done on a resume.
+
+Every file is written atomically (a temporary name and a rename on local disks; one PUT on an
+object store), through fsspec, so the run folder can be local or remote. A write that fails
+(disk full, read-only, permission) raises ``OutputWriteError`` with the path and the reason.
 """
 from __future__ import annotations
 
@@ -10,8 +20,11 @@ import hashlib
 import io
 import json
 import uuid
-from typing import Optional
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
 
+import pyarrow.compute as pc
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -35,15 +48,58 @@ IMAGES_SCHEMA = pa.schema(
 
 OBJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), *OBJECT_TYPE])
 
-SUMMARY_SCHEMA = pa.schema(
-    [
-        ("status", pa.string()),
-        ("error_class", pa.string()),
-        ("num_objects", pa.int32()),
-        ("class_counts", pa.list_(CLASS_COUNT_TYPE)),
-        ("num_prompt_errors", pa.int32()),
-    ]
-)
+STAGING_DIR = "_staging"
+DONE_DIR = "_done"
+# What write_batch tells the driver per image: enough to know when a shard is complete.
+SUMMARY_COLUMNS = ("shard_id", "image_id", "shard_rows", "status")
+
+
+class OutputWriteError(RuntimeError):
+    """The run folder cannot be written (disk full, read-only, no permission); says path and why."""
+
+
+@dataclass
+class Totals:
+    """Counts over images-table rows; per shard in ``_done/shard-X.json``, summed for the run."""
+
+    images: int = 0
+    ok: int = 0
+    errors_by_class: Counter = field(default_factory=Counter)
+    objects: int = 0
+    objects_by_class: Counter = field(default_factory=Counter)
+    prompt_errors: int = 0
+
+    def add(self, image_rows: Iterable[dict]) -> None:
+        for row in image_rows:
+            self.images += 1
+            if row["status"] == "ok":
+                self.ok += 1
+            else:
+                self.errors_by_class[row["error_class"]] += 1
+            self.objects += row["num_objects"]
+            self.prompt_errors += row["num_prompt_errors"]
+            for entry in row["class_counts"]:
+                self.objects_by_class[entry["class_name"] or "(unlabeled)"] += entry["count"]
+
+    def merge(self, other: dict) -> None:
+        """Add a shard's totals (``as_dict`` form, as read back from its done marker)."""
+        self.images += other["images"]
+        self.ok += other["ok"]
+        self.errors_by_class.update(other["errors_by_class"])
+        self.objects += other["objects"]
+        self.objects_by_class.update(other["objects_by_class"])
+        self.prompt_errors += other["prompt_errors"]
+
+    def as_dict(self) -> dict:
+        return {
+            "images": self.images,
+            "ok": self.ok,
+            "error": sum(self.errors_by_class.values()),
+            "errors_by_class": dict(self.errors_by_class.most_common()),
+            "objects": self.objects,
+            "objects_by_class": dict(self.objects_by_class.most_common()),
+            "prompt_errors": self.prompt_errors,
+        }
 
 
 def counted(objects: list[dict]) -> list[dict]:
@@ -90,29 +146,111 @@ def split_tables(batch: pa.Table, meta_columns: list[str] = ()) -> tuple[pa.Tabl
     )
 
 
-def _write_atomically(fs, path: str, table: pa.Table) -> None:
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
+
+
+def atomic_write(fs, path: str, data: bytes) -> None:
+    """All of ``data`` at ``path`` or nothing: a temporary name and a rename on a local disk
+    (readers skip dot-files), a single PUT on an object store (atomic there by itself)."""
+    try:
+        if not _is_local(fs):
+            fs.pipe_file(path, data)
+            return
+        parent, name = path.rsplit("/", 1)
+        fs.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+        try:
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, path)
+        except BaseException:
+            try:
+                fs.rm(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {fs.unstrip_protocol(path)}: {exc.strerror or exc}") from exc
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    parent, name = path.rsplit("/", 1)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
-    fs.pipe_file(tmp, buf.getvalue())
-    fs.mv(tmp, path)
+    return buf.getvalue()
 
 
-def part_name(batch: pa.Table) -> str:
-    """Deterministic for the same images: shard id + a digest of the image ids in the part."""
-    ids = batch.column("image_id").to_pylist()
-    digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:12]
-    shard = batch.column("shard_id")[0].as_py() if batch.num_rows else "empty"
-    return f"part-{shard}-{digest}.parquet"
+def _digest(image_ids: list[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(image_ids)).encode()).hexdigest()[:16]
+
+
+def staging_path(root: str, shard_id: str) -> str:
+    return f"{root}/{STAGING_DIR}/shard-{shard_id}"
 
 
 def write_batch(batch: pa.Table, run_uri: str, storage_options: Optional[dict] = None, meta_columns: list[str] = ()) -> pa.Table:
-    """Ray map_batches function: write both tables for this batch, return per-image summaries."""
+    """Ray map_batches function: stage this batch's rows, per shard; return one row per image.
+
+    Part names come from the images they hold, so a retried task overwrites its own parts.
+    Objects are staged before images: an images part means its objects part is complete.
+    """
     fs, root = url_to_fs(run_uri, **(storage_options or {}))
-    images, objects = split_tables(batch, meta_columns)
-    name = part_name(batch)
-    for folder, table in (("images", images), ("objects", objects)):
-        fs.makedirs(f"{root}/{folder}", exist_ok=True)
-        _write_atomically(fs, f"{root}/{folder}/{name}", table)
-    return images.select(SUMMARY_SCHEMA.names)
+    shard_ids = batch.column("shard_id")
+    for shard_id in pc.unique(shard_ids).to_pylist():
+        images, objects = split_tables(batch.filter(pc.equal(shard_ids, shard_id)), meta_columns)
+        name = _digest(images.column("image_id").to_pylist())
+        folder = staging_path(root, shard_id)
+        atomic_write(fs, f"{folder}/objects-{name}.parquet", _parquet_bytes(objects))
+        atomic_write(fs, f"{folder}/images-{name}.parquet", _parquet_bytes(images))
+    return batch.select(list(SUMMARY_COLUMNS))
+
+
+def _read(fs, path: str) -> pa.Table:
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh)
+
+
+def commit_shard(fs, root: str, shard_id: str, meta_columns: list[str] = ()) -> dict:
+    """Merge a shard's staged parts into ``images/`` and ``objects/``, mark it done, return its totals.
+
+    Only called once every image of the shard has been staged. An image staged twice (a task
+    retried after it had written) is taken from the first part, by name, that holds it.
+    """
+    folder = staging_path(root, shard_id)
+    fs.invalidate_cache(folder)  # object-store listings are cached; workers wrote here since
+    try:
+        names = sorted(fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        names = []
+    image_parts, object_parts = [], []
+    seen: set[str] = set()
+    for part in (n for n in names if n.rsplit("/", 1)[-1].startswith("images-")):
+        images = _read(fs, part)
+        ids = images.column("image_id")
+        fresh = pc.invert(pc.is_in(ids, value_set=pa.array(sorted(seen), pa.string())))
+        images = images.filter(fresh)
+        if not images.num_rows:
+            continue
+        kept = images.column("image_id")
+        objects = _read(fs, part.replace("/images-", "/objects-"))
+        object_parts.append(objects.filter(pc.is_in(objects.column("image_id"), value_set=kept)))
+        image_parts.append(images)
+        seen.update(kept.to_pylist())
+    schema = images_schema(list(meta_columns))
+    images = pa.concat_tables([t.cast(schema) for t in image_parts]) if image_parts else schema.empty_table()
+    objects = pa.concat_tables([t.cast(OBJECTS_SCHEMA) for t in object_parts]) if object_parts else OBJECTS_SCHEMA.empty_table()
+    images = images.sort_by([("uri", "ascending"), ("image_id", "ascending")])
+    objects = objects.sort_by([("uri", "ascending"), ("image_id", "ascending"), ("object_id", "ascending"), ("candidate", "ascending")])
+    name = f"shard-{shard_id}.parquet"
+    atomic_write(fs, f"{root}/objects/{name}", _parquet_bytes(objects))
+    atomic_write(fs, f"{root}/images/{name}", _parquet_bytes(images))
+    totals = Totals()
+    totals.add(images.select(["status", "error_class", "num_objects", "class_counts", "num_prompt_errors"]).to_pylist())
+    marker = {"shard_id": shard_id, **totals.as_dict()}
+    atomic_write(fs, f"{root}/{DONE_DIR}/shard-{shard_id}.json", json.dumps(marker).encode())
+    if names:
+        try:
+            fs.rm(folder, recursive=True)
+        except OSError:
+            pass  # the shard is committed; a resume or the next commit sweep removes leftovers
+    return marker

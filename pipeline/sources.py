@@ -32,6 +32,9 @@ SHARD_SCHEMA = pa.schema(
         ("prompts", pa.string()),
         ("meta", pa.string()),
         ("base_uri", pa.string()),
+        # Images in the shard, so the driver knows when all of them are written; null for a tar,
+        # whose members are counted by the decode stage as it reads them.
+        ("shard_rows", pa.int32()),
     ]
 )
 _GLOB_CHARS = "*?["
@@ -221,8 +224,10 @@ def write_shards(
     run_fs: fsspec.AbstractFileSystem,
     run_path: str,
     storage_options: dict | None = None,
+    tars: bool = False,
 ) -> ShardListing:
-    """Write the work items as one Parquet file per shard under ``RUN/_shards``."""
+    """Write the work items as one Parquet file per shard under ``RUN/_shards``
+    (``tars``: each item is a tar shard whose image count is not known yet)."""
     shards_path = f"{run_path.rstrip('/')}/{SHARDS_DIR}"
     run_fs.makedirs(shards_path, exist_ok=True)
     listing = ShardListing(run_fs.unstrip_protocol(shards_path), 0, 0)
@@ -242,6 +247,7 @@ def write_shards(
                 "prompts": [item.prompts for item in batch],
                 "meta": [item.meta for item in batch],
                 "base_uri": [item.base_uri for item in batch],
+                "shard_rows": [None if tars else len(batch)] * len(batch),
             },
             schema=SHARD_SCHEMA,
         )

@@ -119,13 +119,13 @@ def test_official_weights_unreachable_stops_before_work(tmp_path, monkeypatch):
     assert not list((tmp_path / "empty").glob("*")), "no partial download may be left behind"
 
 
-def test_existing_run_is_not_overwritten_without_asking(tmp_path):
+def test_folder_with_other_files_is_not_overwritten_without_asking(tmp_path):
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
     (out / "images" / "part.parquet").write_bytes(b"previous run")
     proc = _cli("sam.checkpoint=random", "detector.weights=yolov8n.yaml", f"output.uri={out}")
     assert proc.returncode == 2
-    assert "already holds a run" in proc.stderr and "--overwrite" in proc.stderr
+    assert "holds run files" in proc.stderr and "no run.json" in proc.stderr and "--overwrite" in proc.stderr
     assert (out / "images" / "part.parquet").read_bytes() == b"previous run"
 
 

@@ -1,0 +1,233 @@
+"""The run folder as a resumable record: what was asked for, what is done, what is left.
+
+``RUN/run.json`` holds the run's fingerprint (the config keys that change results, and the
+sha256 of each model's weights), the shard listing's state and the progress. Shards count as
+done by their marker ``RUN/_done/shard-X.json``, written only after the shard's output files
+(see sink.py). Rerunning the same command resumes: done shards are skipped, everything else is
+cleaned and redone. A different config or different weights is refused, unless ``--overwrite``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Optional
+
+from fsspec.core import url_to_fs
+
+from .config import ConfigError, RunConfig
+from .sink import DONE_DIR, STAGING_DIR, OutputWriteError, Totals, atomic_write
+from .sources import SHARDS_DIR
+
+log = logging.getLogger("autolabel")
+
+RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report", "exports")
+# Keys that change speed or memory but not a single output row; they may differ on a resume.
+PERFORMANCE_ONLY = ("input.storage_options", "detector.batch_size", "sam.box_chunk")
+
+
+def fingerprint(cfg: RunConfig, models: dict) -> dict:
+    """What must not change between a run and its resume: the config that shapes the output
+    (input, prompts, detector, sam; not output/ray/report) and the weights, by content.
+    ``models`` is run.json's models section (``weights_identity`` of each)."""
+    data = cfg.model_dump(mode="json")
+    sections = ("input", "prompts", "detector", "sam") if cfg.uses_detector else ("input", "prompts", "sam")
+    config = {s: dict(data[s]) for s in sections}
+    for key in PERFORMANCE_ONLY:
+        section, name = key.split(".")
+        config.get(section, {}).pop(name, None)
+    weights = {name: m["sha256"] or f"random:{m.get('weights') or m.get('config')}" for name, m in models.items()}
+    digest = hashlib.sha256(json.dumps({"config": config, "models": weights}, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "config": config, "models": weights}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def differences(before: dict, now: dict) -> list[str]:
+    """Human-readable ``key: that run -> now`` lines between two fingerprints."""
+    old, new = _flat(before.get("config", {})), _flat(now["config"])
+    lines = [f"{k}: {old.get(k, '(not set)')!r} -> {new.get(k, '(not set)')!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    for model, sha in now["models"].items():
+        was = before.get("models", {}).get(model)
+        if was != sha:
+            lines.append(f"{model} weights: {str(was)[:23]} -> {str(sha)[:23]}")
+    return lines or ["(the fingerprint differs)"]
+
+
+class RunFolder:
+    """``output.uri``: run.json, the done markers, and clean-up before a fresh or resumed run."""
+
+    def __init__(self, cfg: RunConfig):
+        self.uri = cfg.output.uri
+        self.fs, self.path = url_to_fs(cfg.output.uri, **cfg.output.storage_options)
+        self.path = self.path.rstrip("/")
+        self.run_uri = self.fs.unstrip_protocol(self.path)
+
+    def url(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    def existing(self) -> list[str]:
+        return [f for f in (*RUN_FOLDERS, "run.json") if self.fs.exists(self.url(f))]
+
+    def previous_run(self, overwrite: bool) -> Optional[dict]:
+        """The run.json of a run already in the folder (None when empty or when overwriting);
+        refuses a folder holding run files without a readable run.json."""
+        if overwrite:
+            return None
+        try:
+            return json.loads(self.fs.cat_file(self.url("run.json")))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"output.uri {self.uri}: cannot read run.json ({exc}); pass --overwrite to start clean") from None
+        found = self.existing()
+        if found:
+            raise ConfigError(
+                f"output.uri {self.uri} holds run files ({', '.join(found)}) but no run.json, so it cannot be resumed; "
+                "choose another output.uri, or pass --overwrite (output.overwrite=true) to replace it"
+            )
+        return None
+
+    def check_resumable(self, previous: dict, now: dict) -> None:
+        before = previous.get("fingerprint")
+        if not before:
+            raise ConfigError(
+                f"output.uri {self.uri} holds a run without a resume fingerprint (made by an older autolabel); "
+                "choose another output.uri, or pass --overwrite (output.overwrite=true) to replace it"
+            )
+        if before["sha256"] != now["sha256"]:
+            raise ConfigError(
+                f"output.uri {self.uri} holds a run made with a different configuration or weights, so it cannot be resumed:\n  "
+                + "\n  ".join(differences(before, now))
+                + f"\nRerun with that run's settings to resume it (they are in {self.url('run.json')}), choose another "
+                "output.uri, or pass --overwrite (output.overwrite=true) to start clean."
+            )
+
+    def clear(self) -> None:
+        for name in self.existing():
+            self.fs.rm(self.url(name), recursive=True)
+
+    def prepare(self, manifest: dict) -> None:
+        """Start clean: remove a previous run (every check has passed by now), create the folder
+        and write run.json, which is also the proof that the folder can be written."""
+        try:
+            self.clear()
+            self.fs.makedirs(self.path, exist_ok=True)
+            self.write_manifest(manifest)
+        except (OSError, OutputWriteError) as exc:
+            raise ConfigError(f"output.uri {self.uri} cannot be written: {getattr(exc, 'strerror', None) or exc}") from None
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write(self.fs, self.url("run.json"), json.dumps(manifest, indent=2).encode())
+
+    def shard_ids(self) -> list[str]:
+        names = self.fs.glob(self.url(SHARDS_DIR, "shard-*.parquet"))
+        return sorted(n.rsplit("/", 1)[-1].removeprefix("shard-").removesuffix(".parquet") for n in names)
+
+    def shard_uri(self, shard_id: str) -> str:
+        return self.url(SHARDS_DIR, f"shard-{shard_id}.parquet")
+
+    def done_shards(self) -> dict[str, dict]:
+        """Shard id -> totals, from the done markers."""
+        self.fs.invalidate_cache(self.url(DONE_DIR))
+        paths = [p for p in self.fs.glob(self.url(DONE_DIR, "shard-*.json"))]
+        return {json.loads(data)["shard_id"]: json.loads(data) for data in self.fs.cat(paths).values()} if paths else {}
+
+    def clean_unfinished(self, pending: set[str]) -> int:
+        """Before a resume: drop staged parts, half-committed shard files and temporary files, so
+        what is redone cannot meet what was left. Returns how many files were removed."""
+        removed = 0
+        if self.fs.exists(self.url(STAGING_DIR)):
+            removed += len(self.fs.find(self.url(STAGING_DIR)))
+            self.fs.rm(self.url(STAGING_DIR), recursive=True)
+        for folder in ("images", "objects", DONE_DIR):
+            if not self.fs.exists(self.url(folder)):
+                continue
+            for path in self.fs.ls(self.url(folder), detail=False):
+                name = path.rsplit("/", 1)[-1]
+                shard = name.removeprefix("shard-").rsplit(".", 1)[0]
+                if name.startswith(".tmp-") or (name.startswith("shard-") and shard in pending):
+                    self.fs.rm(path)
+                    removed += 1
+        return removed
+
+
+class ShardTracker:
+    """Driver side: which images of each shard are staged, and when a shard is complete."""
+
+    def __init__(self, shard_ids: list[str]):
+        self.waiting: set[str] = set(shard_ids)
+        self.seen: dict[str, set[str]] = {}
+        self.expected: dict[str, int] = {}
+
+    def add(self, rows: list[dict]) -> list[str]:
+        """Staged images (shard_id, image_id, shard_rows) -> the shards now complete."""
+        touched = set()
+        for row in rows:
+            shard = row["shard_id"]
+            self.seen.setdefault(shard, set()).add(row["image_id"])
+            if row["shard_rows"] is not None:
+                self.expected[shard] = row["shard_rows"]
+            touched.add(shard)
+        complete = [s for s in sorted(touched) if s in self.waiting and len(self.seen[s]) == self.expected.get(s, -1)]
+        for shard in complete:
+            self.waiting.discard(shard)
+            self.seen.pop(shard)
+        return complete
+
+    def remaining(self) -> list[str]:
+        """After the dataset is exhausted: shards not yet committed (e.g. a tar with no images)."""
+        left = sorted(self.waiting)
+        self.waiting.clear()
+        return left
+
+    def staged_images(self, shard_id: str) -> int:
+        return len(self.seen.get(shard_id, ()))
+
+
+class Progress:
+    """Shards and images done, logged at most every ``every_s`` seconds and at the end."""
+
+    def __init__(self, total_shards: int, done_before: int, images_before: int, every_s: float = 10.0):
+        self.total = total_shards
+        self.done_before = done_before
+        self.done = done_before
+        self.images_before = images_before
+        self.images = images_before
+        self.started = time.time()
+        self.every_s = every_s
+        self.last_log = 0.0
+
+    def shard_done(self, images: int) -> bool:
+        """Count a committed shard; True when it is time to log (and update run.json)."""
+        self.done += 1
+        self.images += images
+        now = time.time()
+        if now - self.last_log >= self.every_s or self.done == self.total:
+            self.last_log = now
+            return True
+        return False
+
+    def line(self) -> str:
+        this_run = self.images - self.images_before
+        rate = this_run / max(time.time() - self.started, 1e-9)
+        resumed = f", {self.done_before} done before this attempt" if self.done_before else ""
+        return f"shards {self.done}/{self.total} done{resumed}; {self.images} images ({rate:.2f} images/s this attempt)"
+
+    def as_dict(self) -> dict:
+        return {
+            "shards_total": self.total,
+            "shards_done": self.done,
+            "shards_done_before_this_attempt": self.done_before,
+            "images_done": self.images,
+            "images_this_attempt": self.images - self.images_before,
+        }
