@@ -1,9 +1,8 @@
 """``autolabel export RUN --format coco|yolo|png|cutouts``: the run's masks in other tools' formats.
 
-Exports stream image by image: the sink writes ``images/part-X.parquet`` and
-``objects/part-X.parquet`` side by side, one image's objects in one part, so each images part is
-read with its objects part (a few dozen images at a time) and memory stays bounded however large
-the run. Each image's object count is checked against its ``num_objects`` before anything is
+Exports stream image by image: the sink writes ``images/shard-X.parquet`` and
+``objects/shard-X.parquet`` side by side, one image's objects in one part, so each images part is
+read with its objects part (one shard at a time) and memory stays bounded however large the run. Each image's object count is checked against its ``num_objects`` before anything is
 written for it, so a damaged run fails loudly instead of exporting with holes. Source and
 destination are any fsspec URLs.
 

@@ -163,9 +163,9 @@ def _sam_device(cfg: RunConfig, plan: dict):
     return torch.device("cuda" if plan["gpus"] else "cpu")
 
 
-def build_dataset(cfg: RunConfig, shard_uris: list[str], meta_columns: list[str], class_names: dict[int, str],
+def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str], class_names: dict[int, str],
                   plan: dict, run_uri: str, ledger):
-    """read shard files -> decode (tasks) -> detect (actors) -> segment (actors) -> stage (tasks).
+    """read shard files (paths on the output filesystem) -> decode (tasks) -> detect (actors) -> segment (actors) -> stage (tasks).
 
     Retries: a dead task is re-run and a dead actor restarted with its task retried (Ray Data
     restarts actors without limit); an image on which workers keep dying is cut out by the crash
@@ -188,8 +188,7 @@ def build_dataset(cfg: RunConfig, shard_uris: list[str], meta_columns: list[str]
     task_retries = {"max_retries": crashes + cfg.ray.task_retries}  # room for the ledger's deaths, then real retries
     actor_retries = {"max_restarts": -1, "max_task_retries": -1}
     fs, _ = url_to_fs(run_uri, **cfg.output.storage_options)
-    ds = ray.data.read_parquet([url_to_fs(u, **cfg.output.storage_options)[1] for u in shard_uris],
-                               filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
+    ds = ray.data.read_parquet(shard_paths, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
     # Decoding asks for fewer CPUs than the actors on purpose: Ray only fuses stages with equal
     # resources, and decoding fused into the (few) detector actors could not use idle CPUs.
     if reads_tars(cfg):  # one shard row per tar; the task streams it and yields decoded members 16 at a time
@@ -258,6 +257,8 @@ def _listing(cfg: RunConfig, folder: RunFolder, manifest: dict) -> ShardListing:
     except (SourceError, FileNotFoundError, PermissionError) as exc:
         folder.clear()  # nothing was labeled: leave no half-made run behind to block the next try
         raise ConfigError(str(exc)) from None
+    except OSError as exc:  # writing the shard files (run.json still says "listing": a rerun lists again)
+        raise JobFailed(f"cannot write the listing under {folder.url('_shards')}: {exc.strerror or exc}") from exc
     manifest["class_names"] = with_manifest_labels(manifest["class_names"], listing.labels)
     manifest["input"] = {
         "uri": cfg.prompts.manifest if cfg.prompts.source != "detector" else cfg.input.uri,
@@ -312,7 +313,8 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         listing = _listing(cfg, folder, manifest)
         done: dict[str, dict] = {}
     else:
-        manifest = {**previous, "status": "running", "finished_at": None, "config": redacted_config(cfg), "versions": _versions()}
+        manifest = {**previous, "status": "running", "finished_at": None, "config": redacted_config(cfg),
+                    "versions": _versions(), "models": models}
         manifest.pop("error", None)
         manifest["class_names"] = {int(k): v for k, v in previous["class_names"].items()}  # JSON made the ids strings
         done = folder.done_shards()

@@ -2,7 +2,7 @@
 
 Used by the report/export tests (small runs, real image files) and by
 ``benchmarks/report_scale.py`` (millions of object rows, tiny masks, no image files). Parts are
-written like the sink writes them: ``images/part-X.parquet`` and ``objects/part-X.parquet`` with the
+written like the sink writes them: ``images/X.parquet`` and ``objects/X.parquet`` with the
 same name, one image's objects contiguous and in one part.
 """
 from __future__ import annotations
