@@ -3,8 +3,8 @@
 Writes N tiny PNGs (8x8) into a local folder for each N, then in ONE driver process, on one local
 Ray, runs the job's own listing (``job.work_items`` + ``sources.write_shards``) and streams every
 image through the job's own decode stage and sink (``decode.decode_batch``, ``sink.write_batch``)
-while the driver collects the per-image summaries into ``job.Totals``, exactly as ``job.run``
-does. Only detection and segmentation are left out: they are replaced by a stub stage named
+while the driver tracks staged images and commits complete shards (``runstate.ShardTracker``,
+``sink.commit_shard``), exactly as ``job.run`` does. Only detection and segmentation are left out: they are replaced by a stub stage named
 ``_TEST_ONLY_no_models`` (every image gets zero objects) so that tens of thousands of images fit in
 a CI minute. A thread samples the driver's RSS every 20 ms; the peak of each phase is reported.
 
@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.decode import decode_batch  # noqa: E402
-from pipeline.job import RunFolder, Totals, work_items  # noqa: E402
+from pipeline.job import work_items  # noqa: E402
+from pipeline.runstate import RunFolder, ShardTracker  # noqa: E402
 from pipeline.segment import OBJECT_TYPE  # noqa: E402
-from pipeline.sink import write_batch  # noqa: E402
+from pipeline.sink import Totals, commit_shard, write_batch  # noqa: E402
 from pipeline.sources import write_shards  # noqa: E402
 
 MB = 1024 * 1024
@@ -91,7 +92,7 @@ def run_once(images: Path, out: Path, shard_size: int) -> dict:
 
     cfg = load_config(None, [f"input.uri={images}", f"output.uri={out}", f"input.shard_size={shard_size}"])
     folder = RunFolder(cfg)
-    folder.prepare()
+    folder.prepare({"status": "benchmark"})
     result = {"rss_before_mb": round(psutil.Process().memory_info().rss / MB, 1)}
     t0 = time.time()
     with PeakRSS() as listing_peak:
@@ -106,9 +107,13 @@ def run_once(images: Path, out: Path, shard_size: int) -> dict:
         ds = ds.map_batches(_TEST_ONLY_no_models, batch_format="pyarrow", batch_size=64, num_cpus=0.25)
         ds = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.25,
                             fn_kwargs={"run_uri": folder.run_uri, "meta_columns": []})
-        totals = Totals()
+        totals = Totals()  # the driver's side of the job: track staged images, commit complete shards
+        tracker = ShardTracker(folder.shard_ids())
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            totals.add(batch.to_pylist())
+            for shard_id in tracker.add(batch.to_pylist()):
+                totals.merge(commit_shard(folder.fs, folder.path, shard_id))
+        for shard_id in tracker.remaining():
+            totals.merge(commit_shard(folder.fs, folder.path, shard_id))
     result.update(
         images=listing.num_images, shards=listing.num_shards, rows=totals.images, ok=totals.ok,
         stream_s=round(time.time() - t0, 2),

@@ -252,5 +252,5 @@ def commit_shard(fs, root: str, shard_id: str, meta_columns: list[str] = ()) -> 
         try:
             fs.rm(folder, recursive=True)
         except OSError:
-            pass  # the shard is committed; a resume or the next commit sweep removes leftovers
+            pass  # the shard is committed; the end of the run (or a resume) removes _staging
     return marker
