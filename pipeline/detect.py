@@ -64,7 +64,7 @@ class Detector:
         errors: dict[int, tuple[str, str]] = {}
         # Images are detected together; after a worker died on this batch, one at a time, so the
         # crash ledger can find the image responsible (faults.py).
-        one_by_one = self.guard.batch_crashed([uris[i] for i in ok]) if ok else False
+        one_by_one = len(ok) == 1 or (len(ok) > 1 and self.guard.batch_crashed([uris[i] for i in ok]))
         for i in ok:
             by_shape[(heights[i], widths[i])].append(i)
         for (h, w), rows in by_shape.items():

@@ -258,7 +258,7 @@ def _listing(cfg: RunConfig, folder: RunFolder, manifest: dict) -> ShardListing:
         folder.clear()  # nothing was labeled: leave no half-made run behind to block the next try
         raise ConfigError(str(exc)) from None
     except OSError as exc:  # writing the shard files (run.json still says "listing": a rerun lists again)
-        raise JobFailed(f"cannot write the listing under {folder.url('_shards')}: {exc.strerror or exc}") from exc
+        raise JobFailed(f"cannot write the listing under {folder.path_to('_shards')}: {exc.strerror or exc}") from exc
     manifest["class_names"] = with_manifest_labels(manifest["class_names"], listing.labels)
     manifest["input"] = {
         "uri": cfg.prompts.manifest if cfg.prompts.source != "detector" else cfg.input.uri,
@@ -321,7 +321,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         attempt["shards_done_before"] = len(done)
         manifest["attempts"] = [*previous.get("attempts", []), attempt]
         inp = previous["input"]
-        listing = ShardListing(folder.url("_shards"), inp["num_shards"], inp["num_images"] or 0, inp["metadata_columns"])
+        listing = ShardListing(folder.path_to("_shards"), inp["num_shards"], inp["num_images"] or 0, inp["metadata_columns"])
     shard_ids = folder.shard_ids()
     pending = [s for s in shard_ids if s not in done]
     if previous is not None:
@@ -387,7 +387,8 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
     class_names = manifest["class_names"]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, start_ledger())
+        ledger = start_ledger()
+        ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger)
     tracker = ShardTracker(pending)
     commits: set[Future] = set()
 
@@ -414,8 +415,12 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
             commit(shard_id)
         while commits:
             harvest(block=True)
-    if folder.fs.exists(folder.url(STAGING_DIR)):
-        folder.fs.rm(folder.url(STAGING_DIR), recursive=True)
+    import ray
+
+    # "stage:uri" -> worker deaths while it was in flight (recovered ones too), for the record.
+    manifest["worker_deaths"] = ray.get(ledger.crashed.remote())
+    if folder.fs.exists(folder.path_to(STAGING_DIR)):
+        folder.fs.rm(folder.path_to(STAGING_DIR), recursive=True)
 
 
 def format_summary(manifest: dict) -> str:

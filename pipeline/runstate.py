@@ -72,11 +72,11 @@ class RunFolder:
         self.path = self.path.rstrip("/")
         self.run_uri = self.fs.unstrip_protocol(self.path)
 
-    def url(self, *parts: str) -> str:
+    def path_to(self, *parts: str) -> str:
         return "/".join([self.path, *parts])
 
     def existing(self) -> list[str]:
-        return [f for f in (*RUN_FOLDERS, "run.json") if self.fs.exists(self.url(f))]
+        return [f for f in (*RUN_FOLDERS, "run.json") if self.fs.exists(self.path_to(f))]
 
     def previous_run(self, overwrite: bool) -> Optional[dict]:
         """The run.json of a run already in the folder (None when empty or when overwriting);
@@ -84,7 +84,7 @@ class RunFolder:
         if overwrite:
             return None
         try:
-            return json.loads(self.fs.cat_file(self.url("run.json")))
+            return json.loads(self.fs.cat_file(self.path_to("run.json")))
         except FileNotFoundError:
             pass
         except (OSError, ValueError) as exc:
@@ -108,13 +108,13 @@ class RunFolder:
             raise ConfigError(
                 f"output.uri {self.uri} holds a run made with a different configuration or weights, so it cannot be resumed:\n  "
                 + "\n  ".join(differences(before, now))
-                + f"\nRerun with that run's settings to resume it (they are in {self.url('run.json')}), choose another "
+                + f"\nRerun with that run's settings to resume it (they are in {self.run_uri}/run.json), choose another "
                 "output.uri, or pass --overwrite (output.overwrite=true) to start clean."
             )
 
     def clear(self) -> None:
         for name in self.existing():
-            self.fs.rm(self.url(name), recursive=True)
+            self.fs.rm(self.path_to(name), recursive=True)
 
     def prepare(self, manifest: dict) -> None:
         """Start clean: remove a previous run (every check has passed by now), create the folder
@@ -127,32 +127,32 @@ class RunFolder:
             raise ConfigError(f"output.uri {self.uri} cannot be written: {getattr(exc, 'strerror', None) or exc}") from None
 
     def write_manifest(self, manifest: dict) -> None:
-        atomic_write(self.fs, self.url("run.json"), json.dumps(manifest, indent=2).encode())
+        atomic_write(self.fs, self.path_to("run.json"), json.dumps(manifest, indent=2).encode())
 
     def shard_ids(self) -> list[str]:
-        names = self.fs.glob(self.url(SHARDS_DIR, "shard-*.parquet"))
+        names = self.fs.glob(self.path_to(SHARDS_DIR, "shard-*.parquet"))
         return sorted(n.rsplit("/", 1)[-1].removeprefix("shard-").removesuffix(".parquet") for n in names)
 
     def shard_uri(self, shard_id: str) -> str:
-        return self.url(SHARDS_DIR, f"shard-{shard_id}.parquet")
+        return self.path_to(SHARDS_DIR, f"shard-{shard_id}.parquet")
 
     def done_shards(self) -> dict[str, dict]:
         """Shard id -> totals, from the done markers."""
-        self.fs.invalidate_cache(self.url(DONE_DIR))
-        paths = [p for p in self.fs.glob(self.url(DONE_DIR, "shard-*.json"))]
+        self.fs.invalidate_cache(self.path_to(DONE_DIR))
+        paths = [p for p in self.fs.glob(self.path_to(DONE_DIR, "shard-*.json"))]
         return {json.loads(data)["shard_id"]: json.loads(data) for data in self.fs.cat(paths).values()} if paths else {}
 
     def clean_unfinished(self, pending: set[str]) -> int:
         """Before a resume: drop staged parts, half-committed shard files and temporary files, so
         what is redone cannot meet what was left. Returns how many files were removed."""
         removed = 0
-        if self.fs.exists(self.url(STAGING_DIR)):
-            removed += len(self.fs.find(self.url(STAGING_DIR)))
-            self.fs.rm(self.url(STAGING_DIR), recursive=True)
+        if self.fs.exists(self.path_to(STAGING_DIR)):
+            removed += len(self.fs.find(self.path_to(STAGING_DIR)))
+            self.fs.rm(self.path_to(STAGING_DIR), recursive=True)
         for folder in ("images", "objects", DONE_DIR):
-            if not self.fs.exists(self.url(folder)):
+            if not self.fs.exists(self.path_to(folder)):
                 continue
-            for path in self.fs.ls(self.url(folder), detail=False):
+            for path in self.fs.ls(self.path_to(folder), detail=False):
                 name = path.rsplit("/", 1)[-1]
                 shard = name.removeprefix("shard-").rsplit(".", 1)[0]
                 if name.startswith(".tmp-") or (name.startswith("shard-") and shard in pending):

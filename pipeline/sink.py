@@ -24,8 +24,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-import pyarrow.compute as pc
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
@@ -146,16 +146,20 @@ def split_tables(batch: pa.Table, meta_columns: list[str] = ()) -> tuple[pa.Tabl
     )
 
 
-def _is_local(fs) -> bool:
+# Object stores publish an object whole when its single PUT completes; a rename there is a copy.
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
+
+
+def _is_object_store(fs) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return bool({"file", "local"} & set(protocols))
+    return bool(OBJECT_STORES & set(protocols))
 
 
 def atomic_write(fs, path: str, data: bytes) -> None:
-    """All of ``data`` at ``path`` or nothing: a temporary name and a rename on a local disk
-    (readers skip dot-files), a single PUT on an object store (atomic there by itself)."""
+    """All of ``data`` at ``path`` or nothing: one PUT on an object store (atomic there by
+    itself), elsewhere a temporary dot-name (readers skip those) renamed into place."""
     try:
-        if not _is_local(fs):
+        if _is_object_store(fs):
             fs.pipe_file(path, data)
             return
         parent, name = path.rsplit("/", 1)

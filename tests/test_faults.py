@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -101,13 +102,6 @@ def pids_titled(title: str) -> list[int]:
     return pids
 
 
-def process_state(pid: int):
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
-
-
 def wait_for(condition, timeout: float, what: str):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -122,17 +116,21 @@ def test_sigkill_of_the_segment_worker_mid_job_loses_and_duplicates_nothing(ray_
     out = tmp_path / "out"
     cfg = load_config(None, fault_overrides(fault_images, out, checkpoints))
     outcome: dict = {}
+    earlier = set(pids_titled(SEGMENTER_TITLE))  # actors of earlier runs may still be shutting down
     job = threading.Thread(target=lambda: outcome.update(manifest=run(cfg)))
     job.start()
     try:
         wait_for(lambda: len(done_markers(out)) >= 1, 300, "the first shard to be committed")
-        (pid,) = wait_for(lambda: pids_titled(SEGMENTER_TITLE), 60, "the segment actor's process")
+        (pid,) = wait_for(lambda: set(pids_titled(SEGMENTER_TITLE)) - earlier, 60, "this job's segment actor process")
+        handle = os.pidfd_open(pid)  # follows this process, not whatever later reuses its pid
         done_at_kill = len(done_markers(out))
         os.kill(pid, signal.SIGKILL)
+        exited, _, _ = select.select([handle], [], [], 30)
+        os.close(handle)
     finally:
         job.join(timeout=600)
+    assert exited, "the segment worker died"
     assert done_at_kill < 10, "the kill must land in the middle of the job"
-    assert process_state(pid) in (None, "Z"), "the segment worker was killed (gone, or a zombie not yet reaped)"
     assert outcome["manifest"]["status"] == "finished"
     result = read_run(out)
     assert (result["images"]["status"] == "ok").all()
@@ -160,6 +158,8 @@ def test_poison_images_become_worker_crash_rows_and_oom_retries_smaller_chunks(r
     assert (by_name["coffee1"].status, by_name["coffee1"].error_class) == ("error", "oom")
     assert "even one prompt at a time" in by_name["coffee1"].error
     assert manifest["totals"]["errors_by_class"] == {"worker_crash": 3, "oom": 1}
+    deaths = {key.split(":", 1)[0] + ":" + Path(key).stem: n for key, n in manifest["worker_deaths"].items()}
+    assert {deaths["decode:bus1"], deaths["detect:zidane1"], deaths["segment:astronaut1"]} == {2}
     # Everything else is exactly the clean run, though every multi-object image hit OOM first.
     assert max(clean["images"]["num_objects"]) > 1
     assert_exactly_once(result, clean, skip_uris=("bus1", "zidane1", "astronaut1", "coffee1"))
