@@ -49,7 +49,8 @@ class CrashLedger:
         self.in_flight.difference_update(keys)
 
     def crashed(self) -> dict[str, int]:
-        return dict(self.crashes)
+        """``stage:uri`` -> worker deaths with that image in flight (batch keys left out)."""
+        return {key: n for key, n in self.crashes.items() if ":batch-" not in key}
 
 
 def start_ledger():

@@ -377,6 +377,8 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
              totals: Totals, progress: Progress) -> None:
     """Run the Ray pipeline over the pending shards, committing each shard as soon as all its
     images are staged (so a crash later keeps it), and the stragglers once the data is through."""
+    import ray
+
     from .faults import start_ledger
 
     connect_ray(cfg)
@@ -415,8 +417,6 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
             commit(shard_id)
         while commits:
             harvest(block=True)
-    import ray
-
     # "stage:uri" -> worker deaths while it was in flight (recovered ones too), for the record.
     manifest["worker_deaths"] = ray.get(ledger.crashed.remote())
     if folder.fs.exists(folder.path_to(STAGING_DIR)):
