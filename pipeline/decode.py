@@ -131,6 +131,23 @@ def decode_image(data: bytes, max_pixels: Optional[int] = None) -> tuple[np.ndar
         Image.MAX_IMAGE_PIXELS = saved
 
 
+def error_text(exc: ImageError) -> str:
+    """The images table's ``error`` value: ``"<error_class>: <message>"``."""
+    return f"{exc.error_class}: {exc}"
+
+
+def with_errors(batch: pa.Table, errors: dict[int, ImageError]) -> pa.Table:
+    """Turn rows ``i`` of a stage's batch into error rows (status, error_class, error)."""
+    if not errors:
+        return batch
+    values = {name: batch.column(name).to_pylist() for name in ("status", "error_class", "error")}
+    for i, exc in errors.items():
+        values["status"][i], values["error_class"][i], values["error"][i] = "error", exc.error_class, error_text(exc)
+    for name, column in values.items():
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(column, pa.string()))
+    return batch
+
+
 def pixels_of(row_pixels: bytes, width: int, height: int) -> np.ndarray:
     return np.frombuffer(row_pixels, dtype=np.uint8).reshape(height, width, 3)
 
@@ -142,7 +159,7 @@ def _decoded(data: Optional[bytes], uri: str, storage_options: Optional[dict], m
             raise data
         rgb, note = decode_image(data if data is not None else read_bytes(uri, storage_options), max_pixels)
     except ImageError as exc:
-        return (None, None, "error", exc.error_class, f"{exc.error_class}: {exc}", None, b"")
+        return (None, None, "error", exc.error_class, error_text(exc), None, b"")
     h, w = rgb.shape[:2]
     return (w, h, "ok", None, None, note, rgb.tobytes())
 
@@ -165,9 +182,8 @@ class _GuardedDecode:
 
     def __call__(self, data, uri: str, storage_options: Optional[dict], max_pixels: Optional[int]) -> tuple:
         if not self.guard.start(uri):
-            error_class, message = self.guard.crash_error()
-            return (None, None, "error", error_class, message, None, b"")
-        if self.faults:
+            data = self.guard.crash_error()  # _decoded turns it into the error row
+        elif self.faults:
             self.faults.maybe_kill("decode", uri)
         return _decoded(data, uri, storage_options, max_pixels)
 

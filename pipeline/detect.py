@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from .config import DetectorConfig
-from .decode import pixels_of
+from .decode import ImageError, pixels_of, with_errors
 from .faults import CrashGuard, InjectedFaults
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Detector:
         pixels = batch.column("pixels")
         uris = batch.column("uri").to_pylist()
         ok = [i for i in range(n) if statuses[i] == "ok"]
-        errors: dict[int, tuple[str, str]] = {}
+        errors: dict[int, ImageError] = {}
         # Images are detected together; after a worker died on this batch, one at a time, so the
         # crash ledger can find the image responsible (faults.py).
         one_by_one = len(ok) == 1 or (len(ok) > 1 and self.guard.batch_crashed([uris[i] for i in ok]))
@@ -82,12 +82,7 @@ class Detector:
                 for i, result in zip(chunk, self.model.predict(images, **self.kwargs)):
                     results[i] = detections_of(result)
         self.guard.done()
-        if errors:
-            for name in ("status", "error_class", "error"):
-                values = batch.column(name).to_pylist()
-                for i, (error_class, message) in errors.items():
-                    values[i] = "error" if name == "status" else error_class if name == "error_class" else message
-                batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        batch = with_errors(batch, errors)
         empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32))
         boxes, classes, scores = zip(*[r if r is not None else empty for r in results]) if n else ((), (), ())
         columns = {

@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .decode import ImageError
+
 log = logging.getLogger(__name__)
 
 WORKER_CRASH = "worker_crash"
@@ -108,8 +110,9 @@ class CrashGuard:
             ray.get(self.ledger.end.remote(self.current))
         self.current = []
 
-    def crash_error(self) -> tuple[str, str]:
-        return WORKER_CRASH, f"{WORKER_CRASH}: the {self.stage} worker died {self.max_crashes} times while processing this image"
+    def crash_error(self) -> ImageError:
+        """What the images row says about an image that was not tried again."""
+        return ImageError(WORKER_CRASH, f"the {self.stage} worker died {self.max_crashes} times while processing this image")
 
 
 @dataclass

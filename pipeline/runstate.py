@@ -139,8 +139,9 @@ class RunFolder:
     def done_shards(self) -> dict[str, dict]:
         """Shard id -> totals, from the done markers."""
         self.fs.invalidate_cache(self.path_to(DONE_DIR))
-        paths = [p for p in self.fs.glob(self.path_to(DONE_DIR, "shard-*.json"))]
-        return {json.loads(data)["shard_id"]: json.loads(data) for data in self.fs.cat(paths).values()} if paths else {}
+        paths = self.fs.glob(self.path_to(DONE_DIR, "shard-*.json"))
+        markers = [json.loads(data) for data in self.fs.cat(paths).values()] if paths else []
+        return {marker["shard_id"]: marker for marker in markers}
 
     def clean_unfinished(self, pending: set[str]) -> int:
         """Before a resume: drop staged parts, half-committed shard files and temporary files, so

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from . import masks as mask_codec
 from .config import SamConfig
-from .decode import pixels_of
+from .decode import ImageError, pixels_of, with_errors
 from .faults import CrashGuard, InjectedFaults
 from .prompts import Candidates, Prompt, manifest_prompts, run_prompts
 
@@ -43,10 +43,11 @@ OBJECT_TYPE = pa.struct(
 )
 
 
-class SegmentOOM(RuntimeError):
+class SegmentOOM(ImageError):
     """The GPU ran out of memory on this image even with the smallest decoder batches."""
 
-    error_class = "oom"
+    def __init__(self, message: str):
+        super().__init__("oom", message)
 
 
 def _free_gpu_memory() -> None:
@@ -122,7 +123,7 @@ class SamModel:
                 except torch.OutOfMemoryError as exc:
                     _free_gpu_memory()
                     if attempt == 2:
-                        raise SegmentOOM(f"oom: out of GPU memory in the image encoder ({_short(exc)})") from None
+                        raise SegmentOOM(f"out of GPU memory in the image encoder ({_short(exc)})") from None
             chunk = self.cfg.box_chunk
             while True:
                 try:
@@ -131,7 +132,7 @@ class SamModel:
                     _free_gpu_memory()
                     if chunk == 1:
                         raise SegmentOOM(
-                            f"oom: out of GPU memory even one prompt at a time ({len(prompts)} prompts; {_short(exc)})"
+                            f"out of GPU memory even one prompt at a time ({len(prompts)} prompts; {_short(exc)})"
                         ) from None
                     log.warning("out of GPU memory with %d prompts per decoder call on %s; retrying with %d", chunk, uri or "an image", chunk // 2)
                     chunk //= 2
@@ -211,17 +212,18 @@ class Segmenter:
         return prompts
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        wanted = [c for c in ("uri", "status", "error_class", "error", "width", "height", "det_boxes", "det_class_ids",
-                              "det_scores", "prompts", "base_uri") if c in batch.column_names]
+        wanted = [c for c in ("uri", "status", "width", "height", "det_boxes", "det_class_ids", "det_scores", "prompts",
+                              "base_uri") if c in batch.column_names]
         rows = batch.select(wanted).to_pylist()
         pixels = batch.column("pixels")
         objects_per_image = []
+        errors: dict[int, ImageError] = {}  # images that fail here become error rows
         for i, row in enumerate(rows):
             if row["status"] != "ok":
                 objects_per_image.append([])
                 continue
             if not self.guard.start(row["uri"]):  # this image killed the worker again and again
-                row["status"], (row["error_class"], row["error"]) = "error", self.guard.crash_error()
+                errors[i] = self.guard.crash_error()
                 objects_per_image.append([])
                 continue
             if self.sam.faults:
@@ -231,13 +233,12 @@ class Segmenter:
                 image = pixels_of(pixels[i].as_py(), row["width"], row["height"]) if prompts else None
                 answers = self.sam.segment(image, prompts, uri=row["uri"]) if prompts else []
             except SegmentOOM as exc:
-                row["status"], row["error_class"], row["error"] = "error", exc.error_class, str(exc)
+                errors[i] = exc
                 objects_per_image.append([])
                 continue
             objects_per_image.append(object_rows(prompts, answers, self.keep_all))
         self.guard.done()
-        for name in ("status", "error_class", "error"):  # images that failed here become error rows
-            batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array([r[name] for r in rows], pa.string()))
+        batch = with_errors(batch, errors)
         batch = batch.drop_columns([c for c in ("pixels", "det_boxes", "det_class_ids", "det_scores", "prompts", "base_uri")
                                     if c in batch.column_names])
         return batch.append_column(pa.field("objects", pa.list_(OBJECT_TYPE)), pa.array(objects_per_image, type=pa.list_(OBJECT_TYPE)))

@@ -31,6 +31,7 @@ from fsspec.core import url_to_fs
 
 from .decode import IMAGE_COLUMNS
 from .segment import OBJECT_TYPE
+from .sources import protocols_of
 
 CLASS_COUNT_TYPE = pa.struct([("class_id", pa.int32()), ("class_name", pa.string()), ("count", pa.int32())])
 
@@ -51,7 +52,7 @@ OBJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), *OB
 STAGING_DIR = "_staging"
 DONE_DIR = "_done"
 # What write_batch tells the driver per image: enough to know when a shard is complete.
-SUMMARY_COLUMNS = ("shard_id", "image_id", "shard_rows", "status")
+SUMMARY_COLUMNS = ("shard_id", "image_id", "shard_rows")
 
 
 class OutputWriteError(RuntimeError):
@@ -150,16 +151,11 @@ def split_tables(batch: pa.Table, meta_columns: list[str] = ()) -> tuple[pa.Tabl
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 
 
-def _is_object_store(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return bool(OBJECT_STORES & set(protocols))
-
-
 def atomic_write(fs, path: str, data: bytes) -> None:
     """All of ``data`` at ``path`` or nothing: one PUT on an object store (atomic there by
     itself), elsewhere a temporary dot-name (readers skip those) renamed into place."""
     try:
-        if _is_object_store(fs):
+        if OBJECT_STORES & protocols_of(fs):
             fs.pipe_file(path, data)
             return
         parent, name = path.rsplit("/", 1)

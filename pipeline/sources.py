@@ -53,9 +53,13 @@ def image_id_for(uri: str) -> str:
     return hashlib.sha1(uri.encode("utf-8")).hexdigest()[:16]
 
 
+def protocols_of(fs: fsspec.AbstractFileSystem) -> set[str]:
+    """Every name a filesystem answers to (``fs.protocol`` is a string or a tuple)."""
+    return set(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else {fs.protocol}
+
+
 def is_process_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "memory" in protocols
+    return "memory" in protocols_of(fs)
 
 
 def iter_image_uris(uri: str, extensions: list[str], storage_options: dict | None = None) -> Iterator[str]:
