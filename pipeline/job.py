@@ -331,7 +331,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     totals = Totals()
     for marker in done.values():
         totals.merge(marker)
-    progress = Progress(len(shard_ids), len(done), totals.images)
+    progress = Progress(len(shard_ids), len(done), totals)
     manifest["progress"] = progress.as_dict()
     manifest["status"] = "running"
     try:
@@ -400,7 +400,7 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
             commits.discard(future)
             marker = future.result()  # raises OutputWriteError if the commit could not be written
             totals.merge(marker)
-            if progress.shard_done(marker["images"]):
+            if progress.shard_done():
                 log.info(progress.line())
                 manifest.update(progress=progress.as_dict(), totals=totals.as_dict())
                 folder.write_manifest(manifest)

@@ -191,27 +191,28 @@ class ShardTracker:
         self.waiting.clear()
         return left
 
-    def staged_images(self, shard_id: str) -> int:
-        return len(self.seen.get(shard_id, ()))
-
 
 class Progress:
-    """Shards and images done, logged at most every ``every_s`` seconds and at the end."""
+    """Shards done, and images from the run's totals; logged at most every ``every_s`` seconds
+    and at the end."""
 
-    def __init__(self, total_shards: int, done_before: int, images_before: int, every_s: float = 10.0):
+    def __init__(self, total_shards: int, done_before: int, totals: Totals, every_s: float = 10.0):
         self.total = total_shards
         self.done_before = done_before
         self.done = done_before
-        self.images_before = images_before
-        self.images = images_before
+        self.totals = totals
+        self.images_before = totals.images
         self.started = time.time()
         self.every_s = every_s
         self.last_log = 0.0
 
-    def shard_done(self, images: int) -> bool:
-        """Count a committed shard; True when it is time to log (and update run.json)."""
+    @property
+    def images(self) -> int:
+        return self.totals.images
+
+    def shard_done(self) -> bool:
+        """Count a committed shard (its totals already merged); True when it is time to log."""
         self.done += 1
-        self.images += images
         now = time.time()
         if now - self.last_log >= self.every_s or self.done == self.total:
             self.last_log = now
