@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--gallery", type=int, default=12, help="sample images drawn with their masks: half the most crowded, half random (default 12)")
     report.add_argument("--seed", type=int, default=0, help="seed of the gallery's random picks (default 0)")
     _filter_arguments(report)
+    _storage_arguments(report, "the run folder and --out")
     report.set_defaults(handler=_report)
     export = sub.add_parser(
         "export",
@@ -50,12 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["coco", "yolo", "png", "cutouts"],
                         help="coco: instances.json; yolo: YOLO-seg images/ labels/ data.yaml; png: instance-id PNGs; cutouts: RGBA PNG per object")
     export.add_argument("--out", help="destination folder, any fsspec URL (default: RUN_DIR/exports/FORMAT)")
-    export.add_argument("--overwrite", action="store_true", help="replace a destination that is not empty")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in --out (a folder holding only an export, recognised by its "
+                        ".autolabel-export.json); any other non-empty folder is refused")
     export.add_argument("--segmentation", choices=["rle", "polygon"], default="rle", help="coco: masks as COCO RLE (lossless, default) or polygons")
     export.add_argument("--class-png", action="store_true", help="png: also write a class-id PNG per image (class_id + 1, 0 = background)")
     export.add_argument("--val-fraction", type=float, default=0.0, help="yolo: share of images put in the val split, by image id (default 0: val = train)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     _filter_arguments(export)
+    _storage_arguments(export, "the run folder and --out")
     export.set_defaults(handler=_export)
 
     predict = sub.add_parser(
@@ -86,6 +90,17 @@ def _filter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", help="keep these classes: names or ids, comma-separated (e.g. person,car or 0,2)")
 
 
+def _storage_arguments(parser: argparse.ArgumentParser, where: str) -> None:
+    """fsspec storage options for report and export: one flag for the run folder and the output, one
+    for re-reading the images (they often live elsewhere, with other credentials, like the run's own
+    output.storage_options and input.storage_options). Values are never printed or written."""
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"fsspec option for {where}, e.g. endpoint_url=http://host:9000, key=..., secret=..., anon=true; repeatable")
+    parser.add_argument("--image-storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec option for re-reading the run's images (what the run had in input.storage_options; "
+                        "run.json does not keep their values); repeatable")
+
+
 def _setup_logging() -> None:
     """Our own messages at INFO; libraries (sam2 logs every set_image at INFO) at WARNING."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -101,8 +116,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     takes_overrides = hasattr(args, "overrides")  # run and predict; report and export take none
     stray = [e for e in extra if "=" not in e or e.startswith("-") or not takes_overrides]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if stray:  # a stray key=value may be a credential meant for --storage-option: show its key only
+        parser.error(f"unrecognized arguments: {' '.join(e.split('=', 1)[0] + '=...' if '=' in e and not e.startswith('-') else e for e in stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     _setup_logging()
@@ -131,39 +146,63 @@ def _run(args) -> int:
     return EXIT_OK if manifest["status"] == "finished" else EXIT_FAILED
 
 
-def _report(args) -> int:
-    from .filters import FilterError, ObjectFilter, RunError
-    from .report import ReportError, ReportOptions, write_report
+def _storage_options(args) -> tuple[dict, dict]:
+    from .filters import parse_storage_options
 
+    return (parse_storage_options(args.storage_option, "--storage-option"),
+            parse_storage_options(args.image_storage_option, "--image-storage-option"))
+
+
+def _report(args) -> int:
+    from .filters import FilterError, ObjectFilter, OptionError, RunError, redact
+    from .report import UNREADABLE_HINT, ReportError, ReportOptions, write_report
+
+    options = images = {}
     try:
+        options, images = _storage_options(args)
         filt = ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes)
         if args.gallery < 0:
             raise ReportError("--gallery must be >= 0")
-        result = write_report(args.run_dir, args.out, ReportOptions(group_by=args.group_by, gallery=args.gallery, filter=filt, seed=args.seed))
-    except (RunError, FilterError, ReportError) as exc:
-        print(f"autolabel report: error: {exc}", file=sys.stderr)
+        result = write_report(args.run_dir, args.out, ReportOptions(group_by=args.group_by, gallery=args.gallery, filter=filt, seed=args.seed),
+                              options, images)
+    except (RunError, FilterError, ReportError, OptionError) as exc:
+        print(f"autolabel report: error: {redact(str(exc), options, images)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    totals = result["summary"]["totals"]
+    summary = result["summary"]
+    totals = summary["totals"]
     print(f"autolabel report: {totals['images']:,} images ({totals['ok']:,} ok, {totals['error']:,} error), {totals['objects']:,} objects")
     for name, url in result["paths"].items():
         print(f"  {name:<13} {url}")
+    unreadable = summary["gallery_unreadable"]
+    if unreadable:
+        lines = [f"autolabel report: error: {len(unreadable)} of {len(summary['gallery'])} gallery images could not be read as the run saw them, "
+                 "so the report shows their masks on blank canvases (the page says so at the top):"]
+        lines += [f"  {item['uri']}: {item['reason']}" for item in unreadable[:20]]
+        if len(unreadable) > 20:
+            lines.append(f"  ... {len(unreadable) - 20} more (all in summary.json, gallery_unreadable)")
+        lines.append("  " + UNREADABLE_HINT)
+        print("\n".join(lines), file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
 def _export(args) -> int:
     from .export import ExportError, export
-    from .filters import FilterError, ObjectFilter, RunError
+    from .filters import FilterError, ObjectFilter, OptionError, RunError, redact
 
+    options = images = {}
     try:
+        options, images = _storage_options(args)
         filt = ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes)
         result = export(
             args.run_dir, args.format, args.out, filt, overwrite=args.overwrite, segmentation=args.segmentation,
             class_png=args.class_png, val_fraction=args.val_fraction, progress=not args.quiet,
+            storage_options=options, image_storage_options=images,
         )
-    except (RunError, FilterError, ExportError) as exc:
-        print(f"autolabel export: error: {exc}", file=sys.stderr)
+    except (RunError, FilterError, ExportError, OptionError) as exc:
+        print(f"autolabel export: error: {redact(str(exc), options, images)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    print(result.summary())
+    print(redact(result.summary(), options, images))
     return EXIT_FAILED if result.failed else EXIT_OK
 
 

@@ -6,6 +6,11 @@ read with its objects part (one shard at a time) and memory stays bounded howeve
 written for it, so a damaged run fails loudly instead of exporting with holes. Source and
 destination are any fsspec URLs.
 
+An export writes only into a new or empty folder, or replaces an earlier export (``--overwrite``),
+which it recognises by the marker ``.autolabel-export.json`` it writes first (format, run, times,
+status) and only if the folder holds nothing else; never the run folder or a folder that holds it.
+A failed export removes what it wrote and the folders it created, nothing else.
+
 Objects whose mask is empty (area 0) are left out of every format (COCO, YOLO and pycocotools
 cannot represent them) and counted in the result. Polygons (COCO ``--segmentation polygon`` and
 YOLO) are the outer contours of the mask from ``cv2.findContours``: holes are dropped; COCO keeps
@@ -32,7 +37,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from . import masks as mask_codec
-from .filters import UNLABELED, ObjectFilter, RunData, RunError, read_rgb
+from .filters import UNLABELED, ObjectFilter, RunData, RunError, read_image, read_rgb, redact
 
 log = logging.getLogger("autolabel.export")
 
@@ -70,6 +75,8 @@ class ExportResult:
             lines += [f"    {uri}: {why}" for uri, why in self.failed[:20]]
             if len(self.failed) > 20:
                 lines.append(f"    ... {len(self.failed) - 20} more")
+            lines.append("  if the images need credentials or an endpoint (the run's input.storage_options), pass them with "
+                         "--image-storage-option key=value (repeatable)")
         return "\n".join(lines)
 
 
@@ -160,24 +167,178 @@ def mask_polygons(mask: np.ndarray) -> list[np.ndarray]:
     return polygons
 
 
+def _score(value) -> Optional[float]:
+    """A score as written to the exports; null stays null (manifest objects have no detector score)."""
+    return None if value is None else round(float(value), 6)
+
+
+def _score_cell(value) -> str:
+    """A score as a CSV cell: empty when null."""
+    return "" if value is None else f"{value:.6f}"
+
+
 def _local_name(uri: str) -> str:
     """COCO ``file_name``: a plain path for local files (joins with an image root), else the URI."""
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
-class Destination:
-    """An output folder on any fsspec filesystem; refuses to mix with an earlier export."""
+MARKER = ".autolabel-export.json"  # written first into every export folder: what --overwrite may replace
+CUTOUT_FOLDER = re.compile(r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}")  # ImageLabels.name
+# What each format writes at the top of its folder (besides the marker): name -> "file" | "directory".
+LAYOUTS = {
+    "coco": {"instances.json": "file"},
+    "yolo": {"images": "directory", "labels": "directory", "data.yaml": "file"},
+    "png": {"instances": "directory", "classes": "directory", "index.csv": "file"},
+    "cutouts": {"index.csv": "file"},
+}
 
-    def __init__(self, uri: str, overwrite: bool, storage_options: Optional[dict] = None):
-        self.fs, path = url_to_fs(uri, **(storage_options or {}))
-        self.path = path.rstrip("/")
+
+def _in_layout(fmt: str, name: str, kind: str) -> bool:
+    """Is a top-level entry of an export folder one the format writes?"""
+    if name == MARKER:
+        return kind == "file"
+    expected = LAYOUTS.get(fmt, {}).get(name)
+    if expected is not None:
+        return kind == expected
+    return fmt == "cutouts" and kind == "directory" and bool(CUTOUT_FOLDER.fullmatch(name))
+
+
+def remove_export(fs, path: str) -> bool:
+    """Remove the export in folder ``path``: the entries its marker's format writes, the marker, and
+    the folder if nothing else is left. False (nothing removed) when the folder holds no export marker.
+    Used by ``autolabel run --overwrite`` for RUN/exports/*."""
+    path = path.rstrip("/")
+    try:
+        marker = json.loads(fs.cat_file(f"{path}/{MARKER}"))
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(marker, dict) and marker.get("autolabel_export") and marker.get("format") in FORMATS):
+        return False
+    fs.invalidate_cache(path)
+    for entry in fs.ls(path, detail=True):
+        name = entry["name"].rstrip("/")
+        if name != path and _in_layout(marker["format"], name.rsplit("/", 1)[-1], entry.get("type", "file")):
+            fs.rm(entry["name"], recursive=entry.get("type") == "directory")
+    fs.invalidate_cache(path)
+    if fs.exists(path) and not [n for n in fs.ls(path, detail=False) if n.rstrip("/") != path]:
+        try:
+            fs.rmdir(path)
+        except OSError:  # object stores have no empty folders to remove
+            pass
+    return True
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class Destination:
+    """An export folder on any fsspec filesystem.
+
+    An export writes only into a new or empty folder, or over an earlier export (with ``overwrite``),
+    which it recognises by the marker file ``.autolabel-export.json`` it writes first, and only if
+    the folder holds nothing but that export. It never writes into the run folder itself or a folder
+    that contains the run. ``discard()`` removes what this export wrote, and nothing else."""
+
+    def __init__(self, uri: str, overwrite: bool, storage_options: Optional[dict] = None, fmt: str = "",
+                 run: Optional[RunData] = None):
+        self.fmt = fmt
+        self.storage_options = storage_options or {}
+        try:
+            self.fs, path = url_to_fs(uri, **self.storage_options)
+        except Exception as exc:  # noqa: BLE001 - unknown protocol, options the filesystem does not take
+            raise ExportError(redact(f"--out {uri}: cannot open ({type(exc).__name__}: {exc})", self.storage_options)) from None
+        self.path = path.rstrip("/") or path
         self.url = self.fs.unstrip_protocol(self.path)
-        if self.fs.exists(self.path) and (not self.fs.isdir(self.path) or self.fs.ls(self.path)):
-            if not overwrite:
-                raise ExportError(f"{self.url} already exists and is not empty; choose another --out or pass --overwrite to replace it")
-            self.fs.rm(self.path, recursive=True)
-        self.fs.makedirs(self.path, exist_ok=True)
+        if run is not None:
+            self._refuse_run_folder(run)
+        self.created: list[str] = []  # folders this export made, outermost first
+        try:
+            earlier = self._inspect(overwrite)
+            if earlier is not None:
+                log.info("export: replacing the earlier %s export in %s (--overwrite)", earlier.get("format"), self.url)
+                self._remove_layout(earlier.get("format", ""))
+            elif not self.fs.exists(self.path):
+                self._note_created()
+            self.fs.makedirs(self.path, exist_ok=True)
+        except ExportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - storage errors (permissions, credentials) are the user's to fix
+            raise ExportError(redact(f"{self.url}: cannot be used as the export folder ({type(exc).__name__}: {exc})",
+                                     self.storage_options)) from None
         self._made: set[str] = {self.path}
+
+    # ---------------------------------------------------------------- checks before anything is written
+
+    def _refuse_run_folder(self, run: RunData) -> None:
+        """DEST must not be RUN or a folder that holds it (an export there could replace or remove the run)."""
+        same = set(_protocols(self.fs)) & set(_protocols(run.fs))
+        if not same:
+            return
+        dest, root = self.path, run.root
+        if _protocols(self.fs)[0] in ("file", "local"):
+            dest, root = os.path.realpath(dest), os.path.realpath(root)
+        dest = dest.rstrip("/")
+        if root == dest or root.startswith(dest + "/") or not dest:
+            what = "is the run folder itself" if root == dest else f"contains the run folder {run.url()}"
+            raise ExportError(
+                f"--out {self.url} {what}: an export may only write into a folder of its own, never over or around "
+                f"the run; leave --out out (default {run.url('exports', self.fmt or 'FORMAT')}) or choose a new folder"
+            )
+
+    def _inspect(self, overwrite: bool) -> Optional[dict]:
+        """None for a new or empty folder; the earlier export's marker for a folder that holds only an
+        earlier export and ``overwrite`` is set; otherwise ExportError (nothing is touched)."""
+        if not self.fs.exists(self.path):
+            return None
+        if not self.fs.isdir(self.path):
+            raise ExportError(f"--out {self.url} is a file, not a folder; choose a folder (new or empty)")
+        entries = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("type", "file") for e in self._children()}
+        if not entries:
+            return None
+        marker = self._read_marker() if MARKER in entries else None
+        if marker is None:
+            raise ExportError(
+                f"--out {self.url} is not empty and is not an earlier autolabel export (it has no {MARKER}); it holds "
+                f"{_listed(sorted(entries))}. An export writes only into a new or empty folder, or replaces an earlier "
+                "export with --overwrite, so nothing there was touched; choose another --out (a new folder)"
+            )
+        fmt = marker.get("format")
+        foreign = sorted(name for name, kind in entries.items() if not _in_layout(fmt, name, kind))
+        made = f"an autolabel {fmt} export of {marker.get('run')} (started {marker.get('started_at')})"
+        if foreign:
+            raise ExportError(
+                f"--out {self.url} holds {made} but also {_listed(foreign)}, which are not part of it; --overwrite "
+                "only replaces a folder that holds nothing but an export, so nothing there was touched: move those "
+                "away or choose another --out"
+            )
+        if not overwrite:
+            raise ExportError(f"--out {self.url} already holds {made}; pass --overwrite to replace it, or choose another --out")
+        return marker
+
+    def _read_marker(self) -> Optional[dict]:
+        try:
+            marker = json.loads(self.fs.cat_file(self.full(MARKER)))
+        except (OSError, ValueError):
+            return None
+        if isinstance(marker, dict) and marker.get("autolabel_export") and marker.get("format") in FORMATS:
+            return marker
+        return None
+
+    def _children(self) -> list[dict]:
+        """``ls`` of the folder without the folder itself (object stores may list a folder marker)."""
+        self.fs.invalidate_cache(self.path)
+        return [e for e in self.fs.ls(self.path, detail=True) if e["name"].rstrip("/") not in (self.path, "")]
+
+    def _note_created(self) -> None:
+        """Record the folders makedirs is about to create (this one and missing parents), outermost first."""
+        path, missing = self.path, []
+        while path and path != "/" and not self.fs.exists(path):
+            missing.append(path)
+            path = path.rsplit("/", 1)[0] if "/" in path else ""
+        self.created = missing[::-1]
+
+    # ---------------------------------------------------------------- writing
 
     def full(self, rel: str) -> str:
         return f"{self.path}/{rel}"
@@ -196,6 +357,46 @@ class Destination:
     def open(self, rel: str, mode: str = "w", **kwargs):
         self._parent(rel)
         return self.fs.open(self.full(rel), mode, **kwargs)
+
+    def write_marker(self, marker: dict) -> None:
+        self.fs.pipe_file(self.full(MARKER), (json.dumps(marker, indent=2) + "\n").encode())
+
+    # ---------------------------------------------------------------- removing
+
+    def _remove_layout(self, fmt: str) -> None:
+        """Remove the entries of an export of ``fmt`` (and the marker) from the folder, nothing else."""
+        for entry in self._children():
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if _in_layout(fmt, name, entry.get("type", "file")):
+                self.fs.rm(entry["name"], recursive=entry.get("type") == "directory")
+        self.fs.invalidate_cache(self.path)
+
+    def discard(self) -> None:
+        """After a failed export: remove what this export wrote (its format's entries and the marker;
+        the folder was new, empty, or held only the earlier export this one replaced), then the folders
+        it created, if empty. Anything else in the folder is left alone."""
+        try:
+            if self.fs.exists(self.path):
+                self._remove_layout(self.fmt)
+            for folder in reversed(self.created):
+                if self.fs.exists(folder) and not self.fs.ls(folder):
+                    self.fs.rmdir(folder)
+        except Exception as exc:  # noqa: BLE001 - the export's own error is the one to report
+            log.warning("export: could not remove the unfinished export in %s (%s)", self.url,
+                        redact(f"{type(exc).__name__}: {exc}", self.storage_options))
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def _close_quietly(*handles) -> None:
+    """Close a failed export's open files (before they are removed); their own errors do not matter."""
+    for handle in handles:
+        try:
+            handle.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -242,13 +443,16 @@ class CocoWriter:
             ann = {
                 "id": self.annotation_id, "image_id": self.image_id, "category_id": int(obj["class_id"]) + 1,
                 "segmentation": segmentation, "area": int(obj["area"]), "bbox": mask_codec.bbox_xywh(obj["mask"]), "iscrowd": 0,
-                "score": round(float(obj["det_score"]), 6), "mask_score": round(float(obj["mask_score"]), 6),
+                "score": _score(obj["det_score"]), "mask_score": _score(obj["mask_score"]),
                 "object_id": int(obj["object_id"]),
                 "det_box": [round(float(v), 2) for v in (obj["box"][0], obj["box"][1], obj["box"][2] - obj["box"][0], obj["box"][3] - obj["box"][1])],
             }
             self.tmp.write(("" if self.annotation_id == 1 else ", ") + json.dumps(ann))
             written += 1
         return written
+
+    def abort(self) -> None:
+        _close_quietly(self.out, self.tmp)
 
     def close(self) -> list[str]:
         self.out.write('], "annotations": [')
@@ -263,11 +467,12 @@ class CocoWriter:
 class YoloWriter:
     """YOLO-seg: images/{train,val}/NAME.ext, labels/{train,val}/NAME.txt, data.yaml."""
 
-    def __init__(self, dest: Destination, categories: dict[int, str], val_fraction: float):
+    def __init__(self, dest: Destination, categories: dict[int, str], val_fraction: float, image_storage_options: Optional[dict] = None):
         from ultralytics.data.converter import merge_multi_segment  # YOLO's own joining of multi-part masks
 
         self.merge = merge_multi_segment
         self.dest, self.categories, self.val_fraction = dest, categories, val_fraction
+        self.image_storage_options = image_storage_options
         self.splits: set[str] = set()
 
     def split_of(self, image_id: str) -> str:
@@ -276,15 +481,15 @@ class YoloWriter:
 
     def _image_bytes(self, image: ImageLabels) -> tuple[bytes, str]:
         """The original file's bytes, unless its EXIF rotates it or YOLO cannot read its format: then a PNG of the pixels."""
-        from .decode import open_image, read_image_bytes
+        from .decode import open_image
 
-        data = read_image_bytes(image.uri)
+        data = read_image(image.uri, self.image_storage_options)
         with open_image(data) as img:
             size = img.size
             rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
         if not rotated and image.suffix in YOLO_IMAGE_SUFFIXES and size == (image.width, image.height):
             return data, image.suffix
-        rgb = read_rgb(image.uri)
+        rgb = read_rgb(image.uri, self.image_storage_options)
         if rgb.shape[:2] != (image.height, image.width):
             raise ExportError(f"the file is now {rgb.shape[1]}x{rgb.shape[0]}, the run labeled it at {image.width}x{image.height}")
         return _png(rgb), ".png"
@@ -305,6 +510,9 @@ class YoloWriter:
         self.dest.write(f"images/{split}/{image.name}{suffix}", data)
         self.dest.write(f"labels/{split}/{image.name}.txt", ("\n".join(lines) + "\n" if lines else "").encode())
         return len(lines)
+
+    def abort(self) -> None:
+        pass
 
     def close(self) -> list[str]:
         import yaml
@@ -347,6 +555,9 @@ class PngWriter:
         self.csv.writerow([image.image_id, image.uri, inst_rel, cls_rel, len(image.objects)])
         return len(image.objects)
 
+    def abort(self) -> None:
+        _close_quietly(self.index)
+
     def close(self) -> list[str]:
         self.index.close()
         return [self.dest.full("index.csv")]
@@ -355,8 +566,8 @@ class PngWriter:
 class CutoutWriter:
     """NAME/OBJECTID_CLASS.png: RGBA crop of each object's mask bounding box, alpha = the mask."""
 
-    def __init__(self, dest: Destination):
-        self.dest = dest
+    def __init__(self, dest: Destination, image_storage_options: Optional[dict] = None):
+        self.dest, self.image_storage_options = dest, image_storage_options
         self.index = dest.open("index.csv", "w", newline="")
         self.csv = csv.writer(self.index)
         self.csv.writerow(["image_id", "uri", "object_id", "class_id", "class_name", "det_score", "mask_score", "area", "path"])
@@ -364,7 +575,7 @@ class CutoutWriter:
     def add(self, image: ImageLabels) -> int:
         if not image.objects:
             return 0
-        rgb = read_rgb(image.uri)
+        rgb = read_rgb(image.uri, self.image_storage_options)
         if rgb.shape[:2] != (image.height, image.width):
             raise ExportError(f"the file is now {rgb.shape[1]}x{rgb.shape[0]}, the run labeled it at {image.width}x{image.height}")
         for obj in image.objects:
@@ -376,8 +587,11 @@ class CutoutWriter:
             rel = f"{image.name}/{int(obj['object_id']):04d}_{safe_class}.png"
             self.dest.write(rel, _png(rgba))
             self.csv.writerow([image.image_id, image.uri, obj["object_id"], obj["class_id"], obj["class_name"],
-                               f"{obj['det_score']:.6f}", f"{obj['mask_score']:.6f}", obj["area"], rel])
+                               _score_cell(obj["det_score"]), _score_cell(obj["mask_score"]), obj["area"], rel])
         return len(image.objects)
+
+    def abort(self) -> None:
+        _close_quietly(self.index)
 
     def close(self) -> list[str]:
         self.index.close()
@@ -414,8 +628,13 @@ def export(
     val_fraction: float = 0.0,
     progress: bool = True,
     storage_options: Optional[dict] = None,
+    image_storage_options: Optional[dict] = None,
 ) -> ExportResult:
-    """Export a run; raises RunError/ExportError/FilterError for what the user must fix."""
+    """Export a run; raises RunError/ExportError/FilterError for what the user must fix.
+
+    ``storage_options``: fsspec options of the run folder and of ``out_uri``; ``image_storage_options``:
+    those of the images, which yolo and cutouts re-read (the run's ``input.storage_options``).
+    ``overwrite`` replaces an earlier export (recognised by its marker file), never anything else."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if segmentation not in ("rle", "polygon"):
@@ -427,26 +646,50 @@ def export(
     classes = known_classes(run)
     filt.check_classes(classes)
     categories = {cid: name for cid, name in classes.items() if filt.keeps_class(cid, name)}
-    dest = Destination(out_uri or run.url("exports", fmt), overwrite, storage_options)
+    dest = Destination(out_uri or run.url("exports", fmt), overwrite, storage_options, fmt, run)
     result = ExportResult(format=fmt, out=dest.url)
-    if fmt == "coco":
-        writer = CocoWriter(dest, run, categories, segmentation)
-    elif fmt == "yolo":
-        writer = YoloWriter(dest, classes, val_fraction)
-    elif fmt == "png":
-        writer = PngWriter(dest, classes, class_png)
-    else:
-        writer = CutoutWriter(dest)
-    total = count_ok_images(run)
-    log.info("export %s: %d ok images from %s to %s (filters: %s)", fmt, total, run.url(), dest.url, filt.describe())
+    marker = {
+        "autolabel_export": 1, "format": fmt, "run": run.url(), "status": "writing", "started_at": _now(), "finished_at": None,
+        "filters": filt.describe(), "autolabel": _version(),
+    }
+    writer = None
     try:
+        dest.write_marker(marker)  # first, so even a killed export leaves a folder --overwrite can recognise
+        if fmt == "coco":
+            writer = CocoWriter(dest, run, categories, segmentation)
+        elif fmt == "yolo":
+            writer = YoloWriter(dest, classes, val_fraction, image_storage_options)
+        elif fmt == "png":
+            writer = PngWriter(dest, classes, class_png)
+        else:
+            writer = CutoutWriter(dest, image_storage_options)
+        total = count_ok_images(run)
+        log.info("export %s: %d ok images from %s to %s (filters: %s)", fmt, total, run.url(), dest.url, filt.describe())
         _export_all(run, filt, classes, writer, fmt, total, progress, result)
+        result.files = writer.close()
+        writer = None
+        marker.update(status="complete", finished_at=_now(), images=result.images, objects=result.objects, failed_images=len(result.failed))
+        dest.write_marker(marker)
     except BaseException:
-        # The destination was empty or new: remove the half-written export rather than leave it looking whole.
-        dest.fs.rm(dest.path, recursive=True)
+        # Remove the half-written export rather than leave it looking whole; only what this export wrote.
+        if writer is not None:
+            writer.abort()
+        dest.discard()
         raise
-    result.files = writer.close()
     return result
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _version() -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version("autolabel")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _export_all(run: RunData, filt: ObjectFilter, classes: dict[int, str], writer, fmt: str, total: int, progress: bool,
@@ -464,9 +707,10 @@ def _export_all(run: RunData, filt: ObjectFilter, classes: dict[int, str], write
             except (OSError, ImageError, ExportError) as exc:  # a source image gone, unreadable or changed: record it, go on
                 if fmt == "coco":
                     raise
-                log.warning("export %s: %s failed: %s", fmt, image.uri, exc)
-                result.failed.append((image.uri, f"{type(exc).__name__}: {exc}"))
+                why = f"{exc.error_class}: {exc}" if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+                log.warning("export %s: %s failed: %s", fmt, image.uri, why)
+                result.failed.append((image.uri, why))
             bar.update(1)
 
 
-__all__ = ["export", "ExportError", "ExportResult", "FORMATS", "mask_polygons", "iter_images", "RunError"]
+__all__ = ["export", "ExportError", "ExportResult", "FORMATS", "MARKER", "mask_polygons", "iter_images", "remove_export", "RunError"]

@@ -10,6 +10,7 @@ passes for the whole run).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,14 +37,18 @@ class RunData:
     def __init__(self, uri: str, storage_options: Optional[dict] = None):
         self.uri = str(uri)
         self.storage_options = storage_options or {}
-        self.fs, root = url_to_fs(self.uri, **self.storage_options)
+        try:
+            self.fs, root = url_to_fs(self.uri, **self.storage_options)
+        except Exception as exc:  # noqa: BLE001 - unknown protocol, options the filesystem does not take, ...
+            raise RunError(redact(f"{self.uri}: cannot open ({type(exc).__name__}: {exc})", self.storage_options)) from None
         self.root = root.rstrip("/")
         try:
             raw = self.fs.cat_file(f"{self.root}/run.json")
         except FileNotFoundError:
             raise RunError(f"{self.uri}: no run.json here; RUN_DIR must be the output.uri of an `autolabel run`") from None
-        except OSError as exc:
-            raise RunError(f"{self.uri}: cannot read run.json ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - OSError, and back-end errors such as botocore's NoCredentialsError
+            hint = "" if self.is_local else "; pass the storage's credentials with --storage-option key=value (repeatable)"
+            raise RunError(redact(f"{self.uri}: cannot read run.json ({type(exc).__name__}: {exc}){hint}", self.storage_options)) from None
         try:
             self.manifest = json.loads(raw)
         except ValueError as exc:
@@ -114,14 +119,96 @@ class RunData:
         return self.fs.unstrip_protocol("/".join([self.root, *parts]))
 
 
-def read_rgb(uri: str):
+def read_image(uri: str, storage_options: Optional[dict] = None) -> bytes:
+    """The bytes behind an images-table ``uri`` (tar members included), read with the storage
+    options of the images (the run's ``input.storage_options``; ``--image-storage-option``).
+
+    Every failure is a ``decode.ImageError`` with its error class, also those fsspec back-ends raise
+    outside ``OSError`` (botocore's ``NoCredentialsError``, ...); messages never hold the options' values."""
+    from .decode import ImageError, read_image_bytes
+
+    try:
+        return read_image_bytes(uri, storage_options)
+    except ImageError as exc:
+        if storage_options:
+            clean = redact(str(exc), storage_options)
+            if clean != str(exc):
+                raise ImageError(exc.error_class, clean) from None
+        raise
+    except Exception as exc:  # noqa: BLE001 - any back-end failure is this image's read error
+        raise ImageError("read_error", redact(f"{type(exc).__name__}: {exc}", storage_options)) from None
+
+
+def read_rgb(uri: str, storage_options: Optional[dict] = None):
     """An image as the pipeline saw it (EXIF orientation applied, RGB), so masks line up with it.
 
     Same reader and decoder as the decode stage (tar members included); failures raise
     ``decode.ImageError`` with its error class."""
-    from .decode import decode_rgb, read_image_bytes
+    from .decode import decode_rgb
 
-    return decode_rgb(read_image_bytes(uri))
+    return decode_rgb(read_image(uri, storage_options))
+
+
+# Option keys whose values may be shown in messages (they locate storage, they do not unlock it).
+NOT_SECRET = frozenset({"endpoint_url", "region_name", "anon", "use_ssl", "requester_pays", "default_block_size"})
+CREDENTIAL_KEY = re.compile(r"key|secret|token|pass|cred|auth|sas|sig|session", re.IGNORECASE)
+
+
+def _secret_values(options, key: str = "") -> list[str]:
+    if isinstance(options, dict):
+        return [v for k, sub in options.items() for v in _secret_values(sub, str(k))]
+    if isinstance(options, (list, tuple)):
+        return [v for item in options for v in _secret_values(item, key)]
+    if key in NOT_SECRET or isinstance(options, bool) or options is None:
+        return []
+    text = str(options)
+    return [text] if len(text) >= 4 else []
+
+
+def redact(text: str, *option_sets: Optional[dict]) -> str:
+    """``text`` with every storage-option value that may be a credential replaced by ``***``."""
+    values = sorted({v for opts in option_sets if opts for v in _secret_values(opts)}, key=len, reverse=True)
+    for value in values:
+        text = text.replace(value, "***")
+    return text
+
+
+class OptionError(ValueError):
+    """A malformed ``--storage-option``/``--image-storage-option`` (the message never shows its value)."""
+
+
+def parse_storage_options(items: Optional[list[str]], flag: str = "--storage-option") -> dict:
+    """``["key=ID", "secret=S", "endpoint_url=http://h:9000", "anon=true"]`` -> fsspec storage options.
+
+    Values are read like ``autolabel run``'s key=value overrides: YAML booleans, numbers, lists and
+    mappings (``client_kwargs={region_name: eu-west-1}``), other text exactly as typed; values of
+    credential-like keys (``key``, ``secret``, ``token``, ...) stay text even when they look like
+    numbers or booleans.
+    A repeated key is refused. Error messages name the key only, never a value."""
+    import yaml
+
+    options: dict = {}
+    for n, item in enumerate(items or [], 1):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            # The item is not shown: without its '=' it may well be a bare secret.
+            raise OptionError(f"{flag} number {n} is not key=value (e.g. {flag} endpoint_url=http://127.0.0.1:9000)")
+        if key in options:
+            raise OptionError(f"{flag} {key} is given twice")
+        value = raw
+        try:
+            parsed = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            parsed = raw
+        if isinstance(parsed, (dict, list)):
+            value = parsed
+        elif CREDENTIAL_KEY.search(key):
+            value = raw  # a password "yes" or "0123" stays the text it is
+        elif isinstance(parsed, (bool, int, float)) or (parsed is None and raw.strip() in ("null", "~")):
+            value = parsed
+        options[key] = value
+    return options
 
 
 @dataclass(frozen=True)

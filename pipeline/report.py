@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import yaml
 
-from .filters import UNLABELED, FilterError, ObjectFilter, RunData, RunError, read_rgb
+from .filters import UNLABELED, FilterError, ObjectFilter, RunData, RunError, read_rgb, redact
 
 log = logging.getLogger("autolabel.report")
 
@@ -32,6 +32,11 @@ FOLDER = "folder"  # --group-by pseudo-column: the parent folder of each image's
 SCORE_BINS = 50
 AREA_BINS_PER_DECADE = 10
 GALLERY_MAX_SIDE = 640
+UNREADABLE_HINT = (
+    "If the images need credentials or an endpoint (the run's input.storage_options; run.json keeps only their names), "
+    "pass them to `autolabel report` with --image-storage-option key=value (repeatable), e.g. "
+    "--image-storage-option endpoint_url=... --image-storage-option key=... --image-storage-option secret=..."
+)
 LABELS_PER_IMAGE = 40
 TOP_GROUPS_SHOWN = 40
 TOP_CLASSES_CHARTED = 30
@@ -342,21 +347,29 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else "…" + text[-(n - 1):]
 
 
-def render_gallery_image(pick: dict, objects: list[dict]) -> tuple[str, Optional[str]]:
-    """JPEG data URI of the image with masks in class colours, boxes and labels; and a note if unreadable."""
+def _score(value) -> str:
+    """A score for a label; manifest objects have no detector score (null): shown as a dash."""
+    return "–" if value is None else f"{value:.2f}"
+
+
+def render_gallery_image(pick: dict, objects: list[dict], image_storage_options: Optional[dict] = None) -> tuple[str, Optional[str]]:
+    """JPEG data URI of the image with masks in class colours, boxes and labels; and a note (the
+    reason) when the image could not be drawn on its own pixels (unreadable, or changed size)."""
     from PIL import Image
 
     from . import masks as mask_codec
+    from .decode import ImageError
 
     h, w = int(pick["height"]), int(pick["width"])
     note = None
     try:
-        rgb = read_rgb(pick["uri"])
+        rgb = read_rgb(pick["uri"], image_storage_options)
         if rgb.shape[:2] != (h, w):
             note = f"the file is now {rgb.shape[1]}x{rgb.shape[0]}, the run saw {w}x{h}: drawn on a blank canvas"
             rgb = None
-    except Exception as exc:  # noqa: BLE001 - a missing picture must not stop the report
-        note = f"image not readable now ({type(exc).__name__}: {exc}): masks drawn on a blank canvas"
+    except Exception as exc:  # noqa: BLE001 - a missing picture must not stop the report; it is reported instead
+        why = f"{exc.error_class}: {exc}" if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+        note = f"image not readable now ({redact(why, image_storage_options)}): masks drawn on a blank canvas"
         rgb = None
     # Every picture is drawn GALLERY_MAX_SIDE wide or high: big photos shrink, tiny ones are
     # enlarged (pixelated, not blurred) so the labels stay readable.
@@ -380,7 +393,7 @@ def render_gallery_image(pick: dict, objects: list[dict]) -> tuple[str, Optional
         color = class_color(obj["class_id"])
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.2))
         inside = y0 < 16  # no room above the box (it touches the top): put the label just inside it
-        ax.text(x0 + (1 if inside else 0), y0 + (1 if inside else 0), f"{obj['class_name']} {obj['det_score']:.2f}·{obj['mask_score']:.2f}", fontsize=9, color="white",
+        ax.text(x0 + (1 if inside else 0), y0 + (1 if inside else 0), f"{obj['class_name']} {_score(obj['det_score'])}·{_score(obj['mask_score'])}", fontsize=9, color="white",
                 va="top" if inside else "bottom", ha="left", bbox=dict(facecolor=color, edgecolor="none", pad=1.0, alpha=0.9), clip_on=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="jpeg", dpi=100, pil_kwargs={"quality": 85})
@@ -403,6 +416,10 @@ h2 { font-size: 16px; margin: 0 0 10px; }
 .card .v { font-size: 24px; font-weight: 600; }
 .card .k { color: #5a6577; font-size: 12px; text-transform: uppercase; letter-spacing: .04em; }
 .warn { background: #fff4e5; border: 1px solid #f0b35a; border-radius: 6px; padding: 8px 12px; margin: 10px 0; }
+.warn.bad { background: #fdecec; border: 2px solid #d64545; font-size: 15px; }
+.warn.bad ul { margin: 6px 0; padding-left: 20px; word-break: break-all; }
+figure.unreadable { outline: 3px solid #d64545; }
+figure.unreadable figcaption .problem { color: #b02020; font-weight: 600; }
 table { border-collapse: collapse; font-size: 13px; }
 th, td { text-align: left; padding: 4px 10px; border-bottom: 1px solid #eceff3; vertical-align: top; }
 td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
@@ -446,6 +463,14 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
         warn.append(f"Filtered: only objects with {_e(summary['filters']['description'])} are counted and shown.")
     if summary.get("run_json_mismatch"):
         warn.append("run.json's totals differ from the Parquet tables: " + _e(summary["run_json_mismatch"]) + " (this page shows the Parquet).")
+    unreadable = summary.get("gallery_unreadable") or []
+    bad = []
+    if unreadable:
+        items = "".join(f"<li>{_e(u['uri'])}: {_e(u['reason'])}</li>" for u in unreadable)
+        bad.append(
+            f"<b>{len(unreadable)} of {len(gallery)} gallery images could not be drawn on their own pixels</b> "
+            "(their masks are on blank canvases):<ul>" + items + "</ul>" + _e(UNREADABLE_HINT)
+        )
     error_lines = "".join(f"<tr><td>{_e(c)}</td><td class='n' data-error-class='{_e(c)}'>{_num(n)}</td></tr>" for c, n in t["errors_by_class"].items())
     class_rows = "".join(
         f"<tr><td><span class='swatch' style='background:{_hex(class_color(c['class_id']))}'></span>{_e(c['class_name'])}</td>"
@@ -467,9 +492,10 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
     num_groups = summary["num_groups"]
     more_groups = f"<p class='muted'>{num_groups - TOP_GROUPS_SHOWN:,} more groups in counts.csv.</p>" if num_groups > TOP_GROUPS_SHOWN else ""
     figures = "".join(
-        f"<figure data-image-id='{_e(p['image_id'])}'><img src='{p['src']}' alt='{_e(p['uri'])}' data-gallery>"
+        f"<figure data-image-id='{_e(p['image_id'])}'{' class=unreadable data-unreadable' if p.get('note') else ''}>"
+        f"<img src='{p['src']}' alt='{_e(p['uri'])}' data-gallery>"
         f"<figcaption><span class='tag'>{_e(p['why'])}</span><b>{_num(p['n'])}</b> objects · {p['width']}×{p['height']}<br>{_e(p['uri'])}"
-        + (f"<br><span class='muted'>{_e(p['note'])}</span>" if p.get("note") else "")
+        + (f"<br><span class='problem'>{_e(p['note'])}</span>" if p.get("note") else "")
         + "</figcaption></figure>"
         for p in gallery
     )
@@ -496,7 +522,8 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
     ]
     versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)
     gallery_section = (
-        f"<div class='gallery'>{figures}</div><p class='muted'>Labels: class, detector score · mask score (SAM's predicted IoU). "
+        f"<div class='gallery'>{figures}</div><p class='muted'>Labels: class, detector score · mask score (SAM's predicted IoU; "
+        "– for manifest prompts, which have no detector score). "
         f"At most {LABELS_PER_IMAGE} labels per image; every mask is drawn.</p>"
         if gallery else "<p class='muted'>No gallery (gallery size 0 or no ok images).</p>"
     )
@@ -511,6 +538,7 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
 <body>
 <header><h1>autolabel report</h1><div class="sub">{_e(run.url())} · generated {_e(summary['generated_at'])}</div></header>
 <main>
+{''.join(f'<div class="warn bad" id="gallery-unreadable">{w}</div>' for w in bad)}
 {''.join(f'<div class="warn">{w}</div>' for w in warn)}
 <section id="totals"><h2>Totals</h2>
 <div class="cards">
@@ -552,17 +580,18 @@ def _compare_with_manifest(totals: dict, manifest: dict) -> Optional[str]:
     return "; ".join(diffs) or None
 
 
-def build_report(run: RunData, options: ReportOptions) -> tuple[str, dict, RunStats]:
-    """(html, summary dict, stats) for a run; the caller writes them."""
+def build_report(run: RunData, options: ReportOptions, image_storage_options: Optional[dict] = None) -> tuple[str, dict, RunStats]:
+    """(html, summary dict, stats) for a run; the caller writes them. ``image_storage_options``:
+    fsspec options for re-reading the gallery's images (the run's ``input.storage_options``)."""
     stats = RunStats(run, options)
     try:
-        return _build(run, options, stats)
+        return _build(run, options, stats, image_storage_options)
     except BaseException:
         stats.close()
         raise
 
 
-def _build(run: RunData, options: ReportOptions, stats: RunStats) -> tuple[str, dict, RunStats]:
+def _build(run: RunData, options: ReportOptions, stats: RunStats, image_storage_options: Optional[dict]) -> tuple[str, dict, RunStats]:
     known = {**run.class_names(), **{int(i): n for i, n in stats.rows("SELECT DISTINCT class_id, class_name FROM objects_ds WHERE class_id IS NOT NULL")}}
     options.filter.check_classes(known)
     log.info("report: counting %s (%d images parts, %d objects parts)", run.uri, len(run.image_files), len(run.object_files))
@@ -585,13 +614,17 @@ def _build(run: RunData, options: ReportOptions, stats: RunStats) -> tuple[str, 
     import matplotlib
 
     with matplotlib.rc_context(STYLE):
-        charts, picks, objects = _draw(stats, totals, histograms, groups, num_groups, options)
-    summary["gallery"] = [{**{k: p[k] for k in ("image_id", "uri", "n", "why")}, "drawn": len(objects[p["image_id"]])} for p in picks]
+        charts, picks, objects = _draw(stats, totals, histograms, groups, num_groups, options, image_storage_options)
+    summary["gallery"] = [{**{k: p[k] for k in ("image_id", "uri", "n", "why")}, "drawn": len(objects[p["image_id"]]),
+                           "on_image": not p["note"], "problem": p["note"]} for p in picks]
+    # Images the gallery could not draw on their pixels: the page, the CLI (exit 1) and the log say so.
+    summary["gallery_unreadable"] = [{"uri": p["uri"], "reason": p["note"]} for p in picks if p["note"]]
     page = render_html(summary, groups, charts, picks, stats.errors_sample(), run)
     return page, summary, stats
 
 
-def _draw(stats: RunStats, totals: dict, histograms: dict, groups: list[dict], num_groups: int, options: ReportOptions):
+def _draw(stats: RunStats, totals: dict, histograms: dict, groups: list[dict], num_groups: int, options: ReportOptions,
+          image_storage_options: Optional[dict] = None):
     """Charts (SVG data URIs) and the gallery (JPEG data URIs)."""
     charts = {
         "classes": chart_classes(totals["objects_by_class"]),
@@ -605,7 +638,7 @@ def _draw(stats: RunStats, totals: dict, histograms: dict, groups: list[dict], n
     log.info("report: drawing %d gallery images", len(picks))
     objects = stats.objects_of([p["image_id"] for p in picks])
     for pick in picks:
-        pick["src"], pick["note"] = render_gallery_image(pick, objects[pick["image_id"]])
+        pick["src"], pick["note"] = render_gallery_image(pick, objects[pick["image_id"]], image_storage_options)
     return charts, picks, objects
 
 
@@ -614,11 +647,16 @@ def write_report(
     out_uri: Optional[str] = None,
     options: Optional[ReportOptions] = None,
     storage_options: Optional[dict] = None,
+    image_storage_options: Optional[dict] = None,
 ) -> dict:
-    """Write report.html, counts.csv and summary.json (default: RUN/report/); returns their URLs."""
+    """Write report.html, counts.csv and summary.json (default: RUN/report/); returns their URLs and
+    the summary (``summary["gallery_unreadable"]`` lists gallery images that could not be read).
+
+    ``storage_options``: fsspec options of the run folder and of ``out_uri``; ``image_storage_options``:
+    those of the images (the run's ``input.storage_options``). Neither is ever written or logged."""
     options = options or ReportOptions()
     run = RunData(run_uri, storage_options)
-    page, summary, stats = build_report(run, options)
+    page, summary, stats = build_report(run, options, image_storage_options)
     try:
         return _write_outputs(run, out_uri, storage_options, page, summary, stats)
     finally:
@@ -645,12 +683,16 @@ def _write_outputs(run: RunData, out_uri: Optional[str], storage_options: Option
 
 def report_after_run(cfg, run_uri: str) -> Optional[str]:
     """The automatic report at the end of ``autolabel run`` (``report.*`` config); never fails the run."""
+    secrets = (cfg.input.storage_options, cfg.output.storage_options)
     try:
         options = ReportOptions(group_by=cfg.report.group_by, gallery=cfg.report.gallery)
-        return write_report(run_uri, None, options, cfg.output.storage_options)["paths"]["report.html"]
+        result = write_report(run_uri, None, options, cfg.output.storage_options, cfg.input.storage_options)
     except Exception as exc:  # noqa: BLE001 - the labels are written; a report problem is only a warning
-        log.warning("report: not written (%s: %s); run `autolabel report %s` to retry", type(exc).__name__, exc, run_uri)
+        log.warning("report: not written (%s: %s); run `autolabel report %s` to retry", type(exc).__name__, redact(str(exc), *secrets), run_uri)
         return None
+    for item in result["summary"]["gallery_unreadable"]:
+        log.warning("report: gallery image %s drawn on a blank canvas: %s", item["uri"], item["reason"])
+    return result["paths"]["report.html"]
 
 
 __all__ = ["report_after_run", "ReportError", "ReportOptions", "write_report", "build_report", "FilterError", "RunError", "FOLDER"]

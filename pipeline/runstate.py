@@ -66,6 +66,19 @@ def differences(before: dict, now: dict) -> list[str]:
 class RunFolder:
     """``output.uri``: run.json, the done markers, and clean-up before a fresh or resumed run."""
 
+    STATUSES = ("listing", "running", "finished", "failed")
+
+    @classmethod
+    def is_run_manifest(cls, manifest) -> bool:
+        """Is this (parsed run.json) an autolabel run manifest? Its status, and its resume fingerprint
+        or the config it ran with (input and output sections)."""
+        if not isinstance(manifest, dict) or manifest.get("status") not in cls.STATUSES:
+            return False
+        fingerprint, config = manifest.get("fingerprint"), manifest.get("config")
+        return (isinstance(fingerprint, dict) and "sha256" in fingerprint) or (
+            isinstance(config, dict) and isinstance(config.get("input"), dict) and isinstance(config.get("output"), dict)
+        )
+
     def __init__(self, cfg: RunConfig):
         self.uri = cfg.output.uri
         self.fs, self.path = url_to_fs(cfg.output.uri, **cfg.output.storage_options)
@@ -76,26 +89,65 @@ class RunFolder:
         return "/".join([self.path, *parts])
 
     def existing(self) -> list[str]:
+        """The run's own entries present in the folder (RUN_FOLDERS and run.json)."""
         return [f for f in (*RUN_FOLDERS, "run.json") if self.fs.exists(self.path_to(f))]
 
-    def previous_run(self, overwrite: bool) -> Optional[dict]:
-        """The run.json of a run already in the folder (None when empty or when overwriting);
-        refuses a folder holding run files without a readable run.json."""
-        if overwrite:
-            return None
+    def entries(self) -> list[str]:
+        """Names of everything in the folder ([] when it is empty or does not exist)."""
         try:
-            return json.loads(self.fs.cat_file(self.path_to("run.json")))
+            if not self.fs.exists(self.path):
+                return []
+            if not self.fs.isdir(self.path):
+                raise ConfigError(f"output.uri {self.uri} is a file, not a folder; choose a folder (new or empty) for the run")
+            return sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in self.fs.ls(self.path, detail=False) if n.rstrip("/") != self.path)
+        except OSError as exc:
+            raise ConfigError(f"output.uri {self.uri} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+
+    def read_run(self) -> Optional[dict]:
+        """run.json, if the folder holds an autolabel run; None when there is no run.json at all.
+        A run.json that cannot be read or is not an autolabel run manifest is refused (ConfigError):
+        such a folder is neither resumed nor cleared, --overwrite or not."""
+        try:
+            raw = self.fs.cat_file(self.path_to("run.json"))
         except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"output.uri {self.uri}: cannot read run.json ({exc}); pass --overwrite to start clean") from None
-        found = self.existing()
-        if found:
+            return None
+        except OSError as exc:
             raise ConfigError(
-                f"output.uri {self.uri} holds run files ({', '.join(found)}) but no run.json, so it cannot be resumed; "
-                "choose another output.uri, or pass --overwrite (output.overwrite=true) to replace it"
+                f"output.uri {self.uri}: cannot read run.json ({getattr(exc, 'strerror', None) or exc}), so it is not "
+                "recognisably an autolabel run and is neither resumed nor replaced (--overwrite included); "
+                "fix the access or choose another output.uri"
+            ) from None
+        try:
+            manifest = json.loads(raw)
+        except ValueError:
+            manifest = None
+        if not self.is_run_manifest(manifest):
+            raise ConfigError(
+                f"output.uri {self.uri} holds a run.json that is not an autolabel run manifest, so the folder is not "
+                "an autolabel run and is neither resumed nor replaced (--overwrite included); choose another output.uri "
+                "(a new or empty folder)"
             )
-        return None
+        return manifest
+
+    def previous_run(self, overwrite: bool) -> Optional[dict]:
+        """The run.json of a run already in the folder (None when the folder is new or empty, or when
+        overwriting a run). Checked before any work: a folder that holds anything else (files and no
+        run.json, or a run.json that is not an autolabel run's) is refused, even with ``overwrite``,
+        because starting clean would have to delete what is not the run's."""
+        manifest = self.read_run()
+        if manifest is None:
+            others = self.entries()
+            if others:
+                found = [n for n in others if n in (*RUN_FOLDERS, "run.json")]
+                what = f"holds run files ({', '.join(found)}) but" if found else "is not empty"
+                shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+                raise ConfigError(
+                    f"output.uri {self.uri} {what} has no run.json, so it is not an autolabel run: it holds {shown}. "
+                    "A run writes only into a new or empty folder, or resumes (or, with --overwrite, replaces) an "
+                    "autolabel run there; --overwrite never clears other files. Choose another output.uri (a new folder)"
+                )
+            return None
+        return None if overwrite else manifest
 
     def check_resumable(self, previous: dict, now: dict) -> None:
         before = previous.get("fingerprint")
@@ -113,12 +165,55 @@ class RunFolder:
             )
 
     def clear(self) -> None:
-        for name in self.existing():
-            self.fs.rm(self.path_to(name), recursive=True)
+        """Remove the run in the folder, and only what is the run's: its run.json, its own folders
+        (images, objects, _shards, _staging, _done), the report's files and the exports it made
+        (folders with the export marker). Anything else there stays. Checked again here: a folder
+        without an autolabel run.json is cleared only when it is empty."""
+        if self.read_run() is None:
+            if self.entries():
+                raise ConfigError(f"output.uri {self.uri} is not empty and holds no autolabel run (no run.json); it is not cleared")
+            return
+        for name in (SHARDS_DIR, STAGING_DIR, DONE_DIR, "images", "objects"):
+            if self.fs.exists(self.path_to(name)):
+                self.fs.rm(self.path_to(name), recursive=True)
+        self._clear_report()
+        self._clear_exports()
+        self.fs.rm(self.path_to("run.json"))
+
+    def _clear_report(self) -> None:
+        """The report's own files in RUN/report (the folder goes too if nothing else is left)."""
+        folder = self.path_to("report")
+        if not self.fs.exists(folder):
+            return
+        for name in ("report.html", "counts.csv", "summary.json"):
+            if self.fs.exists(f"{folder}/{name}"):
+                self.fs.rm(f"{folder}/{name}")
+        self._remove_if_empty(folder)
+
+    def _clear_exports(self) -> None:
+        """RUN/exports/*: the exports (folders with the export marker: their own files); anything else stays."""
+        from .export import remove_export
+
+        folder = self.path_to("exports")
+        if not self.fs.exists(folder):
+            return
+        for entry in self.fs.ls(folder, detail=True):
+            if entry.get("type") == "directory" and entry["name"].rstrip("/") != folder:
+                remove_export(self.fs, entry["name"])
+        self._remove_if_empty(folder)
+
+    def _remove_if_empty(self, folder: str) -> None:
+        self.fs.invalidate_cache(folder)
+        if self.fs.exists(folder) and not self.fs.ls(folder, detail=False):
+            try:
+                self.fs.rmdir(folder)
+            except OSError:  # object stores have no empty folders to remove
+                pass
 
     def prepare(self, manifest: dict) -> None:
-        """Start clean: remove a previous run (every check has passed by now), create the folder
-        and write run.json, which is also the proof that the folder can be written."""
+        """Start clean: remove a previous run (every check has passed by now; ``clear`` removes only
+        the run's own files), create the folder and write run.json, which is also the proof that
+        the folder can be written."""
         try:
             self.clear()
             self.fs.makedirs(self.path, exist_ok=True)

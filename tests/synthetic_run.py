@@ -95,8 +95,11 @@ def write_synthetic_run(
     image_folder: Optional[Path] = None,
     seed: int = 0,
     storage_options: Optional[dict] = None,
+    image_uri_base: Optional[str] = None,
 ) -> dict:
-    """Write a run; returns its totals. ``image_folder`` set: real PNG files are written and used as URIs.
+    """Write a run; returns its totals. ``image_folder`` set: real PNG files are written and used as URIs;
+    with ``image_uri_base`` too, the URIs are ``image_uri_base/<path under image_folder>`` instead (for
+    images the caller uploads there, e.g. to an object store).
 
     Image sizes vary a little around ``image_size`` (h, w); every ``error_every``-th image is an
     error row; object counts per image are Poisson around ``mean_objects`` (some images have none).
@@ -120,7 +123,7 @@ def write_synthetic_run(
                 _image_file(path, *sizes[i], rng)
             else:
                 path.write_bytes(b"not an image")
-            uris.append(f"file://{path}")
+            uris.append(f"{image_uri_base.rstrip('/')}/{folder}/{path.name}" if image_uri_base else f"file://{path}")
         else:
             uris.append(f"file:///synthetic/{folder}/img_{i:07d}.png")
     totals = {"images": 0, "ok": 0, "error": 0, "errors_by_class": {}, "objects": 0, "objects_by_class": {}}

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import autolabel_cli, counted_objects
+from conftest import autolabel_cli, counted_objects, model_overrides
 from synthetic_run import write_synthetic_run
 
 from pipeline import masks as mask_codec
@@ -246,8 +246,8 @@ def test_export_refusals_and_exit_codes(synthetic, tmp_path):
     dest.mkdir()
     (dest / "keep.txt").write_text("someone's file")
     proc = subprocess.run([*cli, "export", str(synthetic["out"]), "--format", "coco", "--out", str(dest)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "already exists and is not empty; choose another --out or pass --overwrite" in proc.stderr
-    assert (dest / "keep.txt").exists()
+    assert proc.returncode == 2 and "is not empty and is not an earlier autolabel export" in proc.stderr
+    assert [p.name for p in dest.iterdir()] == ["keep.txt"]  # more cases in test_overwrite.py
     proc = subprocess.run([*cli, "export", str(synthetic["out"]), "--format", "tiff"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "invalid choice: 'tiff'" in proc.stderr
 
@@ -277,3 +277,114 @@ def test_a_damaged_run_is_refused_not_exported_with_holes(synthetic, tmp_path):
     with pytest.raises(ExportError, match="images table says .* objects, objects/.* has .*: the run is damaged"):
         export(str(run), "png", str(tmp_path / "png"), progress=False)
     assert not (tmp_path / "png").exists()  # no half-written export left behind
+
+
+# ------------------------------------------------------------------ runs with prompt-manifest objects
+
+
+@pytest.fixture(scope="module")
+def mixed_run(ray_local, checkpoints, photo_folder, tmp_path_factory) -> dict:
+    """A real run with ``prompts.source=both`` on two real photos: detector boxes, plus a manifest box
+    with a label (bus) and a lone click without one (zidane). Manifest objects have a null det_score,
+    the click a null class."""
+    from pipeline.config import load_config
+    from pipeline.job import run
+
+    root = tmp_path_factory.mktemp("mixed")
+    photos = root / "photos"
+    photos.mkdir()
+    for name in ("bus.jpg", "zidane.jpg"):
+        shutil.copy(photo_folder / name, photos / name)
+    lines = [
+        {"uri": "bus.jpg", "objects": [{"object_key": "driver", "box": [50, 400, 250, 900], "label": "person"}]},
+        {"uri": "zidane.jpg", "objects": [{"object_key": "tie", "points": [[560, 440]], "point_labels": [1]}]},
+    ]
+    (photos / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = root / "run"
+    cfg = load_config(None, [f"input.uri={photos}", f"output.uri={out}", "prompts.source=both",
+                             f"prompts.manifest={photos / 'prompts.jsonl'}", "report.enabled=false", *model_overrides(checkpoints)])
+    manifest = run(cfg)
+    assert manifest["status"] == "finished"
+    objects = _counted(pq.read_table(out / "objects").to_pandas())
+    manual = objects[objects["source"] == "manifest"]
+    assert len(manual) == 2 and (objects["source"] == "detector").any(), "a mixed run: detector and manifest objects"
+    assert manual["det_score"].isna().all() and objects.loc[objects["source"] == "detector", "det_score"].notna().all()
+    assert pd.isna(manual.set_index("object_key").loc["tie", "class_name"])
+    return {"out": out, "objects": objects, "images": pq.read_table(out / "images").to_pandas()}
+
+
+def _cli_main(capsys, *argv: str) -> tuple[int, str, str]:
+    from pipeline.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_every_format_exports_detector_and_manifest_objects(mixed_run, tmp_path, capsys):
+    """Today COCO and cutouts died with a TypeError on the first null det_score."""
+    from pycocotools.coco import COCO
+
+    run, objects = str(mixed_run["out"]), mixed_run["objects"]
+    for fmt in ("coco", "yolo", "png", "cutouts"):
+        code, out, err = _cli_main(capsys, "export", run, "--format", fmt, "--out", str(tmp_path / fmt), "--quiet")
+        assert code == 0, err
+        assert f"{len(objects)} objects" in out
+    by_key = {(r.uri, r.object_id): r for r in objects.itertuples()}
+
+    # COCO: a null score stays null; every mask, class and detector score as in the Parquet.
+    coco = COCO(str(tmp_path / "coco" / "instances.json"))
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert len(anns) == len(objects)
+    for ann in anns:
+        row = by_key[(coco.loadImgs(ann["image_id"])[0]["uri"], ann["object_id"])]
+        if row.source == "manifest":
+            assert ann["score"] is None
+        else:
+            assert ann["score"] == pytest.approx(row.det_score, abs=1e-6)
+        assert ann["mask_score"] == pytest.approx(row.mask_score, abs=1e-6)
+        assert coco.loadCats(ann["category_id"])[0]["name"] == ("(unlabeled)" if pd.isna(row.class_name) else row.class_name)
+        assert np.array_equal(coco.annToMask(ann).astype(bool), mask_codec.decode(row.mask))
+
+    # Cutouts: an empty det_score cell for manifest objects, the score for detector ones.
+    with open(tmp_path / "cutouts" / "index.csv", newline="") as f:
+        index = {(r["uri"], int(r["object_id"])): r for r in csv.DictReader(f)}
+    assert set(index) == set(by_key)
+    for key, row in by_key.items():
+        entry = index[key]
+        assert entry["det_score"] == ("" if row.source == "manifest" else f"{row.det_score:.6f}")
+        assert entry["class_name"] == ("(unlabeled)" if pd.isna(row.class_name) else row.class_name)
+        assert (tmp_path / "cutouts" / entry["path"]).is_file()
+
+    # YOLO: one line per object, the unlabeled click under the extra "(unlabeled)" class.
+    import yaml
+
+    names = yaml.safe_load((tmp_path / "yolo" / "data.yaml").read_text())["names"]
+    unlabeled = next(i for i, n in names.items() if n == "(unlabeled)")
+    label_lines = [line.split()[0] for p in (tmp_path / "yolo" / "labels" / "train").glob("*.txt") for line in p.read_text().splitlines()]
+    assert sorted(map(int, label_lines)) == sorted(unlabeled if pd.isna(c) else int(c) for c in objects["class_id"])
+
+    # PNG: every object's id where it is not under a better-scoring (lower object_id) one.
+    with open(tmp_path / "png" / "index.csv", newline="") as f:
+        for entry in csv.DictReader(f):
+            painted = np.asarray(Image.open(tmp_path / "png" / entry["instances_png"]))
+            covered = np.zeros(painted.shape, bool)
+            for row in objects[objects["image_id"] == entry["image_id"]].sort_values("object_id").itertuples():
+                mask = mask_codec.decode(row.mask)
+                assert np.array_equal(painted == row.object_id + 1, mask & ~covered)
+                covered |= mask
+
+
+@pytest.mark.slow
+def test_report_gallery_labels_manifest_objects(mixed_run, tmp_path, capsys):
+    """Today the gallery's label f"{det_score:.2f}" raised a TypeError for manifest objects."""
+    code, out, err = _cli_main(capsys, "report", str(mixed_run["out"]), "--out", str(tmp_path))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    per_image = mixed_run["objects"].groupby("image_id").size()
+    assert len(summary["gallery"]) == 2
+    assert all(g["drawn"] == g["n"] == per_image[g["image_id"]] and g["on_image"] for g in summary["gallery"])
+    assert summary["totals"]["objects"] == len(mixed_run["objects"])
+    assert "– for manifest prompts, which have no detector score" in (tmp_path / "report.html").read_text()
+

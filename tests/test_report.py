@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -292,3 +294,229 @@ def test_scale_benchmark_code_on_a_small_synthetic_run(tmp_path):
     assert result["peak_rss_mib"] > 0 and result["report_s"] > 0
     page = (tmp_path / "run" / "report" / "report.html").read_text()
     assert "image not readable now" in page  # synthetic URIs have no files: masks on a blank canvas
+
+
+# --------------------------------------------------------------- images behind credentials (real S3 server)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def private_s3(tmp_path_factory) -> dict:
+    """moto's S3 server on loopback with IAM authentication on: only the key and secret of an IAM user
+    it issued may read or write. Bucket ``photos`` holds a synthetic run's images, ``runs/r1`` the run."""
+    import socket
+
+    import boto3
+    import requests
+    import s3fs
+
+    from conftest import VENV_BIN
+
+    root = tmp_path_factory.mktemp("private-s3")
+    port = _free_port()
+    with open(root / "moto.log", "wb") as log:
+        server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail(f"moto_server did not start: {(root / 'moto.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+        setup = dict(endpoint_url=endpoint, aws_access_key_id="setup", aws_secret_access_key="setup", region_name="us-east-1")
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="labeler")
+        key = iam.create_access_key(UserName="labeler")["AccessKey"]
+        iam.put_user_policy(UserName="labeler", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        client = boto3.client("s3", **setup)
+        client.create_bucket(Bucket="photos")
+        client.create_bucket(Bucket="runs")
+        # From here on every request must be signed with the labeler's key (moto's IAM check).
+        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=30).raise_for_status()
+        options = {"endpoint_url": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+        fs = s3fs.S3FileSystem(**options)
+        images = root / "img"
+        totals = write_synthetic_run("s3://runs/r1", num_images=4, mean_objects=2.0, error_every=0, image_folder=images,
+                                     image_uri_base="s3://photos/synth", seed=11, storage_options=options)
+        for path in images.rglob("*.png"):
+            fs.put_file(str(path), f"photos/synth/{path.relative_to(images).as_posix()}")
+        with pytest.raises(PermissionError):  # the bucket really needs the credentials
+            s3fs.S3FileSystem(endpoint_url=endpoint, anon=True, skip_instance_cache=True).cat_file("photos/synth/site-a/img_000000.png")
+        # The CLI's environment has no AWS credentials of its own (and asks no metadata service).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE=str(root / "none"), AWS_CONFIG_FILE=str(root / "none"))
+        yield {"endpoint": endpoint, "options": options, "fs": fs, "images": images, "totals": totals, "env": env,
+               "secrets": (options["key"], options["secret"])}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _flags(flag: str, options: dict) -> list[str]:
+    return [item for k, v in options.items() for item in (flag, f"{k}={v}")]
+
+
+def _local_image(private_s3: dict, uri: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(private_s3["images"] / uri.removeprefix("s3://photos/synth/")).convert("RGB"))
+
+
+def _gallery_differences(page: str, private_s3: dict, objects: pd.DataFrame, uri_of: dict[str, str]) -> dict[str, float]:
+    """Per gallery picture: median |gallery - the real image| over pixels no mask covers (0-255).
+    The real pixels give a few grey levels of JPEG noise; a blank canvas (235) gives far more."""
+    import io
+    import re
+
+    from PIL import Image
+
+    from pipeline import masks as mask_codec
+
+    found = re.findall(r"<figure data-image-id='([0-9a-f]+)'[^>]*><img src='data:image/jpeg;base64,([^']+)'", page)
+    out = {}
+    for image_id, data in found:
+        drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).astype(np.int16)
+        rows = objects[objects["image_id"] == image_id]
+        real = _local_image(private_s3, uri_of[image_id])
+        h, w = drawn.shape[:2]
+        covered = np.zeros(real.shape[:2], bool)
+        for row in rows.itertuples():
+            covered |= mask_codec.decode(row.mask)
+        expected = np.asarray(Image.fromarray(real).resize((w, h), Image.NEAREST)).astype(np.int16)
+        free = ~(np.asarray(Image.fromarray(covered.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0)
+        out[uri_of[image_id]] = float(np.median(np.abs(drawn - expected).max(-1)[free]))
+    return out
+
+
+def test_report_and_exports_reread_private_images_with_image_storage_options(private_s3, tmp_path):
+    """Images and run folder in a bucket that needs credentials. Without --image-storage-option the
+    report fails loudly (exit 1, the images named, the page says so) instead of drawing blank canvases
+    as it did; with it, the gallery and the exports have the real pixels. No credential is echoed."""
+    import s3fs
+    from PIL import Image
+
+    from pipeline import masks as mask_codec
+
+    fs: s3fs.S3FileSystem = private_s3["fs"]
+    run_flags = _flags("--storage-option", private_s3["options"])
+    image_flags = _flags("--image-storage-option", private_s3["options"])
+    outputs = []
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*autolabel_cli(), *args], capture_output=True, text=True, timeout=180, env=private_s3["env"], cwd=tmp_path)
+        outputs.append(proc.stdout + proc.stderr)
+        return proc
+
+    objects = _counted(pd.read_parquet("s3://runs/r1/objects", storage_options=private_s3["options"]))
+    images = pd.read_parquet("s3://runs/r1/images", storage_options=private_s3["options"])
+    uris = sorted(images.loc[images["status"] == "ok", "uri"])
+    uri_of = dict(zip(images["image_id"], images["uri"]))
+
+    # 1. Only the run folder's options: the report is written, says what is wrong, and exits 1.
+    proc = cli("report", "s3://runs/r1", *run_flags, "--out", str(tmp_path / "blank"))
+    assert proc.returncode == 1, proc.stderr
+    assert f"{len(uris)} of {len(uris)} gallery images could not be read" in proc.stderr
+    for uri in uris:
+        assert f"{uri}: image not readable now (read_error: NoCredentialsError" in proc.stderr
+    assert "--image-storage-option key=value" in proc.stderr and "Traceback" not in proc.stderr
+    page = (tmp_path / "blank" / "report.html").read_text()
+    assert 'id="gallery-unreadable"' in page and f"{len(uris)} of {len(uris)} gallery images could not be drawn" in page
+    assert page.count("data-unreadable") == len(uris)
+    summary = json.loads((tmp_path / "blank" / "summary.json").read_text())
+    assert sorted(u["uri"] for u in summary["gallery_unreadable"]) == uris
+    assert min(_gallery_differences(page, private_s3, objects, uri_of).values()) > 60  # blank canvases
+
+    # 2. With the images' options: the real pixels, exit 0; the report goes to the run folder on S3.
+    proc = cli("report", "s3://runs/r1", *run_flags, *image_flags)
+    assert proc.returncode == 0, proc.stderr
+    fs.invalidate_cache()
+    page = fs.cat_file("runs/r1/report/report.html").decode()
+    assert "gallery-unreadable" not in page and "data-unreadable" not in page
+    differences = _gallery_differences(page, private_s3, objects, uri_of)
+    assert sorted(differences) == uris and max(differences.values()) < 12, differences
+
+    # 3. Exports that re-read the images: cutouts (local --out) and YOLO (onto S3).
+    proc = cli("export", "s3://runs/r1", "--format", "cutouts", "--out", str(tmp_path / "cut"), "--quiet")
+    assert proc.returncode == 2 and "cannot read run.json (NoCredentialsError" in proc.stderr and "--storage-option" in proc.stderr
+    proc = cli("export", "s3://runs/r1", "--format", "cutouts", "--out", str(tmp_path / "cut"), "--quiet", *run_flags)
+    assert proc.returncode == 1 and "images FAILED" in proc.stdout and "NoCredentialsError" in proc.stdout  # named, no traceback
+    assert "Traceback" not in proc.stderr and "--image-storage-option" in proc.stdout
+    assert not (tmp_path / "cut").exists() or not any((tmp_path / "cut").glob("*/*.png"))
+    shutil.rmtree(tmp_path / "cut", ignore_errors=True)
+    proc = cli("export", "s3://runs/r1", "--format", "cutouts", "--out", str(tmp_path / "cut"), "--quiet", *run_flags, *image_flags)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "cut" / "index.csv", newline="") as f:
+        index = list(csv.DictReader(f))
+    assert len(index) == len(objects) > 0
+    by_key = {(r.image_id, r.object_id): r for r in objects.itertuples()}
+    for entry in index:
+        row = by_key[(entry["image_id"], int(entry["object_id"]))]
+        mask = mask_codec.decode(row.mask)
+        ys, xs = np.nonzero(mask)
+        crop = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+        cut = np.asarray(Image.open(tmp_path / "cut" / entry["path"]))
+        assert np.array_equal(cut[..., :3][mask[crop]], _local_image(private_s3, row.uri)[crop][mask[crop]])
+    proc = cli("export", "s3://runs/r1", "--format", "yolo", "--out", "s3://runs/r1-yolo", "--quiet", *run_flags, *image_flags)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fs.invalidate_cache()
+    for uri in uris:
+        image_id = images.set_index("uri").loc[uri, "image_id"]
+        stem = uri.rsplit("/", 1)[1].removesuffix(".png")
+        assert fs.cat_file(f"runs/r1-yolo/images/train/{stem}-{image_id}.png") == (private_s3["images"] / uri.removeprefix("s3://photos/synth/")).read_bytes()
+
+    # Nothing written or printed holds a credential.
+    fs.invalidate_cache()
+    written = [(p, fs.cat_file(p)) for p in fs.find("runs")] + [(str(p), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.endswith(".autolabel-export.json") for p, _ in written)
+    for secret in private_s3["secrets"]:
+        assert all(secret not in text for text in outputs), "a credential was printed"
+        for path, data in written:
+            assert secret.encode() not in data, f"a credential was written to {path}"
+
+
+def test_report_after_run_rereads_images_with_the_runs_input_storage_options(private_s3):
+    """The automatic report at the end of `autolabel run` gets the run's own input/output storage options."""
+    from pipeline.config import load_config
+
+    options = json.dumps(private_s3["options"])
+    cfg = load_config(None, ["output.uri=s3://runs/r1", f"input.storage_options={options}", f"output.storage_options={options}",
+                             "report.gallery=2"])
+    assert report_after_run(cfg, "s3://runs/r1") == "s3://runs/r1/report/report.html"
+    fs = private_s3["fs"]
+    fs.invalidate_cache()
+    page = fs.cat_file("runs/r1/report/report.html").decode()
+    objects = _counted(pd.read_parquet("s3://runs/r1/objects", storage_options=private_s3["options"]))
+    images = pd.read_parquet("s3://runs/r1/images", storage_options=private_s3["options"])
+    differences = _gallery_differences(page, private_s3, objects, dict(zip(images["image_id"], images["uri"])))
+    assert len(differences) == 2 and max(differences.values()) < 12, differences  # the real pixels, not blank canvases
+    assert "gallery-unreadable" not in page
+
+
+def test_storage_option_mistakes_are_refused_without_echoing_values(synthetic, tmp_path, capsys):
+    """A malformed --storage-option (a bare secret, a repeated key) or a stray key=value word exits 2
+    and never prints the value."""
+    from pipeline.cli import main
+
+    secret = "s3cr3t-VALUE-never-shown"
+    for argv in (["--storage-option", secret], ["--image-storage-option", f"secret={secret}", "--image-storage-option", f"secret={secret}x"]):
+        assert main(["report", str(synthetic["out"]), "--out", str(tmp_path / "r"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert "--storage-option number 1 is not key=value" in err or "--image-storage-option secret is given twice" in err
+        assert secret not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(synthetic["out"]), "--format", "coco", f"secret={secret}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unrecognized arguments: secret=..." in err and secret not in err
+    assert not (tmp_path / "r").exists()
