@@ -2,7 +2,7 @@
 
 Writes N tiny PNGs (8x8) into a local folder for each N, then in ONE driver process, on one local
 Ray, runs the job's own listing (``job.work_items`` + ``sources.write_shards``) and streams every
-image through the job's own decode stage and sink (``decode.decode_batch``, ``sink.write_batch``)
+image through the job's own read stage and sink (``decode.read_shards``, ``sink.write_batch``)
 while the driver tracks staged images and commits complete shards (``runstate.ShardTracker``,
 ``sink.commit_shard``), exactly as ``job.run`` does. Only detection and segmentation are left out: they are replaced by a stub stage named
 ``_TEST_ONLY_no_models`` (every image gets zero objects) so that tens of thousands of images fit in
@@ -29,7 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.decode import decode_batch  # noqa: E402
+from pipeline.decode import read_shards  # noqa: E402
 from pipeline.job import work_items  # noqa: E402
 from pipeline.runstate import RunFolder, ShardTracker  # noqa: E402
 from pipeline.segment import OBJECT_TYPE  # noqa: E402
@@ -80,15 +80,13 @@ def make_images(folder: Path, n: int) -> None:
 
 def _TEST_ONLY_no_models(batch: pa.Table) -> pa.Table:
     """Test-only stand-in for the detector and SAM stages: every image gets zero objects."""
-    drop = [c for c in ("pixels", "prompts", "base_uri") if c in batch.column_names]
+    drop = [c for c in ("data", "prompts", "base_uri") if c in batch.column_names]
     empty = pa.array([[] for _ in range(batch.num_rows)], type=pa.list_(OBJECT_TYPE))
     return batch.drop_columns(drop).append_column(pa.field("objects", pa.list_(OBJECT_TYPE)), empty)
 
 
 def run_once(images: Path, out: Path, shard_size: int) -> dict:
-    import pyarrow.fs as pafs
     import ray
-    from fsspec.core import url_to_fs
 
     cfg = load_config(None, [f"input.uri={images}", f"output.uri={out}", f"input.shard_size={shard_size}"])
     folder = RunFolder(cfg)
@@ -100,10 +98,10 @@ def run_once(images: Path, out: Path, shard_size: int) -> dict:
     result["listing_s"] = round(time.time() - t0, 2)
     t0 = time.time()
     with PeakRSS() as stream_peak:
-        fs, path = url_to_fs(listing.shards_uri)
-        ds = ray.data.read_parquet(path, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
-        ds = ds.map_batches(decode_batch, batch_format="pyarrow", batch_size=16, num_cpus=0.25,
-                            fn_kwargs={"max_pixels": cfg.input.max_pixels})
+        shard_paths = [folder.shard_uri(s) for s in folder.shard_ids()]
+        ds = ray.data.from_items([{"shard_path": p} for p in shard_paths], override_num_blocks=len(shard_paths))
+        ds = ds.map_batches(read_shards, batch_format="pyarrow", batch_size=1, num_cpus=0.25,
+                            fn_kwargs={"run_uri": folder.run_uri, "max_pixels": cfg.input.max_pixels})
         ds = ds.map_batches(_TEST_ONLY_no_models, batch_format="pyarrow", batch_size=64, num_cpus=0.25)
         ds = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.25,
                             fn_kwargs={"run_uri": folder.run_uri, "meta_columns": []})

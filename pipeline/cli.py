@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Optional
 
-from .config import ConfigError, allowed_keys, load_config
+from .config import ConfigError, allowed_keys, load_config, redact_text
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 
@@ -104,9 +104,22 @@ def _storage_arguments(parser: argparse.ArgumentParser, where: str) -> None:
 def _setup_logging() -> None:
     """Our own messages at INFO; libraries (sam2 logs every set_image at INFO) at WARNING."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     level = os.environ.get("AUTOLABEL_LOG_LEVEL", "INFO")
     for name in ("autolabel", "pipeline"):
         logging.getLogger(name).setLevel(level)
+
+
+class RedactingFilter(logging.Filter):
+    """Credentials inside URIs (``user:password@``, signed query strings) never reach the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -137,10 +150,11 @@ def _run(args) -> int:
         cfg = load_config(args.config, args.overrides)
         manifest = run(cfg, overwrite=args.overwrite)
     except ConfigError as exc:
-        print(f"autolabel: error: {exc}", file=sys.stderr)
+        print(f"autolabel: error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except JobFailed as exc:
-        print(f"autolabel: error: the job failed: {exc}\n  finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        print(f"autolabel: error: the job failed: {redact_text(str(exc))}\n  finished shards are kept; rerun the same command to resume",
+              file=sys.stderr)
         return EXIT_FAILED
     print(format_summary(manifest))
     return EXIT_OK if manifest["status"] == "finished" else EXIT_FAILED

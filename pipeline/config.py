@@ -6,8 +6,11 @@ dotted key and what is allowed. The pydantic models are the single source of def
 """
 from __future__ import annotations
 
+import base64
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +24,57 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ------------------------------------------------------------------ credentials inside URIs
+
+REDACTED = "***"
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s\"']+)@")
+_QUERY_VALUE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'?#]*\?)(?P<query>[^\s\"'#]+)")
+
+
+def redact_uri(uri: Optional[str]) -> Optional[str]:
+    """A URI fit for run.json, logs and reports: ``user:password@`` becomes ``***@`` and every
+    query value ``***`` (signed URLs carry their signature and key id there)."""
+    if not isinstance(uri, str):
+        return uri
+    return redact_text(uri)
+
+
+def redact_text(text: str) -> str:
+    """Every URI inside ``text`` redacted as by ``redact_uri`` (for log lines and error messages)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+
+    def query(m: re.Match) -> str:
+        pairs = [part.split("=", 1)[0] + ("=" + REDACTED if "=" in part else "") for part in m["query"].split("&")]
+        return m["scheme"] + "&".join(pairs)
+
+    return _QUERY_VALUE.sub(query, text)
+
+
+def split_uri_credentials(uri: str) -> tuple[str, dict]:
+    """``s3://KEY:SECRET@bucket/x`` -> (``s3://bucket/x``, {key, secret}); ``https://user:pw@host/x``
+    -> (``https://host/x``, a basic-auth header). The credentials then travel as storage options,
+    which are never written or logged, instead of inside every image URI."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc or parts.scheme not in ("s3", "s3a", "http", "https"):
+        return uri, {}
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    user, password = unquote(user), unquote(password)
+    clean = urlunsplit(parts._replace(netloc=host))
+    if parts.scheme.startswith("s3"):
+        return clean, {"key": user, "secret": password}
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return clean, {"headers": {"Authorization": f"Basic {token}"}}
+
+
+def _move_credentials(section: "_Section") -> None:
+    clean, options = split_uri_credentials(section.uri)
+    if options:
+        merged = {**options, **section.storage_options}  # options given explicitly win
+        object.__setattr__(section, "uri", clean)
+        object.__setattr__(section, "storage_options", merged)
 
 
 class InputConfig(_Section):
@@ -42,6 +96,11 @@ class InputConfig(_Section):
             raise ValueError("must name at least one suffix, e.g. [.jpg, .png]")
         return [("." + s.lstrip(".")).lower() for s in value]
 
+    @model_validator(mode="after")
+    def _credentials_to_storage_options(self) -> "InputConfig":
+        _move_credentials(self)
+        return self
+
 
 class OutputConfig(_Section):
     uri: str = Field("runs/sample", description="Run folder (local path or fsspec URL).")
@@ -57,6 +116,11 @@ class OutputConfig(_Section):
                 "use a local folder or an object store"
             )
         return value
+
+    @model_validator(mode="after")
+    def _credentials_to_storage_options(self) -> "OutputConfig":
+        _move_credentials(self)
+        return self
 
 
 class DetectorConfig(_Section):
@@ -101,7 +165,9 @@ class SamConfig(_Section):
         "auto", description="3 candidates per prompt: auto (only for a lone point, as SAM 2 advises), true, false."
     )
     candidates: Literal["best", "all"] = Field("best", description="With multimask: keep the best candidate, or all three ranked.")
-    box_chunk: int = Field(32, gt=0, description="Boxes per decoder call (bounds memory).")
+    batch_size: int = Field(8, gt=0, description="Images per image-encoder pass (one shape on a GPU: the last batch is padded).")
+    box_chunk: int = Field(64, gt=0, description="Prompts per mask-decoder call, gathered across the images of a batch (bounds memory).")
+    compile: bool = Field(False, description="torch.compile the image encoder (max-autotune; minutes at start, faster after).")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
     @field_validator("image_size")
@@ -117,6 +183,10 @@ class PromptsConfig(_Section):
         "detector", description="detector boxes, prompts from prompts.manifest, or both."
     )
     manifest: Optional[str] = Field(None, description="Prompt manifest (.jsonl or .parquet), local path or fsspec URL.")
+    allow_any_uri: bool = Field(
+        False, description="Let manifest lines name images and mask files outside the manifest's folder and input.uri "
+        "(absolute paths, ../, other hosts). Off: such a manifest is refused (a mask path: that object's error row).",
+    )
 
 
 class RayConfig(_Section):
@@ -244,6 +314,21 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
+
+
+URI_KEYS = ("input.uri", "output.uri", "prompts.manifest", "sam.checkpoint", "detector.weights")
+
+
+def redacted_config(cfg: RunConfig) -> dict:
+    """The config as run, fit for run.json, logs and reports: storage options' values replaced and
+    credentials inside URIs (``user:password@``, signed query strings) removed."""
+    data = cfg.model_dump(mode="json")
+    for section in ("input", "output"):
+        data[section]["storage_options"] = {k: REDACTED for k in data[section]["storage_options"]}
+    for dotted in URI_KEYS:
+        section, name = dotted.split(".")
+        data[section][name] = redact_uri(data[section][name])
+    return data
 
 
 def uses_random_weights(cfg: RunConfig) -> bool:

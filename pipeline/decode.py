@@ -1,14 +1,22 @@
-"""Read and decode: image URI -> RGB uint8 pixels, or a named error that becomes an error row.
+"""Read and decode: image URI -> bytes and header facts (CPU tasks), then RGB uint8 pixels next
+to the model that needs them (threads in the detector and SAM actors); or a named error that
+becomes an error row.
 
-Nothing here raises for a bad image: every failure is turned into ``(error_class, message)``
-so the images table always gets exactly one row per listed image.
+Images travel between stages encoded (a full-HD JPEG is ~0.3 MB, its pixels 6.2 MB): the read
+stage checks what the header tells (a known format, the size after EXIF orientation, the pixel
+limit, animation) and each model actor decodes its own copy in a thread pool while the model
+works. Nothing here raises for a bad image: every failure is turned into ``(error_class,
+message)`` so the images table always gets exactly one row per listed image; a file whose
+pixels turn out broken (truncated) becomes its error row in the first actor that decodes it.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import sys
 import tarfile
+import time
 import warnings
 from typing import Iterator, Optional
 
@@ -17,17 +25,19 @@ import pyarrow as pa
 from fsspec.core import url_to_fs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Decoded images travel between stages as raw RGB bytes plus width/height: plain Arrow, no
-# tensor extension types, and an error row is simply empty bytes.
+# What the read stage adds to each row: plain Arrow, no tensor extension types. ``data`` holds
+# the encoded file (empty for an error row) and is dropped before the sink.
 IMAGE_COLUMNS = [
-    ("width", pa.int32()),
+    ("width", pa.int32()),  # after EXIF orientation
     ("height", pa.int32()),
     ("status", pa.string()),
     ("error_class", pa.string()),
     ("error", pa.string()),
     ("note", pa.string()),
-    ("pixels", pa.large_binary()),
 ]
+DATA_COLUMN = ("data", pa.large_binary())
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own decompression-bomb limit, 89,478,485
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -95,13 +105,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: Optional[int] = None) -> tuple[np.ndarray, Optional[str]]:
-    """Bytes -> (HxWx3 uint8 RGB with EXIF orientation applied, note or None).
-
-    Animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame, with a note.
-    More than ``max_pixels`` pixels (default: Pillow's limit) is ``too_large``, checked from the
-    header before any pixel is decoded.
-    """
+@contextlib.contextmanager
+def _opened(data: bytes, max_pixels: Optional[int]) -> Iterator[Image.Image]:
+    """The image opened lazily (header read, no pixels yet), checked against the pixel limit,
+    with every way Pillow can fail on it turned into an ImageError of the right class."""
     if not data:
         raise ImageError("decode_error", "empty file (0 bytes)")
     limit = max_pixels or DEFAULT_MAX_PIXELS
@@ -112,11 +119,7 @@ def decode_image(data: bytes, max_pixels: Optional[int] = None) -> tuple[np.ndar
             with open_image(data) as img:
                 if img.width * img.height > limit:
                     raise ImageError("too_large", f"{img.width}x{img.height} = {img.width * img.height} pixels, over the limit of {limit} (input.max_pixels)")
-                frames = getattr(img, "n_frames", 1)
-                note = f"animated: first of {frames} frames" if frames > 1 else None
-                img.seek(0)
-                img = ImageOps.exif_transpose(img)
-                return np.asarray(_to_rgb(img)), note
+                yield img
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -131,47 +134,75 @@ def decode_image(data: bytes, max_pixels: Optional[int] = None) -> tuple[np.ndar
         Image.MAX_IMAGE_PIXELS = saved
 
 
+def _animation_note(img: Image.Image) -> Optional[str]:
+    frames = getattr(img, "n_frames", 1)
+    return f"animated: first of {frames} frames" if frames > 1 else None
+
+
+def decode_image(data: bytes, max_pixels: Optional[int] = None) -> tuple[np.ndarray, Optional[str]]:
+    """Bytes -> (HxWx3 uint8 RGB with EXIF orientation applied, note or None).
+
+    Animated images (GIF, APNG, WebP, multi-page TIFF) give their first frame, with a note.
+    More than ``max_pixels`` pixels (default: Pillow's limit) is ``too_large``, checked from the
+    header before any pixel is decoded.
+    """
+    with _opened(data, max_pixels) as img:
+        note = _animation_note(img)
+        img.seek(0)
+        return np.asarray(_to_rgb(ImageOps.exif_transpose(img))), note
+
+
+def inspect_image(data: bytes, max_pixels: Optional[int] = None) -> tuple[int, int, Optional[str]]:
+    """What the header says, without decoding pixels: (width, height) after EXIF orientation,
+    and a note for animations. Raises ImageError as ``decode_image`` would for an empty file, an
+    unknown format or too many pixels (broken pixel data is found only by decoding)."""
+    with _opened(data, max_pixels) as img:
+        width, height = img.size
+        if img.getexif().get(EXIF_ORIENTATION) in _TRANSPOSED:
+            width, height = height, width
+        return width, height, _animation_note(img)
+
+
 def error_text(exc: ImageError) -> str:
     """The images table's ``error`` value: ``"<error_class>: <message>"``."""
     return f"{exc.error_class}: {exc}"
 
 
 def with_errors(batch: pa.Table, errors: dict[int, ImageError]) -> pa.Table:
-    """Turn rows ``i`` of a stage's batch into error rows (status, error_class, error)."""
+    """Turn rows ``i`` of a stage's batch into error rows (status, error_class, error; width and
+    height null, as every error row has them)."""
     if not errors:
         return batch
-    values = {name: batch.column(name).to_pylist() for name in ("status", "error_class", "error")}
+    values = {name: batch.column(name).to_pylist() for name in ("status", "error_class", "error", "width", "height")}
     for i, exc in errors.items():
         values["status"][i], values["error_class"][i], values["error"][i] = "error", exc.error_class, error_text(exc)
+        values["width"][i] = values["height"][i] = None
     for name, column in values.items():
-        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(column, pa.string()))
+        typ = pa.int32() if name in ("width", "height") else pa.string()
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(column, typ))
     return batch
 
 
-def pixels_of(row_pixels: bytes, width: int, height: int) -> np.ndarray:
-    return np.frombuffer(row_pixels, dtype=np.uint8).reshape(height, width, 3)
-
-
-def _decoded(data: Optional[bytes], uri: str, storage_options: Optional[dict], max_pixels: Optional[int]) -> tuple:
-    """The image columns' values for one input: ok with pixels, or an error row."""
+def _inspected(data, uri: str, storage_options: Optional[dict], max_pixels: Optional[int]) -> tuple:
+    """The read stage's columns for one input: (width, height, status, error_class, error, note, data)."""
     try:
         if isinstance(data, ImageError):
             raise data
-        rgb, note = decode_image(data if data is not None else read_bytes(uri, storage_options), max_pixels)
+        data = data if data is not None else read_bytes(uri, storage_options)
+        width, height, note = inspect_image(data, max_pixels)
     except ImageError as exc:
         return (None, None, "error", exc.error_class, error_text(exc), None, b"")
-    h, w = rgb.shape[:2]
-    return (w, h, "ok", None, None, note, rgb.tobytes())
+    return (width, height, "ok", None, None, note, data)
 
 
 def _append_image_columns(table: pa.Table, values: list[tuple]) -> pa.Table:
-    for i, (name, typ) in enumerate(IMAGE_COLUMNS):
+    for i, (name, typ) in enumerate([*IMAGE_COLUMNS, DATA_COLUMN]):
         table = table.append_column(pa.field(name, typ), pa.array([v[i] for v in values], type=typ))
     return table
 
 
-class _GuardedDecode:
-    """Decoding under the crash ledger (see faults.py): an image that kills the decode worker
+class _GuardedRead:
+    """Reading under the crash ledger (see faults.py): an image that kills the read worker
     again and again becomes a ``worker_crash`` row instead of failing the job."""
 
     def __init__(self, ledger, max_image_crashes: int):
@@ -179,25 +210,113 @@ class _GuardedDecode:
 
         self.guard = CrashGuard(ledger, "decode", max_image_crashes)
         self.faults = InjectedFaults.from_env()
+        self.whole = True
+
+    def begin(self, uris: list[str]) -> None:
+        self.whole = self.guard.start_batch(uris)
 
     def __call__(self, data, uri: str, storage_options: Optional[dict], max_pixels: Optional[int]) -> tuple:
-        if not self.guard.start(uri):
-            data = self.guard.crash_error()  # _decoded turns it into the error row
+        if not self.whole and not self.guard.start(uri):
+            data = self.guard.crash_error()  # _inspected turns it into the error row
         elif self.faults:
             self.faults.maybe_kill("decode", uri)
-        return _decoded(data, uri, storage_options, max_pixels)
+        return _inspected(data, uri, storage_options, max_pixels)
 
 
-def decode_batch(batch: pa.Table, storage_options: Optional[dict] = None, max_pixels: Optional[int] = None,
-                 ledger=None, max_image_crashes: int = 3) -> pa.Table:
-    """Ray map_batches function: shard rows (uri, optional data) -> decoded image rows."""
+def read_batch(batch: pa.Table, storage_options: Optional[dict] = None, max_pixels: Optional[int] = None,
+               ledger=None, max_image_crashes: int = 3) -> pa.Table:
+    """Ray map_batches function: shard rows (uri, optional data) -> rows with the encoded bytes
+    and the header's facts, or error rows."""
     uris = batch.column("uri").to_pylist()
     carried = batch.column("data").to_pylist() if "data" in batch.column_names else [None] * len(uris)
-    decode = _GuardedDecode(ledger, max_image_crashes)
-    values = [decode(data, uri, storage_options, max_pixels) for uri, data in zip(uris, carried)]
-    decode.guard.done()
+    read = _GuardedRead(ledger, max_image_crashes)
+    read.begin(uris)
+    values = [read(data, uri, storage_options, max_pixels) for uri, data in zip(uris, carried)]
+    read.guard.done()
     table = batch.drop_columns([c for c in ("data",) if c in batch.column_names])
     return _append_image_columns(table, values)
+
+
+READ_ROWS = 16  # images per read batch: the unit the detector and SAM stages receive and progress moves by
+
+
+def read_shards(batch: pa.Table, run_uri: str, run_storage_options: Optional[dict] = None,
+                storage_options: Optional[dict] = None, max_pixels: Optional[int] = None, tars: bool = False,
+                extensions: tuple[str, ...] = (".jpg",), ledger=None, max_image_crashes: int = 3) -> Iterator[pa.Table]:
+    """Ray map_batches generator, one task per shard file (``shard_path`` rows): the shard's images
+    read ``READ_ROWS`` at a time (or, for a tar shard, its members streamed), as bytes and header
+    facts. One Ray block per shard, so every actor of every pool gets work however small the
+    shard files are."""
+    import pyarrow.parquet as pq
+
+    from .timings import StageClock
+
+    def batches() -> Iterator[pa.Table]:
+        fs, _ = url_to_fs(run_uri, **(run_storage_options or {}))
+        for path in batch.column("shard_path").to_pylist():
+            with fs.open(path, "rb") as fh:
+                shard = pq.read_table(fh)
+            if tars:
+                yield from read_tar_batch(shard, storage_options, tuple(extensions), max_pixels, READ_ROWS, ledger, max_image_crashes)
+                continue
+            for offset in range(0, shard.num_rows, READ_ROWS):
+                yield read_batch(shard.slice(offset, READ_ROWS), storage_options, max_pixels, ledger, max_image_crashes)
+
+    clock = StageClock()
+    started = time.perf_counter()
+    for out in batches():  # the time spent making each batch is its read time
+        clock.add("read", time.perf_counter() - started)
+        yield clock.stamp(out)
+        started = time.perf_counter()
+
+
+class ImageDecoder:
+    """Decodes a batch's images in threads next to the model that needs them (Pillow releases the
+    GIL while it decodes), so the pixels are ready when the model is; same decoding, EXIF and
+    mode handling and error classes as ``decode_image``."""
+
+    def __init__(self, threads: int = 4, max_pixels: Optional[int] = None):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
+        self.max_pixels = max_pixels
+        self._lock = threading.Lock()
+        self._seconds = 0.0
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            return decode_image(data, self.max_pixels)[0]
+        finally:
+            with self._lock:
+                self._seconds += time.perf_counter() - started
+
+    def submit(self, data: bytes):
+        """A future of the HxWx3 RGB array; ``.result()`` raises ImageError for broken pixels."""
+        return self.pool.submit(self._decode, data)
+
+    def decode_rows(self, batch: pa.Table, wanted: list[int]) -> dict:
+        """Row index -> future, for the rows in ``wanted`` (ok rows that need pixels)."""
+        data = batch.column("data")
+        return {i: self.submit(data[i].as_py()) for i in wanted}
+
+    def take_seconds(self) -> float:
+        """Thread seconds spent decoding since the last call (for the stage timings)."""
+        with self._lock:
+            seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+
+def pixels_or_error(future, expected: tuple[int, int]):
+    """The decoded image, or the ImageError its row gets; pixels must have the header's size."""
+    try:
+        rgb = future.result()
+    except ImageError as exc:
+        return exc
+    if rgb.shape[:2] != expected:
+        return ImageError("decode_error", f"decoded {rgb.shape[1]}x{rgb.shape[0]}, the header said {expected[1]}x{expected[0]}")
+    return rgb
 
 
 class _BrokenTar(tarfile.ReadError):
@@ -279,12 +398,12 @@ def _short(exc: BaseException) -> str:
     return str(exc)[:300]
 
 
-def decode_tar_batch(
+def read_tar_batch(
     batch: pa.Table, storage_options: Optional[dict] = None, extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png"),
     max_pixels: Optional[int] = None, rows_per_batch: int = 16, ledger=None, max_image_crashes: int = 3,
 ) -> Iterator[pa.Table]:
-    """Ray map_batches generator: tar shard rows -> one decoded row per image member, yielded in
-    batches of ``rows_per_batch`` so a big tar never sits in memory decoded all at once.
+    """Ray map_batches generator: tar shard rows -> one row per image member (its bytes and
+    header facts), yielded in batches of ``rows_per_batch`` so a big tar never sits in memory.
 
     A tar's member count is only known once it has been read, so each batch is held back until
     the next one is full; the tar's last batch carries ``shard_rows`` (the count) on its rows,
@@ -294,7 +413,8 @@ def decode_tar_batch(
 
     names = [n for n in ("shard_id", "uri", "image_id", "prompts", "meta", "base_uri")]
     carried = batch.column("data").to_pylist() if "data" in batch.column_names else [None] * batch.num_rows
-    decode = _GuardedDecode(ledger, max_image_crashes)
+    read = _GuardedRead(ledger, max_image_crashes)
+    read.begin(batch.column("uri").to_pylist())
     pending: dict[str, list] = {n: [] for n in names}
     values: list[tuple] = []
 
@@ -312,7 +432,7 @@ def decode_tar_batch(
         for uri, payload in iter_tar_members(tar_uri, data, tuple(extensions), storage_options):
             for n, v in zip(names, (shard_id, uri, image_id_for(uri), None, None, None)):
                 pending[n].append(v)
-            values.append(decode(payload, uri, storage_options, max_pixels))
+            values.append(read(payload, uri, storage_options, max_pixels))
             count += 1
             if len(values) == rows_per_batch:
                 if held is not None:
@@ -324,4 +444,4 @@ def decode_tar_batch(
             yield flush(count)
         elif held is not None:  # the last batch was a full one
             yield held.set_column(held.schema.get_field_index("shard_rows"), "shard_rows", pa.array([count] * held.num_rows, pa.int32()))
-    decode.guard.done()
+    read.guard.done()

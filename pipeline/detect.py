@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
 from .config import DetectorConfig
-from .decode import ImageError, pixels_of, with_errors
+from .decode import ImageDecoder, ImageError, pixels_or_error, with_errors
 from .faults import CrashGuard, InjectedFaults
+from .timings import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +37,11 @@ def detections_of(result) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class Detector:
-    """Constructed once per actor; ``__call__`` maps a batch of decoded images to boxes."""
+    """Constructed once per actor; ``__call__`` maps a batch of images (encoded bytes, decoded
+    here in threads) to boxes."""
 
-    def __init__(self, cfg: DetectorConfig, ledger=None, max_image_crashes: int = 3):
+    def __init__(self, cfg: DetectorConfig, ledger=None, max_image_crashes: int = 3, max_pixels: Optional[int] = None,
+                 decode_threads: int = 4):
         from .models import load_yolo, pick_device, resolve_detector_weights
 
         self.cfg = cfg
@@ -47,24 +51,27 @@ class Detector:
         self.kwargs = dict(predict_kwargs(cfg), device=self.device)
         self.guard = CrashGuard(ledger, "detect", max_image_crashes)
         self.faults = InjectedFaults.from_env()
+        self.decoder = ImageDecoder(decode_threads, max_pixels)
+        self.clock = StageClock()
         log.info("detector %s on %s", weights_path, self.device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         results: list = [None] * n
-        # Group images by shape: ultralytics letterboxes a same-shape batch exactly as it does a
-        # single image, so boxes equal a per-image YOLO.predict, and no padding is wasted.
-        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         statuses = batch.column("status").to_pylist()
         widths = batch.column("width").to_pylist()
         heights = batch.column("height").to_pylist()
-        pixels = batch.column("pixels")
         uris = batch.column("uri").to_pylist()
         ok = [i for i in range(n) if statuses[i] == "ok"]
         errors: dict[int, ImageError] = {}
         # Images are detected together; after a worker died on this batch, one at a time, so the
-        # crash ledger can find the image responsible (faults.py).
-        one_by_one = len(ok) == 1 or (len(ok) > 1 and self.guard.batch_crashed([uris[i] for i in ok]))
+        # crash ledger can find the image responsible (faults.py): then each is decoded only
+        # once it is announced, not ahead in the decode threads.
+        one_by_one = bool(ok) and not self.guard.start_batch([uris[i] for i in ok])
+        pending = {} if one_by_one else self.decoder.decode_rows(batch, ok)
+        # Group images by shape: ultralytics letterboxes a same-shape batch exactly as it does a
+        # single image, so boxes equal a per-image YOLO.predict, and no padding is wasted.
+        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i in ok:
             by_shape[(heights[i], widths[i])].append(i)
         for (h, w), rows in by_shape.items():
@@ -77,11 +84,22 @@ class Detector:
                 if self.faults:
                     for i in chunk:
                         self.faults.maybe_kill("detect", uris[i])
-                # ultralytics takes numpy images as BGR (OpenCV order)
-                images = [pixels_of(pixels[i].as_py(), w, h)[:, :, ::-1] for i in chunk]
-                for i, result in zip(chunk, self.model.predict(images, **self.kwargs)):
-                    results[i] = detections_of(result)
+                if one_by_one:
+                    pending.update(self.decoder.decode_rows(batch, chunk))
+                images = {}
+                for i in chunk:
+                    pixels = pixels_or_error(pending.pop(i), (h, w))
+                    if isinstance(pixels, ImageError):
+                        errors[i] = pixels
+                    else:
+                        images[i] = pixels[:, :, ::-1]  # ultralytics takes numpy images as BGR (OpenCV order)
+                if images:
+                    with self.clock.time("detect"):
+                        predicted = self.model.predict(list(images.values()), **self.kwargs)
+                    for i, result in zip(images, predicted):
+                        results[i] = detections_of(result)
         self.guard.done()
+        self.clock.add("decode", self.decoder.take_seconds())
         batch = with_errors(batch, errors)
         empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32), np.zeros(0, np.float32))
         boxes, classes, scores = zip(*[r if r is not None else empty for r in results]) if n else ((), (), ())
@@ -92,4 +110,4 @@ class Detector:
         }
         for name, typ in DETECTION_COLUMNS:
             batch = batch.append_column(pa.field(name, typ), pa.array(columns[name], type=typ))
-        return batch
+        return self.clock.stamp(batch)

@@ -63,8 +63,10 @@ def start_ledger():
 
 
 class CrashGuard:
-    """A stage's view of the ledger: ``start`` before each image (or ``batch_crashed`` before a
-    batch processed as one), ``done`` after. They say which images crashed workers too often."""
+    """A stage's view of the ledger, one call per batch: ``start_batch`` before a batch (True:
+    process it as a whole), and only when a worker already died on that very batch, ``start``
+    before each of its images, one at a time, so the image responsible is found; ``done`` after
+    (not waited for: the ledger executes one caller's calls in order)."""
 
     def __init__(self, ledger, stage: str, max_crashes: int):
         self.ledger = ledger
@@ -91,23 +93,25 @@ class CrashGuard:
                 log.warning("%s: retrying %s after %d worker crash(es) while it was in flight", self.stage, uri, n)
         return crashes
 
-    def start(self, uri: str) -> bool:
-        """False when ``uri`` must not be tried again."""
-        return self._begin([uri])[0] < self.max_crashes
-
-    def batch_crashed(self, uris: list[str]) -> bool:
-        """For images processed together: True if a worker already died on this very batch
-        (then process them one at a time with ``start``, so the culprit can be found)."""
+    def start_batch(self, uris: list[str]) -> bool:
+        """Before processing ``uris`` together: True if they may go as one batch; False if a
+        worker already died on this very batch (then call ``start`` before each image). A batch
+        of one image is that image (its deaths count for it at once)."""
         import hashlib
 
+        if len(uris) == 1:
+            return False
         digest = hashlib.sha1("\n".join(sorted(uris)).encode()).hexdigest()
-        return self._begin([f"batch-{digest}"])[0] > 0
+        return self._begin([f"batch-{digest}"])[0] == 0
+
+    def start(self, uri: str) -> bool:
+        """One image at a time (after ``start_batch`` said no): False when ``uri`` must not be
+        tried again."""
+        return self._begin([uri])[0] < self.max_crashes
 
     def done(self) -> None:
         if self.ledger is not None and self.current:
-            import ray
-
-            ray.get(self.ledger.end.remote(self.current))
+            self.ledger.end.remote(self.current)
         self.current = []
 
     def crash_error(self) -> ImageError:
@@ -145,10 +149,11 @@ class InjectedFaults:
             log.warning("test fault: SIGKILL of this %s worker (pid %d) on %s", stage, os.getpid(), uri)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def maybe_oom(self, uri: Optional[str], num_prompts: int) -> None:
+    def maybe_oom(self, uris: list, num_prompts: int) -> None:
+        """Before a decoder call on prompts of the images ``uris``."""
         import torch
 
-        if (self.oom_uri and uri and self.oom_uri in uri) or (
+        if (self.oom_uri and any(u and self.oom_uri in u for u in uris)) or (
             self.oom_over_prompts is not None and num_prompts > self.oom_over_prompts
         ):
             raise torch.OutOfMemoryError(f"test fault: CUDA out of memory ({num_prompts} prompts at once)")

@@ -17,13 +17,15 @@ from typing import Iterator, Optional
 
 from fsspec.core import url_to_fs
 
-from .config import ConfigError, RunConfig, uses_random_weights
+from .config import ConfigError, RunConfig, redact_text, redact_uri, redacted_config, uses_random_weights
 from .models import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
 from .runstate import Progress, RunFolder, ShardTracker, fingerprint
-from .segment import resolve_dtype
+from .timings import Timings
+from .sam_batch import resolve_dtype
 from .sink import STAGING_DIR, OutputWriteError, Totals, commit_shard
 from .sources import (
-    ShardListing, SourceError, WorkItem, input_format, iter_image_uris, iter_manifest, iter_tar_uris, no_images, write_shards,
+    ShardListing, SourceError, WorkItem, input_format, iter_image_uris, iter_manifest, iter_tar_uris, merge_repeated_uris,
+    no_images, root_of, write_shards,
 )
 
 log = logging.getLogger("autolabel")
@@ -34,6 +36,7 @@ FORWARDED_ENV = (
     "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE", "AUTOLABEL_TEST_FAULTS",
 )
 COMMIT_THREADS = 4  # shards committed by the driver in parallel (I/O bound)
+ACTOR_START_TIMEOUT_S = 600  # pools whose actors cannot start (no GPU comes up) fail after this, saying so
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("autolabel", "torch", "torchvision", "sam2", "ultralytics", "ray", "pyarrow", "pycocotools"):
@@ -44,28 +47,37 @@ def _versions() -> dict:
     return out
 
 
-def redacted_config(cfg: RunConfig) -> dict:
-    """The config as run, with storage credentials replaced (they must never reach disk or logs)."""
-    data = cfg.model_dump(mode="json")
-    for section in ("input", "output"):
-        data[section]["storage_options"] = {k: "***" for k in data[section]["storage_options"]}
-    return data
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def work_items(cfg: RunConfig) -> Iterator[WorkItem]:
+def manifest_roots(cfg: RunConfig) -> Optional[list[str]]:
+    """Where a manifest's lines may point besides the manifest's own folder: ``input.uri``'s folder
+    (None: anywhere, with ``prompts.allow_any_uri``)."""
+    if cfg.prompts.allow_any_uri:
+        return None
+    roots = [root_of(cfg.input.uri, cfg.input.storage_options)]
+    if cfg.prompts.manifest:
+        roots.append(root_of(cfg.prompts.manifest, cfg.input.storage_options))
+    return roots
+
+
+def work_items(cfg: RunConfig, merged: bool = True) -> Iterator[WorkItem]:
     """The work to do: a prompt manifest's lines, or what ``input.uri`` lists (images, an input
-    manifest's lines, or tar shards, each of which the decode stage opens and expands)."""
+    manifest's lines, or tar shards, each of which the decode stage opens and expands).
+
+    Manifest lines that name the same image are merged into one item (``merged=False`` gives
+    the lines as they come, which is all a first look at the input needs)."""
     if cfg.prompts.source != "detector":
-        return iter_manifest(cfg.prompts.manifest, cfg.input.storage_options)
+        lines = iter_manifest(cfg.prompts.manifest, cfg.input.storage_options, roots=manifest_roots(cfg))
+        return merge_repeated_uris(lines) if merged else lines
     fmt = input_format(cfg.input.uri, cfg.input.format)
     if fmt == "tar":
         return (WorkItem(uri) for uri in iter_tar_uris(cfg.input.uri, cfg.input.storage_options))
     if fmt == "manifest":  # an input manifest lists images (+ metadata); prompts come only from prompts.manifest
-        return (WorkItem(i.uri, None, i.meta, i.base_uri) for i in iter_manifest(cfg.input.uri, cfg.input.storage_options, "input.uri"))
+        lines = (WorkItem(i.uri, None, i.meta, i.base_uri, i.lines)
+                 for i in iter_manifest(cfg.input.uri, cfg.input.storage_options, "input.uri", manifest_roots(cfg)))
+        return merge_repeated_uris(lines, "input.uri") if merged else lines
     return (WorkItem(uri) for uri in iter_image_uris(cfg.input.uri, cfg.input.extensions, cfg.input.storage_options))
 
 
@@ -76,7 +88,7 @@ def reads_tars(cfg: RunConfig) -> bool:
 def preflight(cfg: RunConfig) -> tuple[SamWeights, Optional[str], dict[int, str]]:
     """Check the input has images, resolve weights (fetching official ones once), read class names."""
     try:
-        first = next(work_items(cfg), None)
+        first = next(work_items(cfg, merged=False), None)
         if first is None:
             raise no_images(cfg.prompts.manifest or cfg.input.uri, cfg.input.extensions)
         if reads_tars(cfg):  # brace patterns are expanded, not listed: catch a mistyped pattern here
@@ -142,14 +154,14 @@ def actor_plan(cfg: RunConfig) -> dict:
     cpus = resources.get("CPU", 1)
     if gpus:
         return dict(
-            gpus=gpus, cpus=cpus,
+            gpus=gpus, cpus=cpus, decode_threads=4,
             sam=dict(size=cfg.ray.sam_actors or gpus, num_gpus=0.75, num_cpus=1),
             detector=dict(size=cfg.ray.detector_actors or gpus, num_gpus=0.25, num_cpus=1),
         )
     per_actor = 0.5 if cpus <= 4 else max(1, int(cpus // 4))
     sam_actors = cfg.ray.sam_actors or 1
     return dict(
-        gpus=0, cpus=cpus,
+        gpus=0, cpus=cpus, decode_threads=max(1, min(4, int(cpus // 2))),
         sam=dict(size=sam_actors, num_gpus=0, num_cpus=per_actor, cpu_threads=max(1, int(cpus // sam_actors))),
         detector=dict(size=cfg.ray.detector_actors or 1, num_gpus=0, num_cpus=per_actor),
     )
@@ -165,63 +177,74 @@ def _sam_device(cfg: RunConfig, plan: dict):
 
 def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str], class_names: dict[int, str],
                   plan: dict, run_uri: str, ledger):
-    """read shard files (paths on the output filesystem) -> decode (tasks) -> detect (actors) -> segment (actors) -> stage (tasks).
+    """shard files (paths on the output filesystem) -> read bytes and headers (tasks) -> detect
+    (actors) -> segment (actors) -> stage (tasks); pixels are decoded inside the two actors.
 
     Retries: a dead task is re-run and a dead actor restarted with its task retried (Ray Data
     restarts actors without limit); an image on which workers keep dying is cut out by the crash
     ledger after ``ray.max_image_crashes`` deaths, so retries cannot loop on it forever.
     """
-    import pyarrow.fs as pafs
     import ray
 
-    from .decode import decode_batch, decode_tar_batch
+    from .decode import READ_ROWS, read_shards
     from .detect import Detector
     from .segment import Segmenter
     from .sink import write_batch
 
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
+    # A stage's own exception (a write failing with "No space left on device") must reach the
+    # driver as itself, not as Ray Data's generic UserCodeException that drops it.
+    context = ray.data.DataContext.get_current()
+    context.raise_original_map_exception = True
+    # Start every actor of a pool before the images stream in, so the first actor up does not
+    # take the whole (small) input while the others are still loading their model.
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # Ray Data's own bars count blocks per operator; the run shows its own progress in images
+    # (runstate.Progress), so a person sees one bar that moves as images are done.
+    context.enable_progress_bars = False
     crashes = cfg.ray.max_image_crashes
     guarded = {"ledger": ledger, "max_image_crashes": crashes}
     # Retry settings have no named map_batches parameter in Ray 2.60; they go through
     # ray_remote_args, which warns that it is deprecated (silenced where _process calls this).
     task_retries = {"max_retries": crashes + cfg.ray.task_retries}  # room for the ledger's deaths, then real retries
     actor_retries = {"max_restarts": -1, "max_task_retries": -1}
-    fs, _ = url_to_fs(run_uri, **cfg.output.storage_options)
-    ds = ray.data.read_parquet(shard_paths, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(fs)))
-    # Decoding asks for fewer CPUs than the actors on purpose: Ray only fuses stages with equal
-    # resources, and decoding fused into the (few) detector actors could not use idle CPUs.
-    if reads_tars(cfg):  # one shard row per tar; the task streams it and yields decoded members 16 at a time
-        ds = ds.map_batches(
-            decode_tar_batch, batch_format="pyarrow", batch_size=1, num_cpus=0.25,
-            fn_kwargs={"storage_options": cfg.input.storage_options, "extensions": cfg.input.extensions,
-                       "max_pixels": cfg.input.max_pixels, **guarded}, runtime_env=runtime_env, **task_retries,
-        )
-    else:
-        ds = ds.map_batches(
-            decode_batch, batch_format="pyarrow", batch_size=min(16, cfg.input.shard_size), num_cpus=0.25,
-            fn_kwargs={"storage_options": cfg.input.storage_options, "max_pixels": cfg.input.max_pixels, **guarded},
-            runtime_env=runtime_env, **task_retries,
-        )
+    # One block per shard file: read_parquet would make one block of many small files, and then
+    # one actor of each pool would do all the work while the others wait.
+    ds = ray.data.from_items([{"shard_path": p} for p in shard_paths], override_num_blocks=len(shard_paths))
+    # Reading asks for fewer CPUs than the actors on purpose: Ray only fuses stages with equal
+    # resources, and reading fused into the (few) detector actors could not use idle CPUs.
+    ds = ds.map_batches(
+        read_shards, batch_format="pyarrow", batch_size=1, num_cpus=0.25,
+        fn_kwargs={"run_uri": run_uri, "run_storage_options": cfg.output.storage_options,
+                   "storage_options": cfg.input.storage_options, "max_pixels": cfg.input.max_pixels, "tars": reads_tars(cfg),
+                   "extensions": cfg.input.extensions, **guarded},
+        runtime_env=runtime_env, **task_retries,
+    )
     if cfg.uses_detector:
         ds = ds.map_batches(
             Detector, batch_format="pyarrow", batch_size=cfg.detector.batch_size,
             compute=ray.data.ActorPoolStrategy(size=plan["detector"]["size"]),
             num_cpus=plan["detector"]["num_cpus"], num_gpus=plan["detector"]["num_gpus"],
-            fn_constructor_kwargs={"cfg": cfg.detector, **guarded}, runtime_env=runtime_env, **actor_retries,
+            fn_constructor_kwargs={"cfg": cfg.detector, "max_pixels": cfg.input.max_pixels,
+                                   "decode_threads": plan["decode_threads"], **guarded},
+            runtime_env=runtime_env, **actor_retries,
         )
     ds = ds.map_batches(
-        Segmenter, batch_format="pyarrow", batch_size=4,
+        # two encoder batches per call: the host finishes one while the device works on the next
+        Segmenter, batch_format="pyarrow", batch_size=2 * cfg.sam.batch_size,
         compute=ray.data.ActorPoolStrategy(size=plan["sam"]["size"]),
         num_cpus=plan["sam"]["num_cpus"], num_gpus=plan["sam"]["num_gpus"],
         fn_constructor_kwargs={
             "cfg": cfg.sam, "class_names": class_names, "cpu_threads": plan["sam"].get("cpu_threads"),
-            "storage_options": cfg.input.storage_options, **guarded,
+            "storage_options": cfg.input.storage_options, "manifest_roots": manifest_roots(cfg),
+            "max_pixels": cfg.input.max_pixels, "decode_threads": plan["decode_threads"], **guarded,
         },
         runtime_env=runtime_env, **actor_retries,
     )
-    # Shards are committed once all their images are staged: small shards, small staging batches.
-    stage_rows = 64 if reads_tars(cfg) else min(64, cfg.input.shard_size)
+    # Shards are committed once all their images are staged (small shards: small staging batches,
+    # so a shard is not held back waiting for rows of others); progress moves as batches are staged.
+    stage_rows = READ_ROWS if reads_tars(cfg) else min(READ_ROWS, cfg.input.shard_size)
     return ds.map_batches(
         write_batch, batch_format="pyarrow", batch_size=stage_rows, num_cpus=0.25,
         fn_kwargs={"run_uri": run_uri, "storage_options": cfg.output.storage_options, "meta_columns": meta_columns},
@@ -283,9 +306,9 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     folder = RunFolder(cfg)
     previous = folder.previous_run(overwrite or cfg.output.overwrite)
     sam, det_path, class_names = preflight(cfg)
-    models = {"sam": {"size": sam.size, "config": sam.config, "checkpoint": sam.source, **weights_identity(sam.path)}}
+    models = {"sam": {"size": sam.size, "config": sam.config, "checkpoint": redact_uri(sam.source), **weights_identity(sam.path)}}
     if det_path is not None:
-        models["detector"] = {"weights": cfg.detector.weights, **weights_identity(det_path), "class_names": class_names}
+        models["detector"] = {"weights": redact_uri(cfg.detector.weights), **weights_identity(det_path), "class_names": class_names}
     identity = fingerprint(cfg, models)
     if previous is not None:
         folder.check_resumable(previous, identity)
@@ -331,16 +354,20 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     totals = Totals()
     for marker in done.values():
         totals.merge(marker)
-    progress = Progress(len(shard_ids), len(done), totals)
+    progress = Progress(len(shard_ids), len(done), totals, total_images=None if reads_tars(cfg) else listing.num_images)
     manifest["progress"] = progress.as_dict()
     manifest["status"] = "running"
     try:
+        plan = _plan(cfg, folder, previous, manifest, models) if pending else None  # a ConfigError here has written nothing
         folder.write_manifest(manifest)
         if pending:
-            _process(cfg, folder, manifest, pending, listing.meta_columns, totals, progress)
+            _process(cfg, folder, manifest, pending, listing.meta_columns, totals, progress, plan)
+    except ConfigError:
+        raise
     except BaseException as exc:
         write_error = find_cause(exc, OutputWriteError)
-        reason = str(write_error) if write_error else f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        reason = str(write_error).splitlines()[0] if write_error else f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        reason = redact_text(reason)
         manifest.update(status="failed", finished_at=_now(), error=reason, totals=totals.as_dict(), progress=progress.as_dict())
         try:
             folder.write_manifest(manifest)
@@ -373,18 +400,28 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     return manifest
 
 
+def _plan(cfg: RunConfig, folder: RunFolder, previous: Optional[dict], manifest: dict, models: dict) -> dict:
+    """Connect to Ray, size the actor pools, and fix the dtype SAM runs in; a resume whose done
+    shards were made in another dtype (other hardware) is refused here, before any work."""
+    connect_ray(cfg)
+    plan = actor_plan(cfg)
+    dtype = resolve_dtype(cfg.sam.dtype, _sam_device(cfg, plan))
+    identity = fingerprint(cfg, models, dtype)
+    if previous is not None:
+        folder.check_same_dtype(previous, identity)
+    manifest.update(fingerprint=identity, ray=plan)
+    manifest["models"]["sam"]["dtype"] = dtype
+    return plan
+
+
 def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[str], meta_columns: list[str],
-             totals: Totals, progress: Progress) -> None:
+             totals: Totals, progress: Progress, plan: dict) -> None:
     """Run the Ray pipeline over the pending shards, committing each shard as soon as all its
     images are staged (so a crash later keeps it), and the stragglers once the data is through."""
     import ray
 
     from .faults import start_ledger
 
-    connect_ray(cfg)
-    plan = actor_plan(cfg)
-    manifest["ray"] = plan
-    manifest["models"]["sam"]["dtype"] = resolve_dtype(cfg.sam.dtype, _sam_device(cfg, plan))
     log.info("actors: %d detector, %d SAM (cluster: %s CPUs, %d GPUs)", plan["detector"]["size"] if cfg.uses_detector else 0, plan["sam"]["size"], plan["cpus"], plan["gpus"])
     class_names = manifest["class_names"]
     with warnings.catch_warnings():
@@ -392,7 +429,13 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
         ledger = start_ledger()
         ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger)
     tracker = ShardTracker(pending)
+    timings = Timings()
     commits: set[Future] = set()
+
+    def record() -> None:
+        log.info(progress.line())
+        manifest.update(progress=progress.as_dict(), totals=totals.as_dict(), timings=timings.as_dict())
+        folder.write_manifest(manifest)
 
     def harvest(block: bool) -> None:
         finished, _ = wait(commits, return_when=FIRST_COMPLETED) if block else ({f for f in commits if f.done()}, None)
@@ -401,22 +444,28 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
             marker = future.result()  # raises OutputWriteError if the commit could not be written
             totals.merge(marker)
             if progress.shard_done():
-                log.info(progress.line())
-                manifest.update(progress=progress.as_dict(), totals=totals.as_dict())
-                folder.write_manifest(manifest)
+                record()
 
     with ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit") as pool:
         def commit(shard_id: str) -> None:
             commits.add(pool.submit(commit_shard, folder.fs, folder.path, shard_id, meta_columns))
 
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for shard_id in tracker.add(batch.to_pylist()):
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                rows = batch.to_pylist()
+                timings.add(rows)
+                for shard_id in tracker.add(rows):
+                    commit(shard_id)
+                if progress.images_staged(len(rows)):
+                    log.info(progress.line())
+                harvest(block=False)
+            for shard_id in tracker.remaining():  # every row is staged now: commit what is left (e.g. empty tars)
                 commit(shard_id)
-            harvest(block=False)
-        for shard_id in tracker.remaining():  # every row is staged now: commit what is left (e.g. empty tars)
-            commit(shard_id)
-        while commits:
-            harvest(block=True)
+            while commits:
+                harvest(block=True)
+        finally:
+            progress.close()
+    manifest["timings"] = timings.as_dict()
     # "stage:uri" -> worker deaths while it was in flight (recovered ones too), for the record.
     manifest["worker_deaths"] = ray.get(ledger.crashed.remote())
     if folder.fs.exists(folder.path_to(STAGING_DIR)):

@@ -37,3 +37,48 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     """Mask IoU; two empty masks are identical (1.0)."""
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+# ---------------------------------------------------------------- masks finished where they are made
+#
+# SAM's masks are made on the GPU at full image resolution; copying them to the host as float32
+# bitmaps costs 8 MB per full-HD mask and then more CPU than SAM itself. These functions reduce a
+# batch of masks to what the objects table needs (area, bounding box, COCO run lengths) on the
+# masks' own device, so only the run boundaries (a few KB per mask) cross to the host, where
+# pycocotools compresses them into exactly the string ``pycocotools.mask.encode`` would give.
+
+def device_stats(masks) -> dict:
+    """(n, h, w) bool tensor -> per mask ``area`` (n,), ``bbox`` (n, 4) xyxy (pixel edges, zeros
+    when empty), and the COCO run boundaries: ``first`` (n,) the first pixel's value,
+    ``changes`` the positions (in column-major order, as COCO RLE counts) where a mask's value
+    changes, concatenated, and ``num_changes`` (n,) how many belong to each mask."""
+    import torch
+
+    n, h, w = masks.shape
+    area = masks.sum(dim=(1, 2), dtype=torch.int64)
+    rows, cols = masks.any(dim=2), masks.any(dim=1)
+    ar_h, ar_w = torch.arange(h, device=masks.device), torch.arange(w, device=masks.device)
+    y0 = torch.where(rows, ar_h, h).amin(dim=1)
+    y1 = torch.where(rows, ar_h, -1).amax(dim=1) + 1
+    x0 = torch.where(cols, ar_w, w).amin(dim=1)
+    x1 = torch.where(cols, ar_w, -1).amax(dim=1) + 1
+    bbox = torch.stack([x0, y0, x1, y1], dim=1)
+    bbox = torch.where((area > 0)[:, None], bbox, torch.zeros_like(bbox))
+    flat = masks.transpose(1, 2).reshape(n, h * w)  # column-major, as COCO RLE counts pixels
+    changed = flat[:, 1:] != flat[:, :-1]
+    which, where = changed.nonzero(as_tuple=True)
+    return {
+        "area": area, "bbox": bbox, "first": flat[:, 0], "changes": (where + 1).to(torch.int32),
+        "num_changes": torch.bincount(which, minlength=n),
+    }
+
+
+def rle_from_changes(first: bool, changes, h: int, w: int) -> dict:
+    """One mask's run boundaries -> ``{"size": [h, w], "counts": str}``, compressed by
+    pycocotools from the uncompressed counts (COCO RLE starts with a run of zeros)."""
+    bounds = np.concatenate([[0], np.asarray(changes, np.int64), [h * w]])
+    counts = np.diff(bounds)
+    if first:
+        counts = np.concatenate([[0], counts])
+    rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts.tolist()}, h, w)
+    return {"size": [h, w], "counts": rle["counts"].decode("ascii")}

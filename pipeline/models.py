@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .config import redact_text, redact_uri
+
 log = logging.getLogger(__name__)
 
 SAM_BASE_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
@@ -112,9 +114,9 @@ def _copy_from_fsspec(url: str, storage_options: Optional[dict] = None) -> Path:
             shutil.copyfileobj(src, out, 1 << 22)
         os.replace(tmp, dest)
     except FileNotFoundError:
-        raise WeightsError(f"checkpoint not found: {url}") from None
-    except OSError as exc:
-        raise WeightsError(f"cannot read checkpoint {url}: {exc}") from None
+        raise WeightsError(f"checkpoint not found: {redact_uri(url)}") from None
+    except (OSError, ValueError) as exc:
+        raise WeightsError(redact_text(f"cannot read checkpoint {url}: {exc}")) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -149,7 +151,7 @@ def resolve_sam_checkpoint(size: str, spec: str) -> SamWeights:
     if re.fullmatch(r"[\w-]+/[\w.-]+", spec) and not spec.endswith((".pt", ".pth", ".ckpt")):
         return _resolve_hf(size, spec)
     raise WeightsError(
-        f"sam.checkpoint: file not found: {spec}\n"
+        f"sam.checkpoint: file not found: {redact_uri(spec)}\n"
         f"  Get the official SAM 2.1 weights with: {FETCH_COMMAND}  (then sam.checkpoint=auto)\n"
         f"  Offline, {RANDOM_HINT}."
     )
@@ -188,7 +190,7 @@ def resolve_detector_weights(spec: str) -> str:
     if local.is_file():
         return str(local)
     raise WeightsError(
-        f"detector.weights: file not found: {spec}\n"
+        f"detector.weights: file not found: {redact_uri(spec)}\n"
         f"  Use an official name such as yolov8n.pt (fetched into {checkpoint_dir()}/), a .pt path or URL,\n"
         f"  or a model .yaml such as yolov8n.yaml for random weights."
     )
@@ -212,17 +214,16 @@ def pick_device(requested: str) -> "torch.device":
     return device
 
 
-def build_sam_predictor(weights: SamWeights, image_size: int, device: "torch.device"):
-    """``build_sam2`` + ``SAM2ImagePredictor``, with the input resolution optionally lowered."""
+def build_sam_model(weights: SamWeights, image_size: int, device: "torch.device", compile_encoder: bool = False):
+    """``build_sam2`` (the SAM 2.1 size table's config and checkpoint), at ``image_size``, in eval
+    mode; ``compile_encoder`` compiles the image encoder as SAM 2's own ``compile_image_encoder``
+    does (max-autotune, one static shape: the first batch takes minutes, the rest are faster)."""
     from sam2.build_sam import build_sam2
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     overrides = [] if image_size == 1024 else [f"++model.image_size={image_size}"]
-    model = build_sam2(weights.config, weights.path, device=str(device), mode="eval", hydra_overrides_extra=overrides)
-    predictor = SAM2ImagePredictor(model)
-    # The predictor hard-codes backbone feature sizes for 1024 input; derive them from the size.
-    predictor._bb_feat_sizes = [(image_size // 4,) * 2, (image_size // 8,) * 2, (image_size // 16,) * 2]
-    return predictor
+    if compile_encoder:
+        overrides.append("++model.compile_image_encoder=true")
+    return build_sam2(weights.config, weights.path, device=str(device), mode="eval", hydra_overrides_extra=overrides)
 
 
 def load_yolo(weights: str, device: "torch.device"):

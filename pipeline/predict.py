@@ -1,7 +1,7 @@
 """One image at a time: the notebook API (``Predictor``) and ``autolabel predict``.
 
-Both go through ``SamModel.segment`` and ``prompts.run_prompts``, the code the Ray job runs, so
-a mask made here is the mask the pipeline would store for the same prompt.
+Both go through ``sam_batch.SamModel``, the code the Ray job runs, so a mask made here is the
+mask the pipeline would store for the same prompt.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .config import SamConfig
-from .prompts import Candidates, Prompt, PromptError, as_points, check, load_mask
+from .prompts import Prompt, PromptError, as_points, check, load_mask
+from .sam_batch import Candidates
 
 ImageLike = Union[str, Path, np.ndarray, "PIL.Image.Image"]
 
@@ -27,7 +28,12 @@ def load_image(image: ImageLike, storage_options: Optional[dict] = None) -> np.n
             raise ValueError(f"image arrays must be HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
         return image
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        from PIL import ImageOps
+
+        from .decode import _to_rgb
+
+        # the same EXIF orientation and mode handling as decoding a file (exif_transpose copies)
+        return np.asarray(_to_rgb(ImageOps.exif_transpose(image)))
     return decode_rgb(read_bytes(str(image), storage_options))
 
 
@@ -43,7 +49,7 @@ class Predictor:
     """
 
     def __init__(self, config: Optional[SamConfig] = None, **sam_keys: Any):
-        from .segment import SamModel
+        from .sam_batch import SamModel
 
         base = (config or SamConfig()).model_dump()
         self.config = SamConfig(**{**base, **sam_keys})
@@ -57,18 +63,23 @@ class Predictor:
         box: Any = None,
         mask: Any = None,
         multimask: Union[bool, str, None] = None,
+        mask_input: Any = None,
     ) -> Candidates:
         """Segment one object. ``points`` [[x, y], ...] (labels default to 1 = foreground),
-        ``box`` [x0, y0, x1, y1], ``mask`` a prior mask (HxW bool array, PNG path or RLE dict).
-        ``multimask`` None follows the config (auto: three candidates for a lone point)."""
+        ``box`` [x0, y0, x1, y1], ``mask`` a prior mask (HxW bool array, PNG path or RLE dict),
+        ``mask_input`` the low-res logits of an earlier answer (``previous.logits[0]``), given to
+        SAM unchanged as in the SAM 2 tutorial. ``multimask`` None follows the config (auto: three
+        candidates for a lone point)."""
         rgb = load_image(image)
-        prompt = build_prompt(rgb, points, point_labels, box, mask)
+        prompt = build_prompt(rgb, points, point_labels, box, mask, mask_input, self.config.image_size // 4)
         (answer,) = self.model.segment(rgb, [prompt], multimask)
         return answer
 
 
-def build_prompt(rgb: np.ndarray, points: Any = None, point_labels: Any = None, box: Any = None, mask: Any = None) -> Prompt:
-    """Arguments as a person types them -> a checked Prompt (PromptError says what is wrong)."""
+def build_prompt(rgb: np.ndarray, points: Any = None, point_labels: Any = None, box: Any = None, mask: Any = None,
+                 mask_input: Any = None, low_res: int = 256) -> Prompt:
+    """Arguments as a person types them -> a checked Prompt (PromptError says what is wrong).
+    ``mask_input``: an earlier answer's low-res logits, ``low_res`` x ``low_res`` (image_size / 4)."""
     if points is not None and point_labels is None:
         point_labels = [1] * len(points)
     prompt = Prompt(source="manual")
@@ -78,6 +89,13 @@ def build_prompt(rgb: np.ndarray, points: Any = None, point_labels: Any = None, 
         prompt.box = np.asarray(box, np.float32).reshape(4)
     if mask is not None:
         prompt.mask = np.asarray(mask, bool) if isinstance(mask, np.ndarray) else load_mask(mask)
+    if mask_input is not None:
+        if mask is not None:
+            raise PromptError("give a prior mask (mask=) or an earlier answer's logits (mask_input=), not both")
+        logits = np.asarray(mask_input, np.float32)
+        if logits.shape not in ((low_res, low_res), (1, low_res, low_res)):
+            raise PromptError(f"mask_input must be {low_res}x{low_res} logits (an earlier answer's logits[i]), got shape {logits.shape}")
+        prompt.mask_input = logits.reshape(low_res, low_res)
     return check(prompt, rgb.shape[1], rgb.shape[0])
 
 

@@ -1,13 +1,12 @@
-"""SAM prompts: what one object asks for (points, box, box+points, prior mask), checked and batched.
+"""SAM prompts: what one object asks for (points, box, box+points, prior mask), checked.
 
 Both the Ray segment stage and ``autolabel predict`` / the Python API turn their inputs into
-``Prompt`` objects and hand them to ``run_prompts``, so there is one implementation of how
-prompts reach ``SAM2ImagePredictor.predict``.
+``Prompt`` objects and hand them to ``sam_batch.SamModel``, so there is one implementation of
+how prompts reach SAM's decoder.
 """
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -26,6 +25,7 @@ class Prompt:
     point_labels: Optional[np.ndarray] = None  # (K,) int32, 1 foreground / 0 background
     box: Optional[np.ndarray] = None  # (4,) float32 xyxy
     mask: Optional[np.ndarray] = None  # (H, W) bool prior mask in original pixels
+    mask_input: Optional[np.ndarray] = None  # (h, w) low-res logits from an earlier answer, passed to SAM as they are
     object_key: Optional[str] = None
     class_id: Optional[int] = None
     class_name: Optional[str] = None
@@ -34,46 +34,57 @@ class Prompt:
     error: Optional[str] = None  # set when the prompt was rejected
 
     @property
+    def has_mask(self) -> bool:
+        return self.mask is not None or self.mask_input is not None
+
+    @property
     def kind(self) -> str:
-        parts = [name for name, v in (("box", self.box), ("points", self.points), ("mask", self.mask)) if v is not None]
+        parts = [name for name, present in (("box", self.box is not None), ("points", self.points is not None), ("mask", self.has_mask)) if present]
         return "+".join(parts) or "none"
 
     @property
     def signature(self) -> tuple:
         """Prompts with equal signatures can share one batched decoder call."""
-        return (self.box is not None, 0 if self.points is None else len(self.points), self.mask is not None)
+        return (self.box is not None, 0 if self.points is None else len(self.points), self.has_mask)
 
     def wants_multimask(self) -> bool:
         """The SAM 2 tutorial's advice: three candidates for a lone point, one mask otherwise."""
-        return self.box is None and self.mask is None and self.points is not None and len(self.points) == 1
+        return self.box is None and not self.has_mask and self.points is not None and len(self.points) == 1
 
 
-@dataclass
-class Candidates:
-    """SAM's answer for one prompt: masks ranked best first."""
+def _numbers(value: Any, what: str, example: str) -> np.ndarray:
+    """``value`` as a finite float32 array, or a PromptError naming ``what`` (never a crash)."""
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise PromptError(f"{what} must be numbers, e.g. {example}, got {_shown(value)}") from None
+    if array.dtype == object or not np.isfinite(array).all():
+        raise PromptError(f"{what} must be finite numbers, e.g. {example}, got {_shown(value)}")
+    return array
 
-    masks: np.ndarray  # (C, H, W) bool
-    scores: np.ndarray  # (C,) float32, descending
-    logits: np.ndarray  # (C, h, w) low-res logits, reusable as a mask prompt
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def as_points(points: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    pts = np.asarray(points, dtype=np.float32)
+    pts = _numbers(points, "points", "[[x, y], ...]")
     if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) == 0:
-        raise PromptError(f"points must be a non-empty list of [x, y] pairs, got {points!r}")
+        raise PromptError(f"points must be a non-empty list of [x, y] pairs, got {_shown(points)}")
     if labels is None:
         raise PromptError("point_labels are required with points (1 = foreground, 0 = background)")
-    lab = np.asarray(labels)
+    lab = _numbers(labels, "point_labels", "[1, 0]")
     if lab.ndim != 1 or len(lab) != len(pts):
         raise PromptError(f"{len(pts)} points but {lab.size} point_labels")
     if not np.isin(lab, (0, 1)).all():
-        raise PromptError(f"point_labels must be 0 (background) or 1 (foreground), got {labels!r}")
+        raise PromptError(f"point_labels must be 0 (background) or 1 (foreground), got {_shown(labels)}")
     return pts, lab.astype(np.int32)
 
 
 def check(prompt: Prompt, width: int, height: int) -> Prompt:
     """Reject what SAM would silently misread: coordinates outside the image, inverted boxes."""
-    if prompt.points is None and prompt.box is None and prompt.mask is None:
+    if prompt.points is None and prompt.box is None and not prompt.has_mask:
         raise PromptError("an object needs points, a box or a mask")
     if prompt.points is not None:
         outside = (prompt.points[:, 0] < 0) | (prompt.points[:, 0] > width) | (prompt.points[:, 1] < 0) | (prompt.points[:, 1] > height)
@@ -91,9 +102,14 @@ def check(prompt: Prompt, width: int, height: int) -> Prompt:
     return prompt
 
 
-def load_mask(spec: Any, base_uri: Optional[str] = None, storage_options: Optional[dict] = None) -> np.ndarray:
-    """A prior mask from an RLE dict (``{"size", "counts"}``) or a PNG path (relative to the manifest)."""
+def load_mask(spec: Any, base_uri: Optional[str] = None, storage_options: Optional[dict] = None,
+              roots: Optional[list[str]] = None) -> np.ndarray:
+    """A prior mask from an RLE dict (``{"size", "counts"}``) or a PNG path (relative to the manifest).
+
+    ``roots``: folders a mask path must lie under (the manifest's folder, ``input.uri``); None
+    allows any path (``prompts.allow_any_uri``, and the Python API)."""
     from . import masks as mask_codec
+    from .sources import is_within, resolve_relative
 
     if isinstance(spec, dict):
         try:
@@ -106,7 +122,9 @@ def load_mask(spec: Any, base_uri: Optional[str] = None, storage_options: Option
 
     from .decode import open_image
 
-    uri = spec if ("://" in spec or spec.startswith("/") or base_uri is None) else f"{base_uri.rstrip('/')}/{spec}"
+    uri = resolve_relative(spec, base_uri)
+    if roots is not None and not is_within(uri, roots, storage_options):
+        raise PromptError(f"mask path {spec} is outside the manifest's folder; set prompts.allow_any_uri=true to allow it")
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as fh:
             data = fh.read()
@@ -118,39 +136,53 @@ def load_mask(spec: Any, base_uri: Optional[str] = None, storage_options: Option
         raise PromptError(f"mask file {spec} cannot be read as an image: {exc}") from None
 
 
-def from_manifest(obj: dict, base_uri: Optional[str], class_ids: dict[str, int], storage_options: Optional[dict] = None) -> Prompt:
+OBJECT_KEYS = ("object_key", "points", "point_labels", "box", "mask", "label")
+
+
+def _text(obj: dict, name: str) -> Optional[str]:
+    """``label`` / ``object_key``: text or absent (the manifest reader already turned numbers into text)."""
+    value = obj.get(name)
+    if value is not None and not isinstance(value, str):
+        raise PromptError(f"{name} must be a string, got {_shown(value)}")
+    return value
+
+
+def from_manifest(obj: dict, base_uri: Optional[str], class_ids: dict[str, int], storage_options: Optional[dict] = None,
+                  roots: Optional[list[str]] = None) -> Prompt:
     """One manifest object -> Prompt (or PromptError naming what is wrong)."""
     if not isinstance(obj, dict):
-        raise PromptError(f"each object must be a mapping, got {obj!r}")
-    unknown = set(obj) - {"object_key", "points", "point_labels", "box", "mask", "label"}
+        raise PromptError(f"each object must be a mapping, got {_shown(obj)}")
+    unknown = set(obj) - set(OBJECT_KEYS)
     if unknown:
-        raise PromptError(f"unknown keys {sorted(unknown)}; allowed: object_key, points, point_labels, box, mask, label")
-    prompt = Prompt(object_key=obj.get("object_key"), class_name=obj.get("label"), source="manifest")
+        raise PromptError(f"unknown keys {sorted(map(str, unknown))}; allowed: {', '.join(OBJECT_KEYS)}")
+    prompt = Prompt(object_key=_text(obj, "object_key"), class_name=_text(obj, "label"), source="manifest")
     prompt.class_id = class_ids.get(prompt.class_name) if prompt.class_name is not None else None
     if obj.get("points") is not None:
         prompt.points, prompt.point_labels = as_points(obj["points"], obj.get("point_labels"))
     elif obj.get("point_labels") is not None:
         raise PromptError("point_labels given without points")
     if obj.get("box") is not None:
-        box = np.asarray(obj["box"], dtype=np.float32)
+        box = _numbers(obj["box"], "box", "[x0, y0, x1, y1]")
         if box.shape != (4,):
-            raise PromptError(f"box must be [x0, y0, x1, y1], got {obj['box']!r}")
+            raise PromptError(f"box must be [x0, y0, x1, y1], got {_shown(obj['box'])}")
         prompt.box = box
     if obj.get("mask") is not None:
-        prompt.mask = load_mask(obj["mask"], base_uri, storage_options)
+        prompt.mask = load_mask(obj["mask"], base_uri, storage_options, roots)
     return prompt
 
 
 def manifest_prompts(objects_json: Optional[str], base_uri: Optional[str], width: int, height: int,
-                     class_ids: dict[str, int], storage_options: Optional[dict] = None) -> list[Prompt]:
-    """All objects of one manifest line; invalid ones come back with ``error`` set."""
+                     class_ids: dict[str, int], storage_options: Optional[dict] = None,
+                     roots: Optional[list[str]] = None) -> list[Prompt]:
+    """All objects of one manifest line; invalid ones come back with ``error`` set (and their
+    ``object_key``/``label`` kept only when they are text, so the error row itself is valid)."""
     prompts = []
-    for i, obj in enumerate(json.loads(objects_json) if objects_json else []):
+    for obj in json.loads(objects_json) if objects_json else []:
         try:
-            prompts.append(check(from_manifest(obj, base_uri, class_ids, storage_options), width, height))
+            prompts.append(check(from_manifest(obj, base_uri, class_ids, storage_options, roots), width, height))
         except PromptError as exc:
-            key = obj.get("object_key") if isinstance(obj, dict) else None
-            label = obj.get("label") if isinstance(obj, dict) else None
+            fields = obj if isinstance(obj, dict) else {}
+            key, label = (v if isinstance(v, str) else None for v in (fields.get("object_key"), fields.get("label")))
             prompts.append(Prompt(object_key=key, class_name=label, class_id=class_ids.get(label), source="manifest", error=str(exc)))
     return prompts
 
@@ -164,45 +196,3 @@ def mask_to_logits(mask: np.ndarray, low_res: int) -> np.ndarray:
 
     small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((low_res, low_res), Image.BILINEAR), np.float32) / 255.0
     return ((small - 0.5) * 2 * PRIOR_MASK_LOGIT)[None]
-
-
-def _multimask_for(prompt: Prompt, policy: Any) -> bool:
-    return prompt.wants_multimask() if policy == "auto" else bool(policy)
-
-
-def run_prompts(predictor, prompts: list[Prompt], chunk: int, multimask: Any = "auto") -> list[Optional[Candidates]]:
-    """Answer every valid prompt on the image already set; ``None`` for rejected prompts.
-
-    Prompts with the same shape (box or not, number of points, mask or not) and the same
-    multimask choice go through the decoder together, ``chunk`` at a time.
-    """
-    h, w = predictor._orig_hw[-1]
-    low_res = predictor.model.image_size // 4
-    results: list[Optional[Candidates]] = [None] * len(prompts)
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        if p.error is None:
-            # SAM's decoder only batches mask-only prompts as a single object (no batched points)
-            key = (p.signature, _multimask_for(p, multimask), i if p.signature == (False, 0, True) else None)
-            groups[key].append(i)
-    for (signature, multi, _), members in groups.items():
-        for start in range(0, len(members), chunk):
-            part = [prompts[i] for i in members[start : start + chunk]]
-            n = len(part)
-            kwargs = {}
-            if part[0].points is not None:
-                kwargs["point_coords"] = np.stack([p.points for p in part])
-                kwargs["point_labels"] = np.stack([p.point_labels for p in part])
-            if part[0].box is not None:
-                kwargs["box"] = np.stack([p.box for p in part])
-            if part[0].mask is not None:
-                kwargs["mask_input"] = np.stack([mask_to_logits(p.mask, low_res) for p in part])
-            masks, scores, logits = predictor.predict(multimask_output=multi, **kwargs)
-            c = 3 if multi else 1
-            masks = masks.reshape(n, c, h, w)
-            scores = scores.reshape(n, c)
-            logits = logits.reshape(n, c, *logits.shape[-2:])
-            for j, i in enumerate(members[start : start + chunk]):
-                order = np.argsort(-scores[j], kind="stable")
-                results[i] = Candidates(masks[j][order] > 0, scores[j][order].astype(np.float32), logits[j][order])
-    return results

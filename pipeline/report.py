@@ -521,6 +521,7 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
         ("detector classes", len(det.get("class_names") or {}) or None),
     ]
     versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v)
+    timing_section = _timing_section(m)
     gallery_section = (
         f"<div class='gallery'>{figures}</div><p class='muted'>Labels: class, detector score · mask score (SAM's predicted IoU; "
         "– for manifest prompts, which have no detector score). "
@@ -565,10 +566,38 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
 </section>
 <section id="gallery"><h2>Gallery</h2>{gallery_section}</section>
 {('<section id="errors"><h2>Failed images (first ' + str(len(errors)) + ')</h2><div class="scroll"><table><tr><th>uri</th><th>class</th><th>error</th></tr>' + error_rows + '</table></div></section>') if errors else ''}
-<section id="run"><h2>Run</h2>{kv(run_rows)}<h3>Models</h3>{kv(model_rows)}<p class="muted">Versions: {_e(versions)}</p>
+<section id="run"><h2>Run</h2>{kv(run_rows)}{timing_section}<h3>Models</h3>{kv(model_rows)}<p class="muted">Versions: {_e(versions)}</p>
 <h3>Config</h3><pre>{_e(yaml.safe_dump(m.get('config') or {}, sort_keys=False))}</pre></section>
 </main></body></html>
 """
+
+
+def _timing_section(m: dict) -> str:
+    """Where the time went (run.json ``timings``): worker seconds per stage, and per SAM actor its
+    images and how busy its device was. Empty for runs made before timings were recorded."""
+    timings = m.get("timings") or {}
+    stages, actors = timings.get("stages") or {}, timings.get("sam_actors") or {}
+    if not stages:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_e(stage)}</td><td class='n'>{v['seconds']:,.1f}</td><td class='n'>{v['ms_per_image']:,.1f}</td>"
+        f"<td class='n'>{100 * v['share']:.1f} %</td></tr>" for stage, v in stages.items())
+    def busy(v: dict) -> str:
+        return "" if v.get("busy_fraction") is None else f"{100 * v['busy_fraction']:.0f} %"
+
+    actor_rows = "".join(
+        f"<tr><td>{_e(actor)}</td><td>{_e(v.get('node'))}</td><td class='n'>{_num(v['images'])}</td><td class='n'>{busy(v)}</td></tr>"
+        for actor, v in actors.items())
+    steady = (m.get("progress") or {}).get("steady_images_per_second")
+    return (
+        "<h3>Where the time went</h3><p class='muted'>Seconds summed over all workers (stages overlap in time); "
+        "the stage with the largest share is the one to give more resources."
+        + (f" Steady rate: {steady:.2f} images/s." if steady else "") + "</p>"
+        "<table id='timings'><tr><th>stage</th><th class='n'>worker seconds</th><th class='n'>ms / image</th><th class='n'>share</th></tr>"
+        + rows + "</table>"
+        + ("<table id='sam-actors'><tr><th>SAM actor</th><th>node</th><th class='n'>images</th><th class='n'>device busy</th></tr>"
+           + actor_rows + "</table>" if actor_rows else "")
+    )
 
 
 # ----------------------------------------------------------------------------------- driver

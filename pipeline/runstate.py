@@ -16,7 +16,7 @@ from typing import Optional
 
 from fsspec.core import url_to_fs
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, redacted_config
 from .sink import DONE_DIR, STAGING_DIR, OutputWriteError, Totals, atomic_write
 from .sources import SHARDS_DIR
 
@@ -24,22 +24,40 @@ log = logging.getLogger("autolabel")
 
 RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report", "exports")
 # Keys that change speed or memory but not a single output row; they may differ on a resume.
-PERFORMANCE_ONLY = ("input.storage_options", "detector.batch_size", "sam.box_chunk")
+PERFORMANCE_ONLY = ("input.storage_options", "detector.batch_size", "sam.batch_size", "sam.box_chunk", "sam.compile")
 
 
-def fingerprint(cfg: RunConfig, models: dict) -> dict:
+def fingerprint(cfg: RunConfig, models: dict, dtype: Optional[str] = None) -> dict:
     """What must not change between a run and its resume: the config that shapes the output
     (input, prompts, detector, sam; not output/ray/report) and the weights, by content.
-    ``models`` is run.json's models section (``weights_identity`` of each)."""
-    data = cfg.model_dump(mode="json")
+    ``models`` is run.json's models section (``weights_identity`` of each).
+
+    ``sam.dtype`` enters as the dtype SAM actually ran in (``dtype``, known once Ray says where
+    the actors run), not as asked: ``auto`` means bfloat16 on a GPU and float32 on a CPU, and a
+    run must not mix the two. Without ``dtype`` it is left out."""
+    data = redacted_config(cfg)  # credentials never reach run.json; rotating them does not block a resume
     sections = ("input", "prompts", "detector", "sam") if cfg.uses_detector else ("input", "prompts", "sam")
     config = {s: dict(data[s]) for s in sections}
     for key in PERFORMANCE_ONLY:
         section, name = key.split(".")
         config.get(section, {}).pop(name, None)
+    config["sam"].pop("dtype", None)
+    if dtype:
+        config["sam"]["dtype"] = dtype
     weights = {name: m["sha256"] or f"random:{m.get('weights') or m.get('config')}" for name, m in models.items()}
+    return _sealed(config, weights)
+
+
+def _sealed(config: dict, weights: dict) -> dict:
     digest = hashlib.sha256(json.dumps({"config": config, "models": weights}, sort_keys=True).encode()).hexdigest()
     return {"sha256": digest, "config": config, "models": weights}
+
+
+def without_dtype(fp: dict) -> dict:
+    """A fingerprint with the dtype left out, to compare with one made before Ray was asked."""
+    config = {section: dict(values) for section, values in fp.get("config", {}).items()}
+    config.get("sam", {}).pop("dtype", None)
+    return _sealed(config, fp.get("models", {}))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -156,13 +174,24 @@ class RunFolder:
                 f"output.uri {self.uri} holds a run without a resume fingerprint (made by an older autolabel); "
                 "choose another output.uri, or pass --overwrite (output.overwrite=true) to replace it"
             )
-        if before["sha256"] != now["sha256"]:
-            raise ConfigError(
-                f"output.uri {self.uri} holds a run made with a different configuration or weights, so it cannot be resumed:\n  "
-                + "\n  ".join(differences(before, now))
-                + f"\nRerun with that run's settings to resume it (they are in {self.run_uri}/run.json), choose another "
-                "output.uri, or pass --overwrite (output.overwrite=true) to start clean."
-            )
+        if without_dtype(before)["sha256"] != without_dtype(now)["sha256"]:
+            self._refuse(differences(without_dtype(before), without_dtype(now)))
+
+    def check_same_dtype(self, previous: dict, now: dict) -> None:
+        """Once the dtype SAM will run in is known: the shards done so far must have used the same
+        (a run resumed on other hardware would otherwise mix float32 and bfloat16 masks)."""
+        before = previous.get("fingerprint") or {}
+        if "dtype" in before.get("config", {}).get("sam", {}) and before["sha256"] != now["sha256"]:
+            self._refuse(differences(before, now), hint="The shards done so far were segmented in another dtype: resume on "
+                         "hardware like the first attempt's, or pass sam.dtype=<that dtype> to force it (bfloat16 needs CUDA); ")
+
+    def _refuse(self, lines: list[str], hint: str = "") -> None:
+        raise ConfigError(
+            f"output.uri {self.uri} holds a run made with a different configuration or weights, so it cannot be resumed:\n  "
+            + "\n  ".join(lines)
+            + f"\n{hint}Rerun with that run's settings to resume it (they are in {self.run_uri}/run.json), choose another "
+            "output.uri, or pass --overwrite (output.overwrite=true) to start clean."
+        )
 
     def clear(self) -> None:
         """Remove the run in the folder, and only what is the run's: its run.json, its own folders
@@ -288,37 +317,87 @@ class ShardTracker:
 
 
 class Progress:
-    """Shards done, and images from the run's totals; logged at most every ``every_s`` seconds
-    and at the end."""
+    """What a person watching the run sees: images done of the total with images/s and an ETA,
+    moving each time a batch of images is staged (not only when a whole shard is committed), as
+    a bar on a terminal and as a log line every ``every_s`` seconds; and the shard counts that
+    run.json records. Images done before this attempt count as done."""
 
-    def __init__(self, total_shards: int, done_before: int, totals: Totals, every_s: float = 10.0):
+    def __init__(self, total_shards: int, done_before: int, totals: Totals, total_images: Optional[int] = None,
+                 every_s: float = 10.0, bar: Optional[bool] = None):
+        import sys
+
         self.total = total_shards
         self.done_before = done_before
         self.done = done_before
         self.totals = totals
         self.images_before = totals.images
+        self.total_images = total_images  # None for tar shards: their members are counted as they are read
+        self.staged = 0  # images staged in this attempt (ahead of the commits that fold them into totals)
+        self.first_staged: Optional[tuple[float, int]] = None  # (when, how many) of the first staged batch
+        self.last_staged: Optional[float] = None
         self.started = time.time()
         self.every_s = every_s
         self.last_log = 0.0
+        self.show_bar = bar if bar is not None else sys.stderr.isatty()
+        self.bar = None
 
     @property
     def images(self) -> int:
         return self.totals.images
 
+    def images_staged(self, n: int) -> bool:
+        """Count ``n`` images staged by the sink; True when it is time for a log line."""
+        now = time.time()
+        if self.first_staged is None:
+            self.first_staged = (now, n)  # the first batch pays for actor start-up: steady rate starts after it
+        self.last_staged = now
+        self.staged += n
+        if self.show_bar:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total_images, initial=self.images_before, unit="img", desc="labeling", dynamic_ncols=True)
+            self.bar.update(n)
+        return self._due()
+
     def shard_done(self) -> bool:
         """Count a committed shard (its totals already merged); True when it is time to log."""
         self.done += 1
+        return self._due() or self.done == self.total
+
+    def _due(self) -> bool:
         now = time.time()
-        if now - self.last_log >= self.every_s or self.done == self.total:
+        if now - self.last_log >= self.every_s:
             self.last_log = now
             return True
         return False
 
+    def rate(self) -> float:
+        return self.staged / max(time.time() - self.started, 1e-9)
+
+    def steady_rate(self) -> Optional[float]:
+        """Images/s from the first staged batch to the last: the rate without Ray's and the
+        models' start-up, which is what a long run sees."""
+        if self.first_staged is None or self.last_staged <= self.first_staged[0]:
+            return None
+        return round((self.staged - self.first_staged[1]) / (self.last_staged - self.first_staged[0]), 4)
+
     def line(self) -> str:
-        this_run = self.images - self.images_before
-        rate = this_run / max(time.time() - self.started, 1e-9)
+        done = self.images_before + self.staged
+        rate = self.rate()
+        if self.total_images:
+            left = max(self.total_images - done, 0)
+            eta = f", ETA {_duration(left / rate)}" if rate > 0 and left else ""
+            images = f"images {done}/{self.total_images} ({100 * done / self.total_images:.0f}%)"
+        else:
+            eta, images = "", f"images {done}"
         resumed = f", {self.done_before} done before this attempt" if self.done_before else ""
-        return f"shards {self.done}/{self.total} done{resumed}; {self.images} images ({rate:.2f} images/s this attempt)"
+        return f"{images}, {rate:.2f} images/s this attempt{eta}; shards {self.done}/{self.total} done{resumed}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def as_dict(self) -> dict:
         return {
@@ -327,4 +406,12 @@ class Progress:
             "shards_done_before_this_attempt": self.done_before,
             "images_done": self.images,
             "images_this_attempt": self.images - self.images_before,
+            "steady_images_per_second": self.steady_rate(),
         }
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -1,24 +1,28 @@
-"""Segment stage: a Ray actor holding one SAM 2.1 image predictor, prompts -> masks -> COCO RLE.
+"""Segment stage: a Ray actor holding one SAM 2.1 model (``sam_batch.SamModel``); prompts -> masks
+-> objects-table rows.
 
-Per image: one encoder pass (``set_image``), then the prompts go through the decoder in batches
-of equal shape, ``sam.box_chunk`` at a time, so memory stays bounded however many objects an
-image holds.
+Per batch of images: their pixels are decoded in threads as the batch arrives, the images go
+through the encoder ``sam.batch_size`` at a time and their prompts through the decoder together
+(``sam_batch``); while the device works on the next images, a host thread turns the finished
+masks' run boundaries into COCO RLE strings and rows. Memory stays bounded per batch however
+many objects an image holds.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from . import masks as mask_codec
 from .config import SamConfig
-from .decode import ImageError, pixels_of, with_errors
-from .faults import CrashGuard, InjectedFaults
-from .prompts import Candidates, Prompt, manifest_prompts, run_prompts
+from .decode import ImageDecoder, ImageError, pixels_or_error, with_errors
+from .faults import CrashGuard
+from .prompts import Prompt, manifest_prompts
+from .sam_batch import Candidates, SamModel, SegmentOOM
+from .timings import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -43,123 +47,6 @@ OBJECT_TYPE = pa.struct(
 )
 
 
-class SegmentOOM(ImageError):
-    """The GPU ran out of memory on this image even with the smallest decoder batches."""
-
-    def __init__(self, message: str):
-        super().__init__("oom", message)
-
-
-def _free_gpu_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def resolve_dtype(requested: str, device) -> str:
-    """``sam.dtype=auto``: bfloat16 autocast on CUDA, float32 elsewhere (bf16 is slow on CPUs)."""
-    if requested == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return requested
-
-
-def autocast(dtype: str, device):
-    import torch
-
-    if dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class SamModel:
-    """One SAM 2.1 image predictor with its device, dtype and thread settings; shared by the Ray
-    segment stage, ``autolabel predict`` and the Python API."""
-
-    def __init__(self, cfg: SamConfig, cpu_threads: Optional[int] = None):
-        import torch
-
-        from .models import build_sam_predictor, pick_device, resolve_sam_checkpoint
-
-        self.cfg = cfg
-        self.device = pick_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        elif cpu_threads:
-            # Ray pins a fractional-CPU actor to one thread; on a CPU-only node SAM is the
-            # bottleneck by far, so it gets the threads the job planned for it.
-            torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
-        self.weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint)
-        self.predictor = build_sam_predictor(self.weights, cfg.image_size, self.device)
-        self.faults = InjectedFaults.from_env()
-        self._uri: Optional[str] = None  # the image being segmented, for test faults
-        if self.faults:
-            self._inject_test_faults()
-        log.info("SAM 2.1 %s (%s) on %s, %s", cfg.size, self.weights.path or "random weights", self.device, self.dtype)
-
-    def segment(self, image: np.ndarray, prompts: list[Prompt], multimask=None, uri: Optional[str] = None) -> list[Optional[Candidates]]:
-        """One encoder pass for ``image``, then every valid prompt through the decoder.
-
-        ``multimask`` None follows ``sam.multimask``. Out of GPU memory, the decoder batches are
-        halved until one prompt at a time (the answers do not depend on the batching); the
-        encoder is retried once. ``SegmentOOM`` when that is still too much.
-        """
-        import torch
-
-        if not any(p.error is None for p in prompts):
-            return [None] * len(prompts)
-        self._uri = uri
-        policy = self.cfg.multimask if multimask is None else multimask
-        with torch.inference_mode(), autocast(self.dtype, self.device):
-            for attempt in (1, 2):
-                try:
-                    self.predictor.set_image(image)
-                    break
-                except torch.OutOfMemoryError as exc:
-                    _free_gpu_memory()
-                    if attempt == 2:
-                        raise SegmentOOM(f"out of GPU memory in the image encoder ({_short(exc)})") from None
-            chunk = self.cfg.box_chunk
-            while True:
-                try:
-                    return run_prompts(self.predictor, prompts, chunk, policy)
-                except torch.OutOfMemoryError as exc:
-                    _free_gpu_memory()
-                    if chunk == 1:
-                        raise SegmentOOM(
-                            f"out of GPU memory even one prompt at a time ({len(prompts)} prompts; {_short(exc)})"
-                        ) from None
-                    log.warning("out of GPU memory with %d prompts per decoder call on %s; retrying with %d", chunk, uri or "an image", chunk // 2)
-                    chunk //= 2
-
-    def _inject_test_faults(self) -> None:
-        """TEST ONLY (``AUTOLABEL_TEST_FAULTS``): make the decoder raise CUDA OOM on demand."""
-        real_predict = self.predictor.predict
-
-        def predict(**kwargs):
-            batched = next((v for k, v in kwargs.items() if k in ("box", "point_coords", "mask_input") and v is not None), None)
-            self.faults.maybe_oom(self._uri, 1 if batched is None else len(batched))
-            return real_predict(**kwargs)
-
-        self.predictor.predict = predict
-
-
-def _short(exc: BaseException) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-
-
-def _bbox(mask: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask)
-    if not len(xs):
-        return [0.0, 0.0, 0.0, 0.0]
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-
-
 def object_rows(prompts: list[Prompt], answers: list[Optional[Candidates]], keep_all: bool) -> list[dict]:
     """Prompts and SAM's answers -> objects-table rows (error rows for rejected prompts)."""
     rows = []
@@ -173,13 +60,11 @@ def object_rows(prompts: list[Prompt], answers: list[Optional[Candidates]], keep
                          "mask_score": None, "box": None, "area": None, "mask": None})
             continue
         count = len(answer.scores) if keep_all else 1
-        rles = mask_codec.encode(answer.masks[:count])
         for rank in range(count):
-            mask = answer.masks[rank]
             rows.append({
                 **base, "candidate": rank, "status": "ok", "error": None, "mask_score": float(answer.scores[rank]),
-                "box": [float(v) for v in prompt.box] if prompt.box is not None else _bbox(mask),
-                "area": int(mask.sum()), "mask": rles[rank],
+                "box": [float(v) for v in prompt.box] if prompt.box is not None else [float(v) for v in answer.boxes[rank]],
+                "area": int(answer.areas[rank]), "mask": answer.rles[rank],
             })
     return rows
 
@@ -192,13 +77,21 @@ class Segmenter:
     """
 
     def __init__(self, cfg: SamConfig, class_names: dict[int, str], cpu_threads: Optional[int] = None,
-                 storage_options: Optional[dict] = None, ledger=None, max_image_crashes: int = 3):
+                 storage_options: Optional[dict] = None, ledger=None, max_image_crashes: int = 3,
+                 manifest_roots: Optional[list[str]] = None, max_pixels: Optional[int] = None, decode_threads: int = 4):
         self.sam = SamModel(cfg, cpu_threads)
+        self.cfg = cfg
         self.class_names = class_names
         self.class_ids = {name: cid for cid, name in class_names.items()}
         self.storage_options = storage_options
+        self.manifest_roots = manifest_roots  # where manifest mask paths may point (None: anywhere)
         self.keep_all = cfg.candidates == "all"
         self.guard = CrashGuard(ledger, "segment", max_image_crashes)
+        self.decoder = ImageDecoder(decode_threads, max_pixels)
+        self.rows_pool = ThreadPoolExecutor(1, thread_name_prefix="rows")  # host side of the previous images
+        self.clock = StageClock()
+        self.identity = _actor_identity()
+        self.started: Optional[float] = None
 
     def prompts_for(self, row: dict) -> list[Prompt]:
         prompts = [
@@ -208,37 +101,84 @@ class Segmenter:
         ]
         if row.get("prompts"):
             prompts += manifest_prompts(row["prompts"], row.get("base_uri"), row["width"], row["height"],
-                                        self.class_ids, self.storage_options)
+                                        self.class_ids, self.storage_options, self.manifest_roots)
         return prompts
 
+    def _rows(self, prompts: list[Prompt], answers: list) -> list[dict]:
+        started = time.perf_counter()
+        try:
+            return object_rows(prompts, answers, self.keep_all)
+        finally:
+            self.clock.add("rle", time.perf_counter() - started)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.started is None:
+            self.started = time.perf_counter()
         wanted = [c for c in ("uri", "status", "width", "height", "det_boxes", "det_class_ids", "det_scores", "prompts",
                               "base_uri") if c in batch.column_names]
         rows = batch.select(wanted).to_pylist()
-        pixels = batch.column("pixels")
-        objects_per_image = []
+        objects: list = [[] for _ in rows]
         errors: dict[int, ImageError] = {}  # images that fail here become error rows
-        for i, row in enumerate(rows):
-            if row["status"] != "ok":
-                objects_per_image.append([])
-                continue
-            if not self.guard.start(row["uri"]):  # this image killed the worker again and again
-                errors[i] = self.guard.crash_error()
-                objects_per_image.append([])
-                continue
+        ok = [i for i, row in enumerate(rows) if row["status"] == "ok"]
+        # One ledger call for the batch; after a worker died on it, one image at a time (faults.py),
+        # each decoded only once it is announced.
+        whole = not ok or self.guard.start_batch([rows[i]["uri"] for i in ok])
+        prompts = {i: self.prompts_for(rows[i]) for i in ok}
+        need = [i for i in ok if prompts[i]]
+        pending = self.decoder.decode_rows(batch, need) if whole else {}
+        step = self.cfg.batch_size if whole else 1
+        built = []  # futures of (row index, objects rows), made by the host thread
+        for start in range(0, len(need), step):
+            group = need[start:start + step]
+            if not whole:
+                if not self.guard.start(rows[group[0]]["uri"]):  # this image killed the worker again and again
+                    errors[group[0]] = self.guard.crash_error()
+                    continue
+                pending.update(self.decoder.decode_rows(batch, group))
             if self.sam.faults:
-                self.sam.faults.maybe_kill("segment", row["uri"])
-            prompts = self.prompts_for(row)
-            try:
-                image = pixels_of(pixels[i].as_py(), row["width"], row["height"]) if prompts else None
-                answers = self.sam.segment(image, prompts, uri=row["uri"]) if prompts else []
-            except SegmentOOM as exc:
-                errors[i] = exc
-                objects_per_image.append([])
-                continue
-            objects_per_image.append(object_rows(prompts, answers, self.keep_all))
+                for i in group:
+                    self.sam.faults.maybe_kill("segment", rows[i]["uri"])
+            images = {}
+            for i in group:
+                pixels = pixels_or_error(pending.pop(i), (rows[i]["height"], rows[i]["width"]))
+                if isinstance(pixels, ImageError):
+                    errors[i] = pixels
+                else:
+                    images[i] = pixels
+            order = list(images)
+            answers = self.sam.segment_batch([images[i] for i in order], [prompts[i] for i in order],
+                                             uris=[rows[i]["uri"] for i in order], keep_all=self.keep_all)
+            for i, answer in zip(order, answers):
+                if isinstance(answer, SegmentOOM):
+                    errors[i] = answer
+                else:
+                    built.append((i, self.rows_pool.submit(self._rows, prompts[i], answer)))
+        for i, future in built:
+            objects[i] = future.result()
         self.guard.done()
+        for stage, seconds in self.sam.clock.spent.items():
+            self.clock.add(stage, seconds)
+        self.sam.clock.spent.clear()
+        self.clock.add("decode", self.decoder.take_seconds())
         batch = with_errors(batch, errors)
-        batch = batch.drop_columns([c for c in ("pixels", "det_boxes", "det_class_ids", "det_scores", "prompts", "base_uri")
+        batch = batch.drop_columns([c for c in ("data", "det_boxes", "det_class_ids", "det_scores", "prompts", "base_uri")
                                     if c in batch.column_names])
-        return batch.append_column(pa.field("objects", pa.list_(OBJECT_TYPE)), pa.array(objects_per_image, type=pa.list_(OBJECT_TYPE)))
+        batch = batch.append_column(pa.field("objects", pa.list_(OBJECT_TYPE)), pa.array(objects, type=pa.list_(OBJECT_TYPE)))
+        batch = self.clock.stamp(batch)
+        identity = {"sam_actor": self.identity[0], "sam_node": self.identity[1], "sam_busy_s": self.sam.busy_s,
+                    "sam_wall_s": time.perf_counter() - self.started}
+        for name, value in identity.items():
+            typ = pa.string() if isinstance(value, str) or value is None else pa.float64()
+            batch = batch.append_column(name, pa.array([value] * batch.num_rows, typ))
+        return batch
+
+
+def _actor_identity() -> tuple[Optional[str], Optional[str]]:
+    """(actor id, node id) of this Ray actor, short; (None, None) outside Ray."""
+    try:
+        import ray
+
+        context = ray.get_runtime_context()
+        return (context.get_actor_id() or "")[:12] or None, (context.get_node_id() or "")[:12] or None
+    except Exception:  # noqa: BLE001 - only for the record
+        return None, None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from fsspec.core import url_to_fs
 from .decode import IMAGE_COLUMNS
 from .segment import OBJECT_TYPE
 from .sources import protocols_of
+from .timings import PREFIX as TIMING_PREFIX, StageClock
 
 CLASS_COUNT_TYPE = pa.struct([("class_id", pa.int32()), ("class_name", pa.string()), ("count", pa.int32())])
 
@@ -39,7 +41,7 @@ IMAGES_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
         ("uri", pa.string()),
-        *((name, typ) for name, typ in IMAGE_COLUMNS if name != "pixels"),  # width ... note, as decoded
+        *IMAGE_COLUMNS,  # width ... note, as read
         ("num_objects", pa.int32()),
         ("class_counts", pa.list_(CLASS_COUNT_TYPE)),
         ("num_prompt_errors", pa.int32()),
@@ -51,8 +53,10 @@ OBJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), *OB
 
 STAGING_DIR = "_staging"
 DONE_DIR = "_done"
-# What write_batch tells the driver per image: enough to know when a shard is complete.
+# What write_batch tells the driver per image: enough to know when a shard is complete, plus the
+# stage timings (``t_*``) and which SAM actor did it (timings.py).
 SUMMARY_COLUMNS = ("shard_id", "image_id", "shard_rows")
+SAM_ACTOR_COLUMNS = ("sam_actor", "sam_node", "sam_busy_s", "sam_wall_s")
 
 
 class OutputWriteError(RuntimeError):
@@ -194,6 +198,7 @@ def write_batch(batch: pa.Table, run_uri: str, storage_options: Optional[dict] =
     Part names come from the images they hold, so a retried task overwrites its own parts.
     Objects are staged before images: an images part means its objects part is complete.
     """
+    started = time.perf_counter()
     fs, root = url_to_fs(run_uri, **(storage_options or {}))
     shard_ids = batch.column("shard_id")
     for shard_id in pc.unique(shard_ids).to_pylist():
@@ -202,7 +207,10 @@ def write_batch(batch: pa.Table, run_uri: str, storage_options: Optional[dict] =
         folder = staging_path(root, shard_id)
         atomic_write(fs, f"{folder}/objects-{name}.parquet", _parquet_bytes(objects))
         atomic_write(fs, f"{folder}/images-{name}.parquet", _parquet_bytes(images))
-    return batch.select(list(SUMMARY_COLUMNS))
+    clock = StageClock()
+    clock.add("write", time.perf_counter() - started)
+    extra = [c for c in batch.column_names if c.startswith(TIMING_PREFIX) or c in SAM_ACTOR_COLUMNS]
+    return clock.stamp(batch.select([*SUMMARY_COLUMNS, *extra]))
 
 
 def _read(fs, path: str) -> pa.Table:

@@ -11,9 +11,14 @@ import csv
 import hashlib
 import io
 import json
+import math
+import posixpath
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import pyarrow as pa
@@ -75,9 +80,10 @@ def iter_image_uris(uri: str, extensions: list[str], storage_options: dict | Non
         return fs.unstrip_protocol(p)
 
     if any(c in path for c in _GLOB_CHARS):
+        fixed = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)].rsplit("/", 1)[0]
         matches = sorted(fs.glob(path, detail=False))
         for match in matches:
-            if match.lower().endswith(wanted) and fs.isfile(match):
+            if match.lower().endswith(wanted) and not _hidden(match[len(fixed):]) and fs.isfile(match):
                 yield full(match)
         return
     if fs.isfile(path):
@@ -86,10 +92,15 @@ def iter_image_uris(uri: str, extensions: list[str], storage_options: dict | Non
     if not fs.isdir(path):
         raise SourceError(f"input.uri: nothing found at {uri}")
     for root, dirs, files in fs.walk(path):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # prunes the walk: .git/, .thumbnails/ ...
         for name in sorted(files):
             if name.lower().endswith(wanted) and not name.startswith("."):
                 yield full(f"{root.rstrip('/')}/{name}")
+
+
+def _hidden(relative: str) -> bool:
+    """A path below the listing's root with a hidden part (``.thumbnails/a.jpg``, ``.a.jpg``)."""
+    return any(part.startswith(".") for part in relative.split("/") if part)
 
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
@@ -155,20 +166,86 @@ class WorkItem:
     prompts: Optional[str] = None  # JSON list of manifest objects
     meta: Optional[str] = None  # JSON object of the line's extra keys
     base_uri: Optional[str] = None  # folder relative mask paths are resolved against
+    lines: tuple[int, ...] = ()  # the manifest lines it came from (several when lines repeat a URI)
 
 
-def iter_manifest(manifest_uri: str, storage_options: dict | None = None, key: str = "prompts.manifest") -> Iterator[WorkItem]:
+def _normalised(path: str) -> str:
+    return posixpath.normpath(path) if path else path
+
+
+def normalise_uri(uri: str) -> str:
+    """``a/./b/../c.jpg`` -> ``a/c.jpg``, also inside URLs (``s3://b/x/../y``): one image, one URI
+    (and one image_id) however a manifest spells its path, and ``..`` cannot hide where it leads."""
+    parts = urlsplit(uri)
+    if len(parts.scheme) > 1:  # a URL (a one-letter scheme would be a Windows drive)
+        return urlunsplit(parts._replace(path=_normalised(parts.path))) if parts.path else uri
+    return _normalised(uri)
+
+
+def root_of(uri: str, storage_options: dict | None = None) -> str:
+    """The folder a URI names or sits in, as a full URI: globs are cut at their first wildcard, a
+    name with a file suffix gives its parent. Used as a root that manifest paths must stay under."""
+    fs, path = url_to_fs(uri, **(storage_options or {}))
+    if any(c in path for c in _GLOB_CHARS):
+        path = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)].rsplit("/", 1)[0]
+    elif re.search(r"\.[A-Za-z0-9]{1,5}$", path.rsplit("/", 1)[-1]):
+        path = path.rsplit("/", 1)[0] if "/" in path else ""
+    return fs.unstrip_protocol(_normalised(path))
+
+
+def is_within(uri: str, roots: Iterable[str], storage_options: dict | None = None) -> bool:
+    """True when ``uri`` (after resolving ``..``) lies under one of ``roots`` on the same storage."""
+    fs, path = url_to_fs(normalise_uri(uri), **(storage_options or {}))
+    protocols = protocols_of(fs)
+    for root in roots:
+        root_fs, root_path = url_to_fs(normalise_uri(root), **(storage_options or {}))
+        root_path = root_path.rstrip("/")
+        if protocols & protocols_of(root_fs) and (path == root_path or path.startswith(root_path + "/") or not root_path):
+            return True
+    return False
+
+
+def resolve_relative(ref: str, base_uri: Optional[str]) -> str:
+    """A manifest's ``uri`` or mask path: absolute (``/x``, ``s3://b/x``) as is, else under ``base_uri``."""
+    if "://" in ref or ref.startswith("/") or base_uri is None:
+        return normalise_uri(ref)
+    return normalise_uri(f"{base_uri.rstrip('/')}/{ref}")
+
+
+def normalise_object(obj):
+    """A manifest object with numeric ``label``/``object_key`` turned into text (``3`` -> ``"3"``),
+    as the objects table's string columns need; other wrong types are left for the segment stage
+    to reject as that object's error row."""
+    if not isinstance(obj, dict):
+        return obj
+    out = dict(obj)
+    for name in ("label", "object_key"):
+        value = out.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        out[name] = str(int(value)) if isinstance(value, int) or value.is_integer() else repr(value)
+    return out
+
+
+def iter_manifest(manifest_uri: str, storage_options: dict | None = None, key: str = "prompts.manifest",
+                  roots: Optional[list[str]] = None) -> Iterator[WorkItem]:
     """Stream a manifest (.jsonl, .csv, or .parquet with the same columns), one item per line.
 
     Used for prompt manifests and for input manifests (``input.format=manifest``; without an
     ``objects`` column such a manifest just lists images). ``uri`` may be relative to the
     manifest's folder; keys other than ``uri`` and ``objects`` are carried to the images table as
     metadata. In a .csv, ``objects`` (if any) is a JSON string and every other value a string.
+    ``roots``: folders every ``uri`` must lie under (the manifest's own folder is always one);
+    None allows any location (``prompts.allow_any_uri``). Lines that repeat a URI come out as
+    separate items: ``merge_repeated_uris`` joins them.
     """
     fs, path = url_to_fs(manifest_uri, **(storage_options or {}))
     base = fs.unstrip_protocol(path.rsplit("/", 1)[0]) if "/" in path else fs.unstrip_protocol(".")
     if not fs.isfile(path):
         raise SourceError(f"{key}: file not found: {manifest_uri}")
+    allowed = None if roots is None else [base, *roots]
 
     def rows() -> Iterator[tuple[int, dict]]:
         if path.endswith(".parquet"):
@@ -208,9 +285,93 @@ def iter_manifest(manifest_uri: str, storage_options: dict | None = None, key: s
         clash = sorted(set(meta) & RESERVED_KEYS)
         if clash:
             raise SourceError(f"{key} line {number}: keys {clash} clash with images-table columns; rename them")
-        uri = row["uri"] if ("://" in row["uri"] or row["uri"].startswith("/")) else f"{base.rstrip('/')}/{row['uri']}"
+        uri = resolve_relative(row["uri"], base)
+        if allowed is not None and not is_within(uri, allowed, storage_options):
+            from .config import redact_uri
+
+            raise SourceError(
+                f"{key} line {number}: uri {redact_uri(row['uri'])} is outside the manifest's folder {redact_uri(base)}"
+                f"{' and ' + ', '.join(redact_uri(r) for r in roots) if roots else ''}; "
+                "set prompts.allow_any_uri=true to let a manifest name other locations"
+            )
         item_fs, item_path = url_to_fs(uri, **(storage_options or {}))
-        yield WorkItem(item_fs.unstrip_protocol(item_path), json.dumps(objects), json.dumps(meta, default=str) if meta else None, base)
+        yield WorkItem(item_fs.unstrip_protocol(item_path), json.dumps([normalise_object(o) for o in objects]),
+                       json.dumps(meta, default=str) if meta else None, base, (number,))
+
+
+SPOOL_SCHEMA = pa.schema([("uri", pa.string()), ("line", pa.int64()), ("prompts", pa.string()), ("meta", pa.string()),
+                          ("base_uri", pa.string())])
+
+
+def merge_repeated_uris(items: Iterable[WorkItem], key: str = "prompts.manifest") -> Iterator[WorkItem]:
+    """Join the manifest lines that name the same image into one item, in the order of each
+    image's first line: objects in line order, metadata merged (lines that disagree on a value
+    are refused), an ``object_key`` used twice for one image refused, with the line numbers.
+
+    One object per line is a common layout, and two rows with one image_id would break the run.
+    The lines are spooled to a local Parquet file and grouped by duckdb, which spills to disk, so
+    a manifest of any length is merged in bounded memory.
+    """
+    import duckdb
+
+    tmp = tempfile.mkdtemp(prefix="autolabel-manifest-")
+    try:
+        spool = f"{tmp}/lines.parquet"
+        columns: dict[str, list] = {name: [] for name in SPOOL_SCHEMA.names}
+        with pq.ParquetWriter(spool, SPOOL_SCHEMA) as writer:
+            def flush() -> None:
+                writer.write_table(pa.table(columns, schema=SPOOL_SCHEMA))
+                for values in columns.values():
+                    values.clear()
+
+            for item in items:
+                for name, value in zip(SPOOL_SCHEMA.names, (item.uri, item.lines[0], item.prompts, item.meta, item.base_uri)):
+                    columns[name].append(value)
+                if len(columns["uri"]) == 8192:
+                    flush()
+            flush()
+        con = duckdb.connect(config={"memory_limit": "1GB", "temp_directory": tmp, "threads": 1})
+        try:
+            reader = con.sql(
+                "SELECT uri, list(line ORDER BY line), list(prompts ORDER BY line), list(meta ORDER BY line), any_value(base_uri) "
+                "FROM read_parquet(?) GROUP BY uri ORDER BY min(line)", params=[spool],
+            ).to_arrow_reader(1024)
+            for batch in reader:
+                for uri, lines, prompts, metas, base in zip(*(batch.column(i).to_pylist() for i in range(5))):
+                    yield _merged(uri, lines, prompts, metas, base, key)
+        finally:
+            con.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _merged(uri: str, lines: list[int], prompts: list[Optional[str]], metas: list[Optional[str]], base: Optional[str],
+            key: str) -> WorkItem:
+    from .config import redact_uri
+
+    objects: list = []
+    key_line: dict[str, int] = {}
+    for line, text in zip(lines, prompts):
+        for obj in json.loads(text) if text else []:
+            object_key = obj.get("object_key") if isinstance(obj, dict) else None
+            if isinstance(object_key, str):
+                if object_key in key_line:
+                    where = f"line {line}" if key_line[object_key] == line else f"lines {key_line[object_key]} and {line}"
+                    raise SourceError(f"{key} {where}: object_key {object_key!r} is used twice for {redact_uri(uri)}; "
+                                      "object keys must be unique within an image")
+                key_line[object_key] = line
+            objects.append(obj)
+    meta: dict = {}
+    meta_line: dict[str, int] = {}
+    for line, text in zip(lines, metas):
+        for name, value in (json.loads(text) if text else {}).items():
+            if meta.get(name) is None:  # not given yet, or given as null: no disagreement
+                meta[name], meta_line[name] = value, line
+            elif value is not None and meta[name] != value:
+                raise SourceError(f"{key} lines {meta_line[name]} and {line}: {redact_uri(uri)} has {name}={meta[name]!r} and "
+                                  f"{name}={value!r}; lines naming the same image must agree")
+    any_prompts = any(p is not None for p in prompts)
+    return WorkItem(uri, json.dumps(objects) if any_prompts else None, json.dumps(meta) if meta else None, base, tuple(lines))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from conftest import SAM_IMAGE_SIZE, model_overrides
@@ -101,6 +102,20 @@ def test_run_json_records_config_models_and_totals(labeled, checkpoints):
     assert manifest["models"]["sam"]["dtype"] == "float32"  # sam.dtype=auto on a CPU-only cluster
 
 
+def test_every_sam_actor_works_and_run_json_says_where_the_time_went(labeled):
+    """ray.sam_actors=2: one Ray block per shard, so both SAM actors get images; run.json records
+    each actor's images, and the seconds each stage took."""
+    timings = labeled["manifest"]["timings"]
+    actors = timings["sam_actors"]
+    assert len(actors) == 2 and all(a["images"] > 0 for a in actors.values()), actors
+    assert sum(a["images"] for a in actors.values()) == len(labeled["images"])
+    assert all(0 < a["busy_fraction"] <= 1 for a in actors.values())
+    stages = timings["stages"]
+    assert set(stages) == {"read", "decode", "detect", "encode", "masks", "rle", "write"}, stages
+    assert all(v["seconds"] > 0 for v in stages.values()) and sum(v["share"] for v in stages.values()) == pytest.approx(1, abs=1e-3)
+    assert timings["images"] == labeled["manifest"]["totals"]["images"]
+
+
 def test_boxes_equal_direct_yolo_predict(labeled, checkpoints):
     """Same checkpoint, same image: the pipeline's boxes are what ``YOLO(...).predict`` returns."""
     from ultralytics import YOLO
@@ -122,9 +137,8 @@ def test_boxes_equal_direct_yolo_predict(labeled, checkpoints):
         assert list(mine["class_id"]) == result.boxes.cls.int().tolist()
 
 
-def test_masks_equal_sam2_tutorial_code(labeled, checkpoints):
-    """Same checkpoint, same boxes: masks equal the SAM 2 tutorial's set_image + predict."""
-    import torch
+def _tutorial_predictor(checkpoints):
+    """The SAM 2 tutorial's own ``build_sam2`` + ``SAM2ImagePredictor`` on the test checkpoint."""
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
@@ -135,6 +149,12 @@ def test_masks_equal_sam2_tutorial_code(labeled, checkpoints):
     predictor = SAM2ImagePredictor(model)
     s = SAM_IMAGE_SIZE
     predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    return predictor
+
+
+def test_masks_equal_sam2_tutorial_code(labeled, checkpoints):
+    """Same checkpoint, same boxes: masks equal the SAM 2 tutorial's set_image + predict."""
+    predictor = _tutorial_predictor(checkpoints)
     objects = labeled["objects"]
     compared = 0
     for image_id, mine in objects.groupby("image_id"):
@@ -172,3 +192,65 @@ def test_memory_filesystem_input_with_bfloat16(ray_local, checkpoints, tmp_path)
     assert manifest["models"]["sam"]["dtype"] == "bfloat16"
     objects = pq.read_table(tmp_path / "out" / "objects").to_pandas()
     assert len(objects) == images.loc["memory:///inbox/a/bus.jpg", "num_objects"] > 0
+    # The masks the bf16 job stored are the fp32 tutorial's masks for the same boxes, object by
+    # object (the bound of test_stages' bf16 test); the control, the fp32 mask of the same box
+    # moved by a fifth of the image, must fail that bound.
+    from test_stages import BF16_MIN_IOU
+
+    predictor = _tutorial_predictor(checkpoints)
+    image = np.array(Image.open(bus).convert("RGB"))
+    h, w = image.shape[:2]
+    boxes = np.stack(objects.sort_values("object_id")["box"].to_numpy())
+    moved = boxes + np.array([w, h, w, h], np.float32) / 5
+    moved = np.minimum(moved, [w, h, w, h])
+    with torch.inference_mode():
+        predictor.set_image(image)
+        fp32 = predictor.predict(box=boxes, multimask_output=False)[0].reshape(len(boxes), h, w) > 0
+        control = predictor.predict(box=moved, multimask_output=False)[0].reshape(len(boxes), h, w) > 0
+    for j, (_, obj) in enumerate(objects.sort_values("object_id").iterrows()):
+        stored = mask_codec.decode(obj["mask"])
+        assert mask_codec.iou(stored, fp32[j]) >= BF16_MIN_IOU
+        assert mask_codec.iou(stored, control[j]) < BF16_MIN_IOU
+
+
+def test_progress_in_a_terminal_is_a_bar_and_in_logs_lines_with_rate_and_eta(checkpoints, tmp_path):
+    """`autolabel run` in a real pseudo-terminal draws a bar that moves per staged batch (images
+    done/total, images/s); its log lines say images done of the total, images/s and an ETA."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    from conftest import REPO, autolabel_cli
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in sorted(p.name for p in (REPO / "samples" / "images").iterdir()):
+        (images / name).write_bytes((REPO / "samples" / "images" / name).read_bytes())
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # a terminal 160 columns wide
+    proc = subprocess.Popen(
+        [*autolabel_cli(), "run", f"input.uri={images}", f"output.uri={tmp_path / 'out'}", "input.shard_size=1",
+         "report.enabled=false", "sam.batch_size=1", *model_overrides(checkpoints), "detector.batch_size=1"],
+        stdin=follower, stdout=follower, stderr=follower, close_fds=True, cwd=tmp_path,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal is closed once the process has exited
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=300) == 0
+    os.close(leader)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "labeling:" in screen and "4/4" in screen and "img/s" in screen, screen[-3000:]
+    assert "labeling: 100%" in screen
+    lines = [line for line in screen.splitlines() if "autolabel: images " in line]
+    assert lines and "4/4 (100%)" in lines[-1] and "images/s this attempt" in lines[-1], lines
+    assert "4/4" not in lines[0] and "ETA" in lines[0], lines  # it moved before the end, with an ETA

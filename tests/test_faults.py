@@ -44,9 +44,12 @@ def fault_images(tmp_path_factory) -> Path:
 
 def fault_overrides(images: Path, out: Path, checkpoints: dict) -> list[str]:
     # One image per shard, so shards are committed while the job runs. One image per detector
-    # call: which images share a batch depends on timing, and batching moves boxes in their last
-    # float bits, which would make two clean runs differ by a mask pixel now and then.
-    return [*run_overrides(images, out, checkpoints), "input.shard_size=1", "detector.batch_size=1", "report.enabled=false"]
+    # call and per SAM encoder batch: which images share a batch depends on timing, and batching
+    # moves boxes and logits in their last float bits, which would make two clean runs differ by
+    # a mask pixel now and then.
+    # One SAM actor: the kill test kills "the" segment worker.
+    return [*run_overrides(images, out, checkpoints), "input.shard_size=1", "detector.batch_size=1", "sam.batch_size=1",
+            "ray.sam_actors=1", "report.enabled=false"]
 
 
 def read_run(out: Path) -> dict:
@@ -223,6 +226,36 @@ def test_overwrite_starts_clean(ray_local, checkpoints, fault_images, clean, tmp
     assert_exactly_once(read_run(out), clean)
 
 
+def test_a_resume_in_another_dtype_is_refused(ray_local, checkpoints, fault_images, tmp_path):
+    """sam.dtype=auto is bfloat16 on a GPU and float32 on a CPU: a run started on one and resumed
+    on the other would mix the two in one dataset. The first attempt runs in bfloat16 (CPU
+    autocast, standing in for a GPU node); its interruption is simulated by removing one shard's
+    done marker and files (the real driver kill is tested above). A resume with sam.dtype=auto
+    (float32 here) is refused before any work, naming the dtypes; with sam.dtype=bfloat16 it
+    resumes."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("coffee0.jpg", "chelsea0.jpg"):
+        shutil.copy(fault_images / name, images / name)
+    out = tmp_path / "out"
+    overrides = fault_overrides(images, out, checkpoints)
+    first = run(load_config(None, [*overrides, "sam.dtype=bfloat16"]))
+    assert first["status"] == "finished" and first["fingerprint"]["config"]["sam"]["dtype"] == "bfloat16"
+    manifest = json.loads((out / "run.json").read_text())
+    for path in (out / "_done" / "shard-000001.json", out / "images" / "shard-000001.parquet", out / "objects" / "shard-000001.parquet"):
+        path.unlink()
+    (out / "run.json").write_text(json.dumps({**manifest, "status": "failed"}))
+    before = (out / "run.json").read_bytes()
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sam.dtype: 'bfloat16' -> 'float32'(.|\n)*segmented in another dtype"):
+        run(load_config(None, overrides))
+    assert (out / "run.json").read_bytes() == before and not (out / "_done" / "shard-000001.json").exists()
+    resumed = run(load_config(None, [*overrides, "sam.dtype=bfloat16"]))
+    assert resumed["status"] == "finished" and resumed["progress"]["shards_done_before_this_attempt"] == 1
+    assert resumed["totals"]["images"] == 2
+
+
 def _unshare_works() -> bool:
     if not shutil.which("unshare"):
         return False
@@ -326,7 +359,7 @@ def test_commit_keeps_each_image_once_when_a_retry_staged_it_again(tmp_path):
 @pytest.mark.parametrize("members", [16, 17, 3])
 def test_tar_shard_rows_arrive_with_the_last_batch(tmp_path, members):
     """A tar's image count is known only after reading it; its last batch carries it."""
-    from pipeline.decode import decode_tar_batch
+    from pipeline.decode import read_tar_batch
 
     tar_path = tmp_path / "shard.tar"
     with tarfile.open(tar_path, "w") as tf:
@@ -337,7 +370,7 @@ def test_tar_shard_rows_arrive_with_the_last_batch(tmp_path, members):
             info.size = len(buf.getvalue())
             tf.addfile(info, io.BytesIO(buf.getvalue()))
     shard = pa.table({"shard_id": ["000000"], "uri": [str(tar_path)], "data": pa.array([None], pa.binary())})
-    batches = list(decode_tar_batch(shard, extensions=(".png",)))
+    batches = list(read_tar_batch(shard, extensions=(".png",)))
     assert sum(b.num_rows for b in batches) == members
     assert all(set(b.column("shard_rows").to_pylist()) == {None} for b in batches[:-1])
     assert set(batches[-1].column("shard_rows").to_pylist()) == {members}

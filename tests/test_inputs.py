@@ -23,7 +23,7 @@ from bad_inputs import Expect, build_folder, corpus_files, write_tar
 from conftest import REPO, model_overrides
 from pipeline import masks as mask_codec
 from pipeline.config import ConfigError, load_config
-from pipeline.decode import ImageError, decode_batch, decode_image, iter_tar_members
+from pipeline.decode import ImageDecoder, ImageError, decode_image, iter_tar_members, pixels_or_error, read_batch, with_errors
 from pipeline.job import run, work_items
 from pipeline.sources import SourceError, expand_braces, image_id_for, input_format, iter_manifest
 
@@ -89,11 +89,17 @@ def test_decoder_names_every_failure_and_converts_every_mode(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
         uris.append(f"file://{tmp_path / name}")
-    out = decode_batch(pa.table({"shard_id": ["0"] * len(uris), "uri": uris, "image_id": uris}), max_pixels=89_478_485)
-    for row, (name, (_, expect)) in zip(out.to_pylist(), files.items()):
+    # The read stage (bytes + header), then the decoding the model actors do, as the job runs them.
+    out = read_batch(pa.table({"shard_id": ["0"] * len(uris), "uri": uris, "image_id": uris}), max_pixels=89_478_485)
+    ok = [i for i, status in enumerate(out.column("status").to_pylist()) if status == "ok"]
+    futures = ImageDecoder(2, 89_478_485).decode_rows(out, ok)
+    rows = out.to_pylist()
+    pixels = {i: pixels_or_error(futures[i], (rows[i]["height"], rows[i]["width"])) for i in ok}
+    out = with_errors(out, {i: p for i, p in pixels.items() if isinstance(p, ImageError)})
+    for i, (row, (name, (_, expect))) in enumerate(zip(out.to_pylist(), files.items())):
         _check_row(name, row, expect)
         if row["status"] == "ok":
-            assert len(row["pixels"]) == row["width"] * row["height"] * 3
+            assert pixels[i].shape == (row["height"], row["width"], 3)
     assert len({e.error_class for _, e in files.values() if e.status == "error"}) >= 2
     assert sum(e.status == "error" for _, e in files.values()) >= 12
 
@@ -149,11 +155,11 @@ def test_a_mistyped_brace_pattern_stops_before_any_work(tmp_path):
         preflight(load_config(None, [f"input.uri={tmp_path}/s-{{000000..000001}}.tar"]))
 
 
-def test_memory_tar_travels_in_the_shard_and_is_expanded_by_the_decode_stage(tmp_path):
+def test_memory_tar_travels_in_the_shard_and_is_expanded_by_the_read_stage(tmp_path):
     """memory:// lives in the driver only: the tar's bytes go into its shard row for the workers."""
     import fsspec
 
-    from pipeline.decode import decode_tar_batch
+    from pipeline.decode import read_tar_batch
     from pipeline.sources import write_shards
 
     fs = fsspec.filesystem("memory")
@@ -165,7 +171,7 @@ def test_memory_tar_travels_in_the_shard_and_is_expanded_by_the_decode_stage(tmp
     shard = pq.read_table(tmp_path / "out" / "_shards" / "shard-000000.parquet")
     assert shard.column("data")[0].as_py() == tar.read_bytes() and listing.num_shards == 1
     fs.rm("/tars/m-0.tar")  # what workers see: nothing in their own memory://
-    rows = [r for t in decode_tar_batch(shard, extensions=(".png", ".jpg")) for r in t.to_pylist()]
+    rows = [r for t in read_tar_batch(shard, extensions=(".png", ".jpg")) for r in t.to_pylist()]
     assert [(r["uri"], r["status"], r["error_class"]) for r in rows] == [
         ("memory:///tars/m-0.tar#x/a.png", "ok", None), ("memory:///tars/m-0.tar#x/b.jpg", "error", "decode_error")]
     assert rows[0]["image_id"] == image_id_for("memory:///tars/m-0.tar#x/a.png") and rows[0]["shard_id"] == "000000"

@@ -19,7 +19,7 @@ from conftest import REPO, SAM_IMAGE_SIZE, autolabel_cli, model_overrides
 from pipeline import masks as mask_codec
 from pipeline.config import load_config
 from pipeline.predict import Predictor
-from pipeline.prompts import Prompt, mask_to_logits, run_prompts
+from pipeline.prompts import Prompt, PromptError, manifest_prompts
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +106,25 @@ def test_box_with_foreground_and_background_points(api, direct, voc):
 
 
 def test_prior_mask_input(api, direct, voc):
-    prior = voc["masks"][15]
-    answer = api.predict(voc["rgb"], mask=prior)
-    logits = mask_to_logits(prior, SAM_IMAGE_SIZE // 4)
-    _assert_same(answer, _direct(direct, mask_input=logits, multimask_output=False))
+    """The SAM 2 tutorial's refinement: a click, then the same click with the previous call's
+    best low-res logits as ``mask_input``. Given those logits (``mask_input=previous.logits[0]``)
+    the API gives the tutorial's answer exactly."""
+    point = np.array([_centroid(voc["masks"][15])])
+    _, scores, logits = _direct(direct, point_coords=point, point_labels=np.array([1]), multimask_output=True)
+    best = logits[np.argmax(scores)]
+    tutorial = _direct(direct, point_coords=point, point_labels=np.array([1]), mask_input=best[None], multimask_output=False)
+    first = api.predict(voc["rgb"], points=point.tolist())  # three ranked candidates: [0] is the tutorial's argmax
+    np.testing.assert_array_equal(first.logits[0], best)
+    refined = api.predict(voc["rgb"], points=point.tolist(), mask_input=first.logits[0])
+    _assert_same(refined, tutorial)
+    # A manifest's prior mask is binary (PNG or RLE): it stands in for those logits, so its answer
+    # lies closer to the tutorial's refinement than the same click without any prior does.
+    tutorial_mask = tutorial[0][0] > 0
+    from_binary = api.predict(voc["rgb"], points=point.tolist(), mask=first.masks[0], multimask=False)
+    no_prior = api.predict(voc["rgb"], points=point.tolist(), multimask=False)
+    assert mask_codec.iou(from_binary.masks[0], tutorial_mask) > mask_codec.iou(no_prior.masks[0], tutorial_mask) + 0.05
+    with pytest.raises(PromptError, match="64x64 logits"):
+        api.predict(voc["rgb"], points=point.tolist(), mask_input=np.zeros((32, 32), np.float32))
 
 
 def test_multimask_for_a_box(api, direct, voc):
@@ -124,15 +139,13 @@ def test_batching_groups_equal_shapes_and_changes_no_answer(api, voc):
     prompts = [Prompt(box=b) for b in voc["boxes"][:5]]
     prompts += [Prompt(points=np.array([_centroid(m), [1.0, 1.0]], np.float32), point_labels=np.array([1, 0], np.int32)) for m in voc["masks"][5:8]]
     prompts += [Prompt(box=voc["boxes"][8], points=np.array([_centroid(voc["masks"][8])], np.float32), point_labels=np.array([1], np.int32))]
-    predictor = api.model.predictor
     calls = []
-    original = predictor.predict
-    predictor.predict = lambda **kw: calls.append(sorted(kw)) or original(**kw)
+    hook = api.model.model.sam_mask_decoder.register_forward_hook(lambda module, args, out: calls.append(len(out[0])))
     try:
         together = api.model.segment(voc["rgb"], prompts)
     finally:
-        predictor.predict = original
-    assert len(calls) == 3  # boxes, two-point clicks, box+point
+        hook.remove()
+    assert sorted(calls) == [1, 3, 5]  # boxes, two-point clicks, box+point
     for prompt, answer in zip(prompts, together):
         alone = api.model.segment(voc["rgb"], [prompt])[0]
         assert mask_codec.iou(answer.masks[0], alone.masks[0]) >= 0.99
@@ -194,25 +207,33 @@ def test_predict_cli_rejects_bad_prompts(voc, tmp_path, args, message):
 
 @pytest.fixture(scope="module")
 def manifest_run(ray_local, checkpoints, voc, photo_folder, tmp_path_factory):
+    """A prompt manifest over Ray, one object per line where convenient: the VOC photo's objects
+    are spread over lines 1, 2 and 4, which land in different shards (input.shard_size=1) and
+    must come out as one image. bus.jpg lies under input.uri, not beside the manifest."""
     folder = voc["folder"]
     (folder / "masks").mkdir(exist_ok=True)
     Image.fromarray(voc["masks"][15].astype(np.uint8) * 255).save(folder / "masks" / "prior.png")
+    Image.fromarray(voc["masks"][15].astype(np.uint8) * 255).save(folder.parent / "escape.png")
     rle = mask_codec.encode(voc["masks"][16][None])[0]
     lines = [
         {"uri": "voc.png", "site": "north", "split": "train", "objects": [
             {"object_key": "b1", "box": voc["boxes"][0].tolist(), "label": "person"},
-            {"object_key": "click", "points": [_centroid(voc["masks"][3])], "point_labels": [1]},
-            {"object_key": "fence", "box": voc["boxes"][9].tolist(), "points": [_centroid(voc["masks"][9]), [40.0, 135.0]], "point_labels": [1, 0]},
-            {"object_key": "redo", "mask": "masks/prior.png", "label": "chair"},
-            {"object_key": "rle", "mask": rle},
-        ]},
+            {"object_key": "click", "points": [_centroid(voc["masks"][3])], "point_labels": [1]}]},
+        {"uri": "voc.png", "site": "north", "objects": [
+            {"object_key": "fence", "box": voc["boxes"][9].tolist(), "points": [_centroid(voc["masks"][9]), [40.0, 135.0]], "point_labels": [1, 0]}]},
         {"uri": str(photo_folder / "bus.jpg"), "site": "south", "objects": [
             {"object_key": "outside", "points": [[5000, 10]], "point_labels": [1]},
             {"object_key": "flipped", "box": [300, 10, 100, 50]},
             {"object_key": "mismatch", "points": [[10, 10], [20, 20]], "point_labels": [1]},
             {"object_key": "nomask", "mask": "masks/missing.png"},
+            {"object_key": "escape", "mask": "../escape.png"},
+            {"object_key": "listlabel", "box": [50, 400, 250, 900], "label": ["person"]},
             {"object_key": "ok", "box": [50, 400, 250, 900], "label": "person"},
+            {"object_key": 7, "box": [100, 100, 400, 400], "label": 3},
         ]},
+        {"uri": "./voc.png", "objects": [
+            {"object_key": "redo", "mask": "masks/prior.png", "label": "chair"},
+            {"object_key": "rle", "mask": rle}]},
         {"uri": str(photo_folder / "broken.jpg"), "site": "south", "objects": [{"box": [0, 0, 5, 5]}]},
     ]
     manifest = folder / "prompts.jsonl"
@@ -221,7 +242,7 @@ def manifest_run(ray_local, checkpoints, voc, photo_folder, tmp_path_factory):
     from pipeline.job import run
 
     cfg = load_config(None, [f"output.uri={out}", "prompts.source=both", f"prompts.manifest={manifest}", "sam.candidates=all",
-                             *model_overrides(checkpoints)])
+                             f"input.uri={photo_folder}", "input.shard_size=1", *model_overrides(checkpoints)])
     result = run(cfg)
     return {
         "manifest": result,
@@ -234,15 +255,25 @@ def manifest_run(ray_local, checkpoints, voc, photo_folder, tmp_path_factory):
 
 def test_manifest_objects_are_segmented_with_keys_labels_and_metadata(manifest_run):
     objects, images = manifest_run["objects"], manifest_run["images"]
+    assert manifest_run["manifest"]["status"] == "finished"
+    assert images.index.is_unique and len(images) == 3  # voc.png once, although three lines name it
     voc_objects = objects[(objects["uri"] == manifest_run["voc_uri"]) & (objects["source"] == "manifest")]
-    assert set(voc_objects["object_key"]) == {"b1", "click", "fence", "redo", "rle"}
     assert (voc_objects["status"] == "ok").all()
-    by_key = voc_objects[voc_objects["candidate"] == 0].set_index("object_key")
+    by_key = voc_objects[voc_objects["candidate"] == 0].sort_values("object_id").set_index("object_key")
+    assert list(by_key.index) == ["b1", "click", "fence", "redo", "rle"]  # every line's objects, in file order
+    assert by_key["object_id"].is_monotonic_increasing
     assert by_key.loc["b1", "class_name"] == "person" and by_key.loc["b1", "class_id"] == 0  # COCO id from the detector
     assert by_key.loc["redo", "class_name"] == "chair" and by_key.loc["redo", "class_id"] == 56
     assert by_key.loc["fence", "prompt"] == "box+points" and by_key.loc["redo", "prompt"] == "mask"
     assert images.loc[manifest_run["voc_uri"], "site"] == "north" and images.loc[manifest_run["voc_uri"], "split"] == "train"
     assert images.loc[manifest_run["bus_uri"], "site"] == "south" and pd.isna(images.loc[manifest_run["bus_uri"], "split"])
+
+
+def test_numeric_labels_and_keys_become_text(manifest_run):
+    objects = manifest_run["objects"]
+    seven = objects[objects["object_key"] == "7"].iloc[0]
+    assert seven["status"] == "ok" and seven["class_name"] == "3"
+    assert manifest_run["manifest"]["class_names"][seven["class_id"]] == "3" and seven["class_id"] >= 80  # after the detector's
 
 
 def test_lone_point_keeps_three_ranked_candidates(manifest_run):
@@ -263,13 +294,16 @@ def test_invalid_prompts_are_error_rows_and_the_rest_still_runs(manifest_run):
         "flipped": "needs x1 > x0",
         "mismatch": "2 points but 1 point_labels",
         "nomask": "mask file not found: masks/missing.png",
+        "escape": "mask path ../escape.png is outside the manifest's folder",
+        "listlabel": "label must be a string, got ['person']",
     }
     for key, message in expected.items():
         assert bus.loc[key, "status"] == "error" and message in bus.loc[key, "error"], (key, bus.loc[key, "error"])
         assert bus.loc[key, "mask"] is None
+    assert pd.isna(bus.loc["listlabel", "class_name"])  # the error row itself holds only valid values
     images = manifest_run["images"]
-    assert images.loc[manifest_run["bus_uri"], "num_prompt_errors"] == 4
-    assert manifest_run["manifest"]["totals"]["prompt_errors"] == 4
+    assert images.loc[manifest_run["bus_uri"], "num_prompt_errors"] == 6
+    assert manifest_run["manifest"]["totals"]["prompt_errors"] == 6
     assert images.loc[f"file://{manifest_run['bus_uri'][7:].rsplit('/', 1)[0]}/broken.jpg", "status"] == "error"
 
 
@@ -324,6 +358,7 @@ def test_parquet_manifest_without_detector(ray_local, checkpoints, voc, tmp_path
     manifest = tmp_path / "m.parquet"
     pq.write_table(table, manifest)
     cfg = load_config(None, [f"output.uri={tmp_path / 'out'}", "prompts.source=manifest", f"prompts.manifest={manifest}",
+                             "prompts.allow_any_uri=true",  # the photo is in another folder than the manifest
                              f"sam.checkpoint={checkpoints['sam']}", f"sam.image_size={SAM_IMAGE_SIZE}"])
     result = run(cfg)
     assert "detector" not in result["models"] and result["class_names"] == {0: "cat", 1: "dog"}
@@ -332,3 +367,82 @@ def test_parquet_manifest_without_detector(ray_local, checkpoints, voc, tmp_path
     assert list(rows["class_id"]) == [0, 1]
     images = pq.read_table(tmp_path / "out" / "images").to_pandas()
     assert list(images["camera"]) == ["c7"] and list(images["num_objects"]) == [2]
+
+
+# ---------------------------------------------------------------- manifests that must be refused or repaired
+
+
+def _manifest(tmp_path, lines, name="m.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _listed(tmp_path, manifest, *extra):
+    from pipeline.job import work_items
+
+    return list(work_items(load_config(None, ["prompts.source=manifest", f"prompts.manifest={manifest}",
+                                              f"input.uri={tmp_path / 'images'}", *extra])))
+
+
+def test_manifest_uris_are_confined_to_its_folder_and_input_uri(tmp_path):
+    """A manifest from someone else must not read arbitrary files or make workers fetch URLs."""
+    from pipeline.sources import SourceError
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "work").mkdir()
+    allowed = ["a.jpg", "sub/../b.jpg", str(tmp_path / "work" / "c.jpg"), str(tmp_path / "images" / "d.jpg")]
+    manifest = _manifest(tmp_path / "work", [{"uri": u} for u in allowed])
+    assert [i.uri.rsplit("/", 2)[-2:] for i in _listed(tmp_path, manifest)] == [
+        ["work", "a.jpg"], ["work", "b.jpg"], ["work", "c.jpg"], ["images", "d.jpg"]]
+    for escape in ["../secret.jpg", "/etc/passwd", "http://169.254.169.254/latest/meta-data", "sub/../../x.jpg"]:
+        bad = _manifest(tmp_path / "work", [{"uri": "a.jpg"}, {"uri": escape}], "bad.jsonl")
+        with pytest.raises(SourceError, match=r"line 2: uri .* is outside the manifest's folder .*prompts.allow_any_uri=true"):
+            _listed(tmp_path, bad)
+        assert len(_listed(tmp_path, bad, "prompts.allow_any_uri=true")) == 2  # the option lifts it
+
+
+def test_mask_paths_are_confined_unless_allowed(tmp_path):
+    (tmp_path / "m").mkdir()
+    Image.fromarray(np.ones((4, 4), np.uint8) * 255).save(tmp_path / "outside.png")
+    Image.fromarray(np.ones((4, 4), np.uint8) * 255).save(tmp_path / "m" / "inside.png")
+    objects = json.dumps([{"mask": "inside.png"}, {"mask": "../outside.png"}, {"mask": str(tmp_path / "outside.png")}])
+    base = f"file://{tmp_path / 'm'}"
+    confined = manifest_prompts(objects, base, 4, 4, {}, roots=[base])
+    assert [p.error for p in confined][0] is None
+    assert all("is outside the manifest's folder" in p.error for p in confined[1:])
+    assert all(p.error is None for p in manifest_prompts(objects, base, 4, 4, {}, roots=None))
+
+
+def test_lines_repeating_an_image_are_merged_in_file_order(tmp_path):
+    (tmp_path / "images").mkdir()
+    lines = [{"uri": "a.jpg", "objects": [{"object_key": "1", "box": [0, 0, 1, 1]}]},
+             {"uri": "b.jpg", "site": "x", "objects": [{"object_key": "1", "box": [0, 0, 2, 2]}]},
+             {"uri": "a.jpg", "site": "y", "objects": [{"object_key": "2", "box": [0, 0, 3, 3]}, {"box": [0, 0, 4, 4]}]},
+             {"uri": "./a.jpg", "site": None, "objects": [{"object_key": 3, "box": [0, 0, 5, 5]}]}]
+    items = _listed(tmp_path, _manifest(tmp_path, lines))
+    assert [i.uri.rsplit("/", 1)[1] for i in items] == ["a.jpg", "b.jpg"]  # first appearance order
+    a = items[0]
+    assert a.lines == (1, 3, 4)
+    assert [o["box"][2] for o in json.loads(a.prompts)] == [1, 3, 4, 5] and json.loads(a.prompts)[3]["object_key"] == "3"
+    assert json.loads(a.meta) == {"site": "y"}
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([{"uri": "a.jpg", "objects": [{"object_key": "k", "box": [0, 0, 1, 1]}]}, {"uri": "b.jpg"},
+      {"uri": "a.jpg", "objects": [{"object_key": "k", "box": [0, 0, 2, 2]}]}],
+     r"prompts.manifest lines 1 and 3: object_key 'k' is used twice for file://.*/a.jpg"),
+    ([{"uri": "a.jpg", "site": "north"}, {"uri": "a.jpg", "site": "south"}],
+     r"prompts.manifest lines 1 and 2: file://.*/a.jpg has site='north' and site='south'"),
+])
+def test_conflicting_lines_for_one_image_stop_the_run_before_work(ray_local, tmp_path, lines, message):
+    from pipeline.config import ConfigError
+    from pipeline.job import run
+
+    (tmp_path / "images").mkdir()
+    manifest = _manifest(tmp_path, lines)
+    cfg = load_config(None, ["prompts.source=manifest", f"prompts.manifest={manifest}", "sam.checkpoint=random",
+                             f"output.uri={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=message):
+        run(cfg)
+    assert not (tmp_path / "out" / "run.json").exists()  # nothing labeled, nothing left behind

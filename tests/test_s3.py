@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bad_inputs import write_tar
-from conftest import VENV_BIN, autolabel_cli, model_overrides
+from conftest import REPO, VENV_BIN, autolabel_cli, model_overrides
 from pipeline.decode import ImageError, iter_tar_members, read_bytes
 
 KEY = "AKIAAUTOLABELTEST7Q2X"
@@ -87,16 +87,75 @@ def test_reads_and_tar_streams_over_s3_and_a_policy_denial_is_permission_denied(
     assert [(u, v.error_class) for u, v in gone] == [("s3://data/shards/s-000009.tar", "not_found")]
 
 
+HTTP_USER, HTTP_PASSWORD = "alice", "pa55-AUTOLABEL-http"
+SIGNATURE, CREDENTIAL = "SIG0autolabel0f00d", "CRED0autolabel0beef"
+
+
+@pytest.fixture
+def weights_server(checkpoints):
+    """An HTTP server on loopback that serves the SAM checkpoint only with basic auth, at a
+    signed-looking URL (the credentials sit in the URL, as users paste them)."""
+    import base64
+    import http.server
+    import threading
+
+    data = checkpoints["sam"].read_bytes()
+    wanted = "Basic " + base64.b64encode(f"{HTTP_USER}:{HTTP_PASSWORD}".encode()).decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self, body: bool) -> None:
+            if self.headers.get("Authorization") != wanted or SIGNATURE not in self.path:
+                self.send_response(401)
+                self.end_headers()
+                return
+            start, end = 0, len(data) - 1
+            ranged = self.headers.get("Range", "").removeprefix("bytes=")  # range requests, as object stores serve them
+            if ranged:
+                first, _, last = ranged.partition("-")
+                start, end = int(first or 0), min(int(last) if last else end, end)
+            self.send_response(206 if ranged else 200)
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(end - start + 1))
+            if ranged:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.end_headers()
+            if body:
+                self.wfile.write(data[start:end + 1])
+
+        def do_GET(self):
+            self._answer(True)
+
+        def do_HEAD(self):
+            self._answer(False)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield (f"http://{HTTP_USER}:{HTTP_PASSWORD}@127.0.0.1:{server.server_port}/sam2.1_hiera_tiny.pt"
+           f"?X-Amz-Signature={SIGNATURE}&X-Amz-Credential={CREDENTIAL}")
+    server.shutdown()
+
+
 @pytest.mark.slow
-def test_job_reads_from_and_writes_to_s3_without_leaking_credentials(s3, checkpoints, tmp_path):
+def test_job_reads_from_and_writes_to_s3_without_leaking_credentials(s3, checkpoints, weights_server, tmp_path):
+    """Credentials given every way a user gives them: storage options, ``s3://KEY:SECRET@bucket``
+    in input.uri and output.uri, and a weights URL with ``user:password@`` and a signed query
+    string. None of them may reach stdout/stderr or any file the run writes."""
+    from urllib.parse import quote
+
     import s3fs
 
     opts = json.dumps(s3["options"])
+    endpoint_only = json.dumps({"endpoint_url": s3["endpoint"]})
+    in_url = f"s3://{KEY}:{quote(SECRET, safe='')}@data/photos"  # the secret percent-encoded, as URLs need
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["AUTOLABEL_CACHE"] = str(tmp_path / "cache")
     proc = subprocess.run(
-        [*autolabel_cli(), "run", "input.uri=s3://data/photos", "output.uri=s3://runs/r1",
-         f"input.storage_options={opts}", f"output.storage_options={opts}", "ray.num_cpus=2", "report.gallery=2",
-         *model_overrides(checkpoints)],
+        [*autolabel_cli(), "run", f"input.uri={in_url}", "output.uri=s3://runs/r1",
+         f"input.storage_options={endpoint_only}", f"output.storage_options={opts}", "ray.num_cpus=2", "report.gallery=2",
+         *model_overrides(checkpoints), f"sam.checkpoint={weights_server}"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     logs = proc.stdout + proc.stderr
@@ -118,9 +177,24 @@ def test_job_reads_from_and_writes_to_s3_without_leaking_credentials(s3, checkpo
     objects = pq.read_table("runs/r1/objects", filesystem=fs).to_pandas()
     assert len(objects) == images["num_objects"].sum() > 0
 
+    assert run_json["config"]["input"]["uri"] == "s3://data/photos"  # the URI's credentials became storage options
+    assert run_json["config"]["sam"]["checkpoint"] == run_json["models"]["sam"]["checkpoint"] == (
+        weights_server.replace(f"{HTTP_USER}:{HTTP_PASSWORD}", "***").replace(SIGNATURE, "***").replace(CREDENTIAL, "***"))
+
     written = fs.find("runs/r1")
     assert any(p.endswith("report/report.html") for p in written) and any("/_shards/" in p for p in written)
-    for secret in (KEY, SECRET):
+    for secret in (KEY, SECRET, quote(SECRET, safe=""), HTTP_PASSWORD, SIGNATURE, CREDENTIAL):
         assert secret not in logs, "a credential was printed"
         for path in written:
             assert secret.encode() not in fs.cat_file(path), f"a credential was written to {path}"
+
+
+def test_credentials_in_uris_are_redacted_in_errors_before_any_work(tmp_path):
+    """A weights URL that cannot be read: the error names it without its credentials."""
+    proc = subprocess.run(
+        [*autolabel_cli(), "run", f"input.uri={REPO / 'samples' / 'images'}", f"output.uri={tmp_path / 'out'}", "detector.weights=yolov8n.yaml",
+         f"sam.checkpoint=http://{HTTP_USER}:{HTTP_PASSWORD}@127.0.0.1:9/none.pt?X-Amz-Signature={SIGNATURE}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "http://***@127.0.0.1:9/none.pt?X-Amz-Signature=***" in proc.stderr, proc.stderr[-2000:]
+    assert HTTP_PASSWORD not in proc.stdout + proc.stderr and SIGNATURE not in proc.stdout + proc.stderr
