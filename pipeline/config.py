@@ -266,7 +266,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse value '{raw}': {exc}") from None
+        if ".storage_options" in key:  # a credential: never echoed
+            raise ConfigError(f"{key}: cannot parse the value (not shown: storage options may hold credentials)") from None
+        raise ConfigError(f"{key}: cannot parse value '{redact_text(raw)}': {exc}") from None
     if isinstance(value, (dict, list)) or value is None or isinstance(value, (int, float, bool)):
         return key, value
     return key, raw  # keep strings exactly as typed (e.g. a URL with ':' in it)

@@ -56,7 +56,7 @@ def read_bytes(uri: str, storage_options: Optional[dict] = None) -> bytes:
         raise ImageError("not_found", "file disappeared or does not exist") from None
     except PermissionError as exc:
         raise ImageError("permission_denied", _short(exc) or "permission denied") from None
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, and what storage back-ends raise besides (botocore's NoCredentialsError)
         raise ImageError("read_error", f"{type(exc).__name__}: {_short(exc)}") from None
 
 
@@ -361,7 +361,7 @@ def iter_tar_members(
     except PermissionError as exc:
         yield tar_uri, ImageError("permission_denied", _short(exc) or "permission denied")
         return
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - as in read_bytes
         yield tar_uri, ImageError("read_error", f"{type(exc).__name__}: {_short(exc)}")
         return
     current = None
@@ -395,7 +395,10 @@ def iter_tar_members(
 
 
 def _short(exc: BaseException) -> str:
-    return str(exc)[:300]
+    """An exception's text for an error row: the first 300 characters, URIs' credentials redacted."""
+    from .config import redact_text
+
+    return redact_text(str(exc))[:300]
 
 
 def read_tar_batch(

@@ -66,6 +66,12 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, expected):
     assert expected in str(err.value)
 
 
+def test_a_storage_option_that_does_not_parse_is_not_echoed():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["input.storage_options.secret=[s3cr3t-value"])
+    assert "input.storage_options.secret: cannot parse the value" in str(err.value) and "s3cr3t" not in str(err.value)
+
+
 def test_unknown_section_in_a_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("detecter:\n  conf: 0.5\n")

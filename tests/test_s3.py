@@ -87,6 +87,22 @@ def test_reads_and_tar_streams_over_s3_and_a_policy_denial_is_permission_denied(
     assert [(u, v.error_class) for u, v in gone] == [("s3://data/shards/s-000009.tar", "not_found")]
 
 
+def test_missing_credentials_are_a_read_error_row_not_a_crash(s3, monkeypatch):
+    """botocore's NoCredentialsError is not an OSError: it must still become a read_error (one
+    row), not kill the worker on every retry."""
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata to ask
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    no_keys = {"endpoint_url": s3["endpoint"]}
+    with pytest.raises(ImageError) as err:
+        read_bytes("s3://data/photos/coffee.png", no_keys)
+    assert err.value.error_class == "read_error" and "NoCredentialsError" in str(err.value)
+    (gone,) = list(iter_tar_members("s3://data/shards/s-000000.tar", None, (".png",), no_keys))
+    assert gone[0] == "s3://data/shards/s-000000.tar" and gone[1].error_class == "read_error"
+
+
 HTTP_USER, HTTP_PASSWORD = "alice", "pa55-AUTOLABEL-http"
 SIGNATURE, CREDENTIAL = "SIG0autolabel0f00d", "CRED0autolabel0beef"
 
