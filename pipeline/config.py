@@ -192,12 +192,25 @@ class PromptsConfig(_Section):
 class RayConfig(_Section):
     address: Optional[str] = Field(None, description="Cluster address; null uses RAY_ADDRESS or starts Ray locally.")
     num_cpus: Optional[int] = Field(None, gt=0, description="CPUs for a locally started Ray (null: all).")
-    detector_actors: Optional[int] = Field(None, gt=0, description="Detector actor count (null: one per GPU, or 1).")
-    sam_actors: Optional[int] = Field(None, gt=0, description="SAM actor count (null: one per GPU, or 1).")
+    gpus: Union[int, Literal["auto"]] = Field(
+        "auto", description="GPUs the job may use at most: auto = as many as the cluster has or adds (the pools grow as "
+        "GPU nodes join), or a number. SAM runs on CPUs only when sam.device=cpu, or on a local Ray without GPUs.",
+    )
+    gpu_wait_s: int = Field(600, gt=0, description="How long to wait for the first GPU actors (an autoscaler adding GPU nodes) before failing.")
+    detector_actors: Optional[int] = Field(None, gt=0, description="Fixed detector actor count (null: one beside each SAM actor).")
+    sam_actors: Optional[int] = Field(None, gt=0, description="Fixed SAM actor count (null: one per GPU, growing with the cluster; 1 on CPU).")
     max_image_crashes: int = Field(
         3, gt=0, description="Worker deaths on one image before it becomes a worker_crash error row instead of being retried."
     )
     task_retries: int = Field(3, ge=0, description="Extra re-runs of a decode or write task whose worker died (actors restart without limit).")
+
+
+    @field_validator("gpus")
+    @classmethod
+    def _positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be auto or at least 1 (to run SAM on CPUs, set sam.device=cpu)")
+        return value
 
 
 class ReportConfig(_Section):

@@ -11,7 +11,6 @@ import os
 import platform
 import time
 import warnings
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from importlib import metadata
 from typing import Iterator, Optional
 
@@ -21,8 +20,9 @@ from .config import ConfigError, RunConfig, redact_text, redact_uri, redacted_co
 from .models import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
 from .runstate import Progress, RunFolder, ShardTracker, fingerprint
 from .timings import Timings
+from .cluster import actor_plan, actors_timed_out, check_device, connect_ray, describe, sam_device_type
 from .sam_batch import resolve_dtype
-from .sink import STAGING_DIR, OutputWriteError, Totals, commit_shard
+from .sink import STAGING_DIR, OutputWriteError, ShardCommits, Totals
 from .sources import (
     ShardListing, SourceError, WorkItem, input_format, iter_image_uris, iter_manifest, iter_tar_uris, merge_repeated_uris,
     no_images, root_of, write_shards,
@@ -35,8 +35,7 @@ FORWARDED_ENV = (
     "YOLO_OFFLINE", "YOLO_CONFIG_DIR", "MPLCONFIGDIR", "HF_HOME", "HF_HUB_OFFLINE",
     "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE", "AUTOLABEL_TEST_FAULTS",
 )
-COMMIT_THREADS = 4  # shards committed by the driver in parallel (I/O bound)
-ACTOR_START_TIMEOUT_S = 600  # pools whose actors cannot start (no GPU comes up) fail after this, saying so
+ACTOR_START_TIMEOUT_S = 600  # CPU pools whose actors cannot start fail after this
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("autolabel", "torch", "torchvision", "sam2", "ultralytics", "ray", "pyarrow", "pycocotools"):
@@ -87,6 +86,7 @@ def reads_tars(cfg: RunConfig) -> bool:
 
 def preflight(cfg: RunConfig) -> tuple[SamWeights, Optional[str], dict[int, str]]:
     """Check the input has images, resolve weights (fetching official ones once), read class names."""
+    check_device(cfg)
     try:
         first = next(work_items(cfg, merged=False), None)
         if first is None:
@@ -128,51 +128,10 @@ def with_manifest_labels(class_names: dict[int, str], labels: list[str]) -> dict
     return merged
 
 
-def connect_ray(cfg: RunConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
-
-
-def actor_plan(cfg: RunConfig) -> dict:
-    """Pool sizes and per-actor resources from what the cluster has.
-
-    GPUs: one SAM actor per GPU (0.75 of it) and one detector actor beside it (0.25).
-    CPU only: fractional CPUs, so both actor pools and the decode/sink tasks fit on a 2-core box
-    (no deadlock), while SAM, by far the slowest stage there, runs torch on the node's cores.
-    """
-    import ray
-
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = resources.get("CPU", 1)
-    if gpus:
-        return dict(
-            gpus=gpus, cpus=cpus, decode_threads=4,
-            sam=dict(size=cfg.ray.sam_actors or gpus, num_gpus=0.75, num_cpus=1),
-            detector=dict(size=cfg.ray.detector_actors or gpus, num_gpus=0.25, num_cpus=1),
-        )
-    per_actor = 0.5 if cpus <= 4 else max(1, int(cpus // 4))
-    sam_actors = cfg.ray.sam_actors or 1
-    return dict(
-        gpus=0, cpus=cpus, decode_threads=max(1, min(4, int(cpus // 2))),
-        sam=dict(size=sam_actors, num_gpus=0, num_cpus=per_actor, cpu_threads=max(1, int(cpus // sam_actors))),
-        detector=dict(size=cfg.ray.detector_actors or 1, num_gpus=0, num_cpus=per_actor),
-    )
-
-
-def _sam_device(cfg: RunConfig, plan: dict):
-    import torch
-
-    if cfg.sam.device != "auto":
-        return torch.device(cfg.sam.device)
-    return torch.device("cuda" if plan["gpus"] else "cpu")
+def runtime_env() -> Optional[dict]:
+    """What every task and actor needs from the driver's environment (Ray does not carry it)."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return {"env_vars": env} if env else None
 
 
 def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str], class_names: dict[int, str],
@@ -191,15 +150,15 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     from .segment import Segmenter
     from .sink import write_batch
 
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    runtime_env = {"env_vars": env} if env else None
+    env = runtime_env()
     # A stage's own exception (a write failing with "No space left on device") must reach the
     # driver as itself, not as Ray Data's generic UserCodeException that drops it.
     context = ray.data.DataContext.get_current()
     context.raise_original_map_exception = True
-    # Start every actor of a pool before the images stream in, so the first actor up does not
-    # take the whole (small) input while the others are still loading their model.
-    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
+    # Start every actor of a pool's minimum before the images stream in, so the first actor up does
+    # not take the whole (small) input while the others load their model; on a GPU cluster this is
+    # also the wait for GPU nodes (ray.gpu_wait_s), which then fails clearly instead of hanging.
+    context.wait_for_min_actors_s = cfg.ray.gpu_wait_s if plan["mode"] == "gpu" else ACTOR_START_TIMEOUT_S
     # Ray Data's own bars count blocks per operator; the run shows its own progress in images
     # (runstate.Progress), so a person sees one bar that moves as images are done.
     context.enable_progress_bars = False
@@ -219,28 +178,28 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
         fn_kwargs={"run_uri": run_uri, "run_storage_options": cfg.output.storage_options,
                    "storage_options": cfg.input.storage_options, "max_pixels": cfg.input.max_pixels, "tars": reads_tars(cfg),
                    "extensions": cfg.input.extensions, **guarded},
-        runtime_env=runtime_env, **task_retries,
+        runtime_env=env, **task_retries,
     )
     if cfg.uses_detector:
         ds = ds.map_batches(
             Detector, batch_format="pyarrow", batch_size=cfg.detector.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=plan["detector"]["size"]),
+            compute=ray.data.ActorPoolStrategy(min_size=plan["detector"]["min_size"], max_size=plan["detector"]["max_size"]),
             num_cpus=plan["detector"]["num_cpus"], num_gpus=plan["detector"]["num_gpus"],
             fn_constructor_kwargs={"cfg": cfg.detector, "max_pixels": cfg.input.max_pixels,
                                    "decode_threads": plan["decode_threads"], **guarded},
-            runtime_env=runtime_env, **actor_retries,
+            runtime_env=env, **actor_retries,
         )
     ds = ds.map_batches(
         # two encoder batches per call: the host finishes one while the device works on the next
         Segmenter, batch_format="pyarrow", batch_size=2 * cfg.sam.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=plan["sam"]["size"]),
+        compute=ray.data.ActorPoolStrategy(min_size=plan["sam"]["min_size"], max_size=plan["sam"]["max_size"]),
         num_cpus=plan["sam"]["num_cpus"], num_gpus=plan["sam"]["num_gpus"],
         fn_constructor_kwargs={
             "cfg": cfg.sam, "class_names": class_names, "cpu_threads": plan["sam"].get("cpu_threads"),
             "storage_options": cfg.input.storage_options, "manifest_roots": manifest_roots(cfg),
             "max_pixels": cfg.input.max_pixels, "decode_threads": plan["decode_threads"], **guarded,
         },
-        runtime_env=runtime_env, **actor_retries,
+        runtime_env=env, **actor_retries,
     )
     # Shards are committed once all their images are staged (small shards: small staging batches,
     # so a shard is not held back waiting for rows of others); progress moves as batches are staged.
@@ -248,7 +207,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     return ds.map_batches(
         write_batch, batch_format="pyarrow", batch_size=stage_rows, num_cpus=0.25,
         fn_kwargs={"run_uri": run_uri, "storage_options": cfg.output.storage_options, "meta_columns": meta_columns},
-        runtime_env=runtime_env, **task_retries,
+        runtime_env=env, **task_retries,
     )
 
 
@@ -367,6 +326,9 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     except BaseException as exc:
         write_error = find_cause(exc, OutputWriteError)
         reason = str(write_error).splitlines()[0] if write_error else f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        if actors_timed_out(exc):
+            reason = (f"the actors could not start within ray.gpu_wait_s={cfg.ray.gpu_wait_s} s: the cluster has not the "
+                      "resources they ask for (no GPU node came up?); add GPU nodes, raise ray.gpu_wait_s, or set sam.device=cpu")
         reason = redact_text(reason)
         manifest.update(status="failed", finished_at=_now(), error=reason, totals=totals.as_dict(), progress=progress.as_dict())
         try:
@@ -403,9 +365,9 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
 def _plan(cfg: RunConfig, folder: RunFolder, previous: Optional[dict], manifest: dict, models: dict) -> dict:
     """Connect to Ray, size the actor pools, and fix the dtype SAM runs in; a resume whose done
     shards were made in another dtype (other hardware) is refused here, before any work."""
-    connect_ray(cfg)
-    plan = actor_plan(cfg)
-    dtype = resolve_dtype(cfg.sam.dtype, _sam_device(cfg, plan))
+    local = connect_ray(cfg)
+    plan = actor_plan(cfg, local)
+    dtype = resolve_dtype(cfg.sam.dtype, sam_device_type(cfg, plan))
     identity = fingerprint(cfg, models, dtype)
     if previous is not None:
         folder.check_same_dtype(previous, identity)
@@ -422,7 +384,10 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
 
     from .faults import start_ledger
 
-    log.info("actors: %d detector, %d SAM (cluster: %s CPUs, %d GPUs)", plan["detector"]["size"] if cfg.uses_detector else 0, plan["sam"]["size"], plan["cpus"], plan["gpus"])
+    log.info(describe(plan, cfg.uses_detector))
+    if plan["mode"] == "gpu" and plan["gpus"] == 0:
+        log.warning("waiting up to %d s (ray.gpu_wait_s) for a GPU: the cluster has none yet; its autoscaler can add GPU "
+                    "nodes for the SAM pool's demand. To segment on CPUs instead, set sam.device=cpu", cfg.ray.gpu_wait_s)
     class_names = manifest["class_names"]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
@@ -430,7 +395,7 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
         ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger)
     tracker = ShardTracker(pending)
     timings = Timings()
-    commits: set[Future] = set()
+    commits = ShardCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env())
 
     def record() -> None:
         log.info(progress.line())
@@ -438,38 +403,41 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
         folder.write_manifest(manifest)
 
     def harvest(block: bool) -> None:
-        finished, _ = wait(commits, return_when=FIRST_COMPLETED) if block else ({f for f in commits if f.done()}, None)
-        for future in finished:
-            commits.discard(future)
-            marker = future.result()  # raises OutputWriteError if the commit could not be written
+        for marker in commits.finished(block):
             totals.merge(marker)
             if progress.shard_done():
                 record()
 
-    with ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit") as pool:
-        def commit(shard_id: str) -> None:
-            commits.add(pool.submit(commit_shard, folder.fs, folder.path, shard_id, meta_columns))
-
-        try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                rows = batch.to_pylist()
-                timings.add(rows)
-                for shard_id in tracker.add(rows):
-                    commit(shard_id)
-                if progress.images_staged(len(rows)):
-                    log.info(progress.line())
-                harvest(block=False)
-            for shard_id in tracker.remaining():  # every row is staged now: commit what is left (e.g. empty tars)
-                commit(shard_id)
-            while commits:
-                harvest(block=True)
-        finally:
-            progress.close()
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            rows = batch.to_pylist()
+            timings.add(rows)
+            _check_actor_dtypes(timings, manifest["models"]["sam"]["dtype"])
+            for shard_id in tracker.add(rows):
+                commits.launch(shard_id)
+            if progress.images_staged(len(rows)):
+                log.info(progress.line())
+            harvest(block=False)
+        for shard_id in tracker.remaining():  # every row is staged now: commit what is left (e.g. empty tars)
+            commits.launch(shard_id)
+        while commits.pending:
+            harvest(block=True)
+    finally:
+        progress.close()
     manifest["timings"] = timings.as_dict()
     # "stage:uri" -> worker deaths while it was in flight (recovered ones too), for the record.
     manifest["worker_deaths"] = ray.get(ledger.crashed.remote())
     if folder.fs.exists(folder.path_to(STAGING_DIR)):
         folder.fs.rm(folder.path_to(STAGING_DIR), recursive=True)
+
+
+def _check_actor_dtypes(timings: Timings, planned: str) -> None:
+    """Every SAM actor must run in the run's dtype: a GPU node where torch sees no CUDA device
+    would otherwise quietly add float32 masks to a bfloat16 run."""
+    for actor, entry in timings.actors.items():
+        if entry.get("dtype") and entry["dtype"] != planned:
+            raise JobFailed(f"SAM actor {actor} on node {entry['node']} runs in {entry['dtype']}, but this run is {planned} "
+                            "(a GPU node where torch sees no CUDA device?); fix the node or set sam.dtype explicitly")
 
 
 def format_summary(manifest: dict) -> str:

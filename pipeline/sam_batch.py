@@ -73,9 +73,10 @@ class Candidates:
 
 
 def resolve_dtype(requested: str, device) -> str:
-    """``sam.dtype=auto``: bfloat16 autocast on CUDA, float32 elsewhere (bf16 is slow on CPUs)."""
+    """``sam.dtype=auto``: bfloat16 autocast on CUDA, float32 elsewhere (bf16 is slow on CPUs).
+    ``device``: a torch.device or its type ("cuda", "cpu")."""
     if requested == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
+        return "bfloat16" if getattr(device, "type", device) == "cuda" else "float32"
     return requested
 
 
@@ -95,6 +96,18 @@ def _free_gpu_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _warn_if_ray_gpu_is_not_visible(device) -> None:
+    """Ray gave this actor a GPU but torch runs on the CPU: a node without a working CUDA setup."""
+    try:
+        import ray
+
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        gpu_ids = []
+    if gpu_ids and device.type != "cuda":
+        log.warning("Ray gave this actor GPU %s, but torch sees no CUDA device: SAM runs on the CPU here", gpu_ids)
 
 
 def _short(exc: BaseException) -> str:
@@ -131,6 +144,7 @@ class SamModel:
             # Ray pins a fractional-CPU actor to one thread; on a CPU-only node SAM is the
             # bottleneck by far, so it gets the threads the job planned for it.
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
+        _warn_if_ray_gpu_is_not_visible(self.device)
         self.weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint)
         self.model = build_sam_model(self.weights, cfg.image_size, self.device, compile_encoder=cfg.compile)
         self.size = cfg.image_size

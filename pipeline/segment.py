@@ -165,8 +165,8 @@ class Segmenter:
                                     if c in batch.column_names])
         batch = batch.append_column(pa.field("objects", pa.list_(OBJECT_TYPE)), pa.array(objects, type=pa.list_(OBJECT_TYPE)))
         batch = self.clock.stamp(batch)
-        identity = {"sam_actor": self.identity[0], "sam_node": self.identity[1], "sam_busy_s": self.sam.busy_s,
-                    "sam_wall_s": time.perf_counter() - self.started}
+        identity = {"sam_actor": self.identity[0], "sam_node": self.identity[1], "sam_dtype": self.sam.dtype,
+                    "sam_busy_s": self.sam.busy_s, "sam_wall_s": time.perf_counter() - self.started}
         for name, value in identity.items():
             typ = pa.string() if isinstance(value, str) or value is None else pa.float64()
             batch = batch.append_column(name, pa.array([value] * batch.num_rows, typ))
@@ -174,11 +174,11 @@ class Segmenter:
 
 
 def _actor_identity() -> tuple[Optional[str], Optional[str]]:
-    """(actor id, node id) of this Ray actor, short; (None, None) outside Ray."""
+    """(actor id, node id) of this Ray actor, as Ray names them; (None, None) outside Ray."""
     try:
         import ray
 
         context = ray.get_runtime_context()
-        return (context.get_actor_id() or "")[:12] or None, (context.get_node_id() or "")[:12] or None
+        return context.get_actor_id() or None, context.get_node_id() or None
     except Exception:  # noqa: BLE001 - only for the record
         return None, None

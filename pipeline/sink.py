@@ -5,7 +5,7 @@ a resumed run writes exactly what an uninterrupted one would:
 
 1. ``write_batch`` (Ray tasks) stages each batch's rows per shard under
    ``RUN/_staging/shard-X/`` and returns one small row per image to the driver.
-2. ``commit_shard`` (the driver, once every image of a shard is staged) merges the staged parts
+2. ``commit_shard`` (a Ray task the driver launches once every image of a shard is staged) merges the staged parts
    into the shard's two files, deterministic in name and content (one row per image however
    often a retried task staged it), then writes ``RUN/_done/shard-X.json`` with the shard's
    totals. That marker is what makes the shard count as done on a resume.
@@ -56,7 +56,7 @@ DONE_DIR = "_done"
 # What write_batch tells the driver per image: enough to know when a shard is complete, plus the
 # stage timings (``t_*``) and which SAM actor did it (timings.py).
 SUMMARY_COLUMNS = ("shard_id", "image_id", "shard_rows")
-SAM_ACTOR_COLUMNS = ("sam_actor", "sam_node", "sam_busy_s", "sam_wall_s")
+SAM_ACTOR_COLUMNS = ("sam_actor", "sam_node", "sam_dtype", "sam_busy_s", "sam_wall_s")
 
 
 class OutputWriteError(RuntimeError):
@@ -222,8 +222,15 @@ def commit_shard(fs, root: str, shard_id: str, meta_columns: list[str] = ()) -> 
     """Merge a shard's staged parts into ``images/`` and ``objects/``, mark it done, return its totals.
 
     Only called once every image of the shard has been staged. An image staged twice (a task
-    retried after it had written) is taken from the first part, by name, that holds it.
+    retried after it had written) is taken from the first part, by name, that holds it. A shard
+    already marked done is not touched again (a commit task retried after it had finished, and
+    removed the staged parts, must not write the shard anew from nothing).
     """
+    marker_path = f"{root}/{DONE_DIR}/shard-{shard_id}.json"
+    try:
+        return json.loads(fs.cat_file(marker_path))
+    except FileNotFoundError:
+        pass
     folder = staging_path(root, shard_id)
     fs.invalidate_cache(folder)  # object-store listings are cached; workers wrote here since
     try:
@@ -255,10 +262,49 @@ def commit_shard(fs, root: str, shard_id: str, meta_columns: list[str] = ()) -> 
     totals = Totals()
     totals.add(images.select(["status", "error_class", "num_objects", "class_counts", "num_prompt_errors"]).to_pylist())
     marker = {"shard_id": shard_id, **totals.as_dict()}
-    atomic_write(fs, f"{root}/{DONE_DIR}/shard-{shard_id}.json", json.dumps(marker).encode())
+    atomic_write(fs, marker_path, json.dumps(marker).encode())
     if names:
         try:
             fs.rm(folder, recursive=True)
         except OSError:
             pass  # the shard is committed; the end of the run (or a resume) removes _staging
     return marker
+
+
+def commit_shard_task(run_uri: str, storage_options: Optional[dict], shard_id: str, meta_columns: list[str] = ()) -> dict:
+    """``commit_shard`` as a Ray task: it runs on a worker, next to the data, not in the driver."""
+    fs, root = url_to_fs(run_uri, **(storage_options or {}))
+    return commit_shard(fs, root.rstrip("/"), shard_id, meta_columns)
+
+
+class ShardCommits:
+    """The driver's side of committing: each complete shard's commit is launched as a Ray task
+    (retried if its worker dies: a commit is idempotent), and the driver only collects the done
+    markers, so no shard data passes through it however large the cluster."""
+
+    def __init__(self, run_uri: str, storage_options: Optional[dict], meta_columns: list[str], retries: int,
+                 runtime_env: Optional[dict] = None):
+        import ray
+
+        self.args = (run_uri, storage_options, list(meta_columns))
+        self.task = ray.remote(commit_shard_task).options(num_cpus=0.25, max_retries=retries, runtime_env=runtime_env)
+        self.pending: dict = {}
+
+    def launch(self, shard_id: str) -> None:
+        run_uri, options, meta = self.args
+        self.pending[self.task.remote(run_uri, options, shard_id, meta)] = shard_id
+
+    def finished(self, block: bool) -> list[dict]:
+        """The done markers of the commits that finished (at least one when ``block``); a commit
+        that failed raises its error (OutputWriteError for a write that failed)."""
+        import ray
+
+        if not self.pending:
+            return []
+        refs = list(self.pending)
+        ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
+        markers = []
+        for ref in ready:
+            self.pending.pop(ref)
+            markers.append(ray.get(ref))
+        return markers

@@ -77,7 +77,8 @@ class Timings:
                     self.seconds[key[len(PREFIX):]] += value
             actor = row.get("sam_actor")
             if actor:
-                entry = self.actors.setdefault(actor, {"images": 0, "node": row.get("sam_node"), "busy_s": 0.0, "wall_s": 0.0})
+                entry = self.actors.setdefault(actor, {"images": 0, "node": row.get("sam_node"), "dtype": row.get("sam_dtype"),
+                                                       "busy_s": 0.0, "wall_s": 0.0})
                 entry["images"] += 1
                 entry["busy_s"] = max(entry["busy_s"], row.get("sam_busy_s") or 0.0)
                 entry["wall_s"] = max(entry["wall_s"], row.get("sam_wall_s") or 0.0)

@@ -120,8 +120,9 @@ def run_overrides(photo_folder: Path, out: Path, checkpoints: dict) -> list[str]
     """The configuration of the shared labeled run (also used to submit the same job to a cluster)."""
     # Two SAM actors; one image per detector call makes one block per image, arriving faster than
     # SAM finishes one, so they spread over both actors (test_e2e checks it).
+    # sam.device=cpu: submitted to a cluster without GPUs, the job would otherwise wait for one.
     return [f"input.uri={photo_folder}", f"output.uri={out}", "input.shard_size=2", "detector.batch_size=1", "ray.sam_actors=2",
-            "sam.batch_size=1", *model_overrides(checkpoints)]
+            "sam.batch_size=1", "sam.device=cpu", *model_overrides(checkpoints)]
 
 
 @pytest.fixture(scope="session", autouse=True)

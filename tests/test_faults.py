@@ -356,6 +356,24 @@ def test_commit_keeps_each_image_once_when_a_retry_staged_it_again(tmp_path):
     assert (tmp_path / "_staging" / "shard-000008").exists(), "other shards are untouched"
 
 
+def test_a_commit_task_retried_after_it_finished_changes_nothing(ray_local, tmp_path):
+    """Commits run as Ray tasks (retried when their worker dies). One that had finished, and so
+    removed the shard's staged parts, runs again: the committed shard is kept as it is, not
+    rewritten from the (now empty) staging folder."""
+    from pipeline.sink import ShardCommits, commit_shard_task
+
+    rows = [{"shard_id": "000003", "uri": f"/x/{n}.jpg", "image_id": n} for n in ("a", "b")]
+    _stage(rows, tmp_path)
+    commits = ShardCommits(f"file://{tmp_path}", None, [], retries=1)
+    commits.launch("000003")
+    (marker,) = commits.finished(block=True)
+    assert marker["images"] == 2 and not (tmp_path / "_staging" / "shard-000003").exists()
+    shard = tmp_path / "images" / "shard-000003.parquet"
+    before = (shard.stat().st_mtime_ns, shard.read_bytes())
+    again = commit_shard_task(f"file://{tmp_path}", None, "000003")  # the retry
+    assert again == marker and (shard.stat().st_mtime_ns, shard.read_bytes()) == before
+
+
 @pytest.mark.parametrize("members", [16, 17, 3])
 def test_tar_shard_rows_arrive_with_the_last_batch(tmp_path, members):
     """A tar's image count is known only after reading it; its last batch carries it."""

@@ -1,0 +1,118 @@
+"""A cluster that starts with no GPU: the job asks for one, Ray's autoscaler adds a GPU node, and
+the SAM pool runs there (never silently on the head's CPUs).
+
+Ray's own fake multi-node provider (``RAY_FAKE_CLUSTER=1``, provider ``fake_multinode``) plays the
+cloud: it starts local "nodes" with the declared resources when the autoscaler asks for them.
+Their GPUs are declared, not real (torch sees no CUDA there), so the run asks for float32.
+The cluster is stopped by its session (every process it started), never by ``ray stop``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, VENV_BIN, autolabel_cli, model_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_session(sid: int) -> None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(tmp_path_factory):
+    """A head with 2 CPUs and no GPU, and an autoscaler that may add up to 2 nodes of 1 GPU."""
+    folder = tmp_path_factory.mktemp("autoscaling")
+    temp_dir = tempfile.mkdtemp(prefix="ray-as-", dir="/tmp")  # short: Ray's unix sockets live under it
+    port = _free_port()
+    config = {
+        "cluster_name": "fake_gpu", "max_workers": 2,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{port}"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 2, "GPU": 0}, "node_config": {}, "max_workers": 0},
+            "ray.worker.gpu": {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 500_000_000}, "node_config": {},
+                               "min_workers": 0, "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.2,
+        "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {},
+        "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+    }
+    (folder / "cluster.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_FAKE_CLUSTER="1",
+               AUTOSCALER_METRIC_PORT=str(_free_port()))
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--num-cpus", "2", "--num-gpus", "0", f"--autoscaling-config={folder / 'cluster.yaml'}",
+         *(arg for flag in ("--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                            "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port",
+                            "--node-manager-port", "--object-manager-port") for arg in (flag, str(_free_port()))),
+         "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"],
+        env=env, stdout=open(folder / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([str(VENV_BIN / "ray"), "status", "--address", f"127.0.0.1:{port}"], env=env,
+                             capture_output=True, timeout=60).returncode:
+            assert head.poll() is None, (folder / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the head did not come up in 120 s"
+            time.sleep(2)
+        yield env, f"127.0.0.1:{port}", folder
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        _kill_session(head.pid)  # the nodes the autoscaler started belong to the head's session
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_cluster_without_gpus_gets_one_for_sam(autoscaling_cluster, checkpoints, photo_folder, tmp_path):
+    env, address, _ = autoscaling_cluster
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*autolabel_cli(), "run", f"input.uri={photo_folder}", f"output.uri={out}", f"ray.address={address}",
+         "sam.dtype=float32", "input.shard_size=2", "report.enabled=false", *model_overrides(checkpoints)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "waiting up to 600 s (ray.gpu_wait_s) for a GPU" in proc.stderr
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "finished" and manifest["totals"]["ok"] == 5
+    assert manifest["ray"]["mode"] == "gpu" and manifest["ray"]["gpus"] == 0  # none when the job started
+    status = subprocess.run([str(VENV_BIN / "ray"), "list", "nodes", "--address", address, "--format", "json", "--detail"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr[-2000:]
+    nodes = {n["node_id"]: n for n in json.loads(status.stdout)}
+    added = [n for n in nodes.values() if not n["is_head_node"]]
+    assert added and all(n["resources_total"].get("GPU", 0) >= 1 for n in added)  # the autoscaler added GPU nodes
+    actors = manifest["timings"]["sam_actors"]
+    assert actors and all(a["images"] > 0 for a in actors.values())
+    for actor in actors.values():  # SAM ran on a node the autoscaler added, with its GPU, not on the head
+        node = nodes[actor["node"]]
+        assert not node["is_head_node"] and node["resources_total"]["GPU"] >= 1, node
