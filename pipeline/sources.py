@@ -71,7 +71,9 @@ def iter_image_uris(uri: str, extensions: list[str], storage_options: dict | Non
     """Yield full URIs of the images under ``uri`` (folder, recursive; glob; or one file), lazily.
 
     Folders are walked directory by directory in sorted order, so the order (and thus the shard
-    layout) is the same on every run over the same data.
+    layout) is the same on every run over the same data. Object stores (s3://) are listed page
+    by page instead, in key order (S3's own lexicographic order), holding one page at a time and
+    leaving nothing in s3fs's listings cache: a bucket of any size lists in constant memory.
     """
     fs, path = url_to_fs(uri, **(storage_options or {}))
     wanted = tuple(e.lower() for e in extensions)
@@ -80,27 +82,110 @@ def iter_image_uris(uri: str, extensions: list[str], storage_options: dict | Non
         return fs.unstrip_protocol(p)
 
     if any(c in path for c in _GLOB_CHARS):
-        fixed = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)].rsplit("/", 1)[0]
-        matches = sorted(fs.glob(path, detail=False))
+        head = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)]
+        fixed = head.rsplit("/", 1)[0]
+        if _pages_keys(fs) and "/" in head:  # (a wildcard in the bucket's name: fs.glob, as before)
+            matches: Iterable[str] = _glob_keys(fs, path)
+            is_file = lambda match: True  # noqa: E731 - listed objects are files
+        else:
+            matches, is_file = sorted(fs.glob(path, detail=False)), fs.isfile
         for match in matches:
-            if match.lower().endswith(wanted) and not _hidden(match[len(fixed):]) and fs.isfile(match):
+            if match.lower().endswith(wanted) and not _hidden(match[len(fixed):]) and is_file(match):
                 yield full(match)
+        return
+    if _pages_keys(fs):
+        yield from (full(p) for p in _object_store_images(fs, path, uri, wanted))
         return
     if fs.isfile(path):
         yield full(path)  # a single file named explicitly is taken whatever its suffix
         return
     if not fs.isdir(path):
         raise SourceError(f"input.uri: nothing found at {uri}")
+    local = "file" in protocols_of(fs)
     for root, dirs, files in fs.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # prunes the walk: .git/, .thumbnails/ ...
         for name in sorted(files):
             if name.lower().endswith(wanted) and not name.startswith("."):
                 yield full(f"{root.rstrip('/')}/{name}")
+        if not local:  # remote back-ends cache each listing: drop a folder's once it is done
+            fs.invalidate_cache(root)
 
 
 def _hidden(relative: str) -> bool:
     """A path below the listing's root with a hidden part (``.thumbnails/a.jpg``, ``.a.jpg``)."""
     return any(part.startswith(".") for part in relative.split("/") if part)
+
+
+# ------------------------------------------------------------------ object stores, page by page
+#
+# s3fs's own walk/find/glob keep every listing they make in the filesystem's dircache (and glob
+# returns a list), so the driver would hold a whole bucket's keys. These list with
+# ListObjectsV2 directly (through s3fs's call_s3: its credentials, endpoint, retries and
+# requester-pays settings), one page of at most 1,000 keys at a time, never cached.
+
+_AFTER_ALL = "\U0010ffff"  # sorts after every character a key can hold: "a/.git/" + this skips a/.git/
+
+
+def _pages_keys(fs: fsspec.AbstractFileSystem) -> bool:
+    return callable(getattr(fs, "call_s3", None)) and callable(getattr(fs, "split_path", None))
+
+
+def _iter_keys(fs, bucket: str, prefix: str, delimiter: str = "", skip_hidden_below: Optional[str] = None) -> Iterator[str]:
+    """``bucket/key`` of every object whose key starts with ``prefix``, in key order, one page at a
+    time. ``delimiter="/"``: only keys with no further "/" after the prefix. ``skip_hidden_below``:
+    a page that ends inside a hidden folder under that key prefix (``x/.git/...``) is not followed
+    by the rest of that folder: the listing starts again after it (hidden keys are still dropped
+    by the caller, this only saves listing them)."""
+    kwargs = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": delimiter} if delimiter else {})}
+    resume: dict = {}
+    while True:
+        page = fs.call_s3("list_objects_v2", **kwargs, **resume)
+        contents = page.get("Contents") or []
+        for obj in contents:
+            if not obj["Key"].endswith("/"):  # "folder/" placeholder objects are not files
+                yield f"{bucket}/{obj['Key']}"
+        if not page.get("IsTruncated"):
+            return
+        resume = {"ContinuationToken": page["NextContinuationToken"]}
+        if skip_hidden_below is not None and contents:
+            last = contents[-1]["Key"]
+            parts = last[len(skip_hidden_below):].split("/")[:-1]  # the folders the last key is in
+            hidden = next((i for i, part in enumerate(parts) if part.startswith(".")), None)
+            if hidden is not None:
+                resume = {"StartAfter": skip_hidden_below + "/".join(parts[: hidden + 1]) + "/" + _AFTER_ALL}
+
+
+def _object_store_images(fs, path: str, uri: str, wanted: tuple[str, ...]) -> Iterator[str]:
+    """One object named explicitly (whatever its suffix), or every image under a prefix."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        info = fs.info(path)  # HEAD object, else a one-key listing: nothing is cached
+    except FileNotFoundError:
+        raise SourceError(f"input.uri: nothing found at {uri}") from None
+    if info["type"] != "directory":
+        yield path
+        return
+    prefix = f"{key.rstrip('/')}/" if key.strip("/") else ""
+    for name in _iter_keys(fs, bucket, prefix, skip_hidden_below=prefix):
+        if name.lower().endswith(wanted) and not _hidden(name[len(bucket) + 1 + len(prefix):]):
+            yield name
+
+
+def _glob_keys(fs, pattern: str) -> Iterator[str]:
+    """The objects matching a glob, as ``fs.glob`` matches them (fsspec's own pattern translation:
+    ``*``, ``?``, ``[...]``, ``**`` for any depth), in key order, streamed from the listing of the
+    pattern's fixed prefix; a pattern with one level below that prefix and no ``**`` lists with a
+    delimiter, so sub-folders are not listed at all."""
+    from fsspec.utils import glob_translate
+
+    bucket, key, _ = fs.split_path(pattern)
+    first = min(key.index(c) for c in _GLOB_CHARS if c in key)
+    prefix, rest = key[:first], key[first:]
+    regex = re.compile(glob_translate(f"{bucket}/{key}"))
+    flat = "/" not in rest and "**" not in rest
+    for name in _iter_keys(fs, bucket, prefix, delimiter="/" if flat else ""):
+        if regex.match(name):
+            yield name
 
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
@@ -148,7 +233,9 @@ def iter_tar_uris(uri: str, storage_options: dict | None = None) -> Iterator[str
     for pattern in expand_braces(uri):
         fs, path = url_to_fs(pattern, **(storage_options or {}))
         if any(c in path for c in _GLOB_CHARS):
-            for match in sorted(fs.glob(path, detail=False)):
+            fixed = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)]
+            streamed = _pages_keys(fs) and "/" in fixed  # a glob inside the bucket name: fs.glob
+            for match in _glob_keys(fs, path) if streamed else sorted(fs.glob(path, detail=False)):
                 yield fs.unstrip_protocol(match)
         else:
             yield fs.unstrip_protocol(path)
