@@ -39,17 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--group-by", default="folder", help="images column to group counts by, or 'folder' (parent folder of the URI; default)")
     report.add_argument("--gallery", type=int, default=12, help="sample images drawn with their masks: half the most crowded, half random (default 12)")
     report.add_argument("--seed", type=int, default=0, help="seed of the gallery's random picks (default 0)")
+    report.add_argument("--flagged-gallery", type=int, default=12,
+                        help="flagged objects drawn in the Quality section, taken in turn from each reason (default 12)")
     _filter_arguments(report)
     _storage_arguments(report, "the run folder and --out")
     report.set_defaults(handler=_report)
     export = sub.add_parser(
         "export",
-        help="export a run's masks as COCO, YOLO-seg, PNG or cutouts",
+        help="export a run's masks as COCO, YOLO-seg, PNG, cutouts or Label Studio tasks",
         description="Export the ok images of RUN_DIR, streaming image by image, to --out (default RUN_DIR/exports/FORMAT).",
     )
     export.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (output.uri of `autolabel run`), any fsspec URL")
-    export.add_argument("--format", required=True, choices=["coco", "yolo", "png", "cutouts"],
-                        help="coco: instances.json; yolo: YOLO-seg images/ labels/ data.yaml; png: instance-id PNGs; cutouts: RGBA PNG per object")
+    export.add_argument("--format", required=True, choices=["coco", "yolo", "png", "cutouts", "labelstudio"],
+                        help="coco: instances.json; yolo: YOLO-seg images/ labels/ data.yaml; png: instance-id PNGs; cutouts: RGBA PNG per object; "
+                        "labelstudio: tasks.json (masks as brush predictions) + labeling-config.xml, for review")
     export.add_argument("--out", help="destination folder, any fsspec URL (default: RUN_DIR/exports/FORMAT)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export in --out (a folder holding only an export, recognised by its "
@@ -57,10 +60,35 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--segmentation", choices=["rle", "polygon"], default="rle", help="coco: masks as COCO RLE (lossless, default) or polygons")
     export.add_argument("--class-png", action="store_true", help="png: also write a class-id PNG per image (class_id + 1, 0 = background)")
     export.add_argument("--val-fraction", type=float, default=0.0, help="yolo: share of images put in the val split, by image id (default 0: val = train)")
+    export.add_argument("--image-root", metavar="DIR_OR_URI",
+                        help="labelstudio: the folder the image URLs are relative to (default: the deepest folder holding every local image); "
+                        "start Label Studio with LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT set to it")
+    export.add_argument("--image-root-url", metavar="URL",
+                        help="labelstudio: URL under which Label Studio can load --image-root (e.g. http://files:8081/photos); "
+                        "default: /data/local-files/?d=<path> for local images, other URIs (s3://, https://) as they are")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     _filter_arguments(export)
     _storage_arguments(export, "the run folder and --out")
     export.set_defaults(handler=_export)
+
+    review = sub.add_parser(
+        "review",
+        help="bring people's corrections back: import a reviewed Label Studio export",
+        description="The human review loop: `autolabel export RUN --format labelstudio --flagged`, review in Label Studio, "
+        "export the project as JSON, then `autolabel review import RUN FILE`. Exports and reports use the reviewed objects afterwards.",
+    )
+    review_sub = review.add_subparsers(dest="review_command", required=True)
+    review_import = review_sub.add_parser(
+        "import",
+        help="record the decisions of a Label Studio JSON export in RUN/review/",
+        description="Compare each reviewed task's annotation with the run's masks and record, per object, accepted, corrected "
+        "(new mask/label), rejected or added in RUN_DIR/review/import-<time>.parquet (the run's own files are not touched). "
+        "A later import of the same tasks supersedes earlier decisions.",
+    )
+    review_import.add_argument("run_dir", metavar="RUN_DIR", help="the run the tasks were exported from (any fsspec URL)")
+    review_import.add_argument("file", metavar="FILE", help="Label Studio's JSON export of the project (any fsspec URL)")
+    _storage_arguments(review_import, "the run folder and FILE", images=False)
+    review_import.set_defaults(handler=_review_import)
 
     predict = sub.add_parser(
         "predict",
@@ -88,14 +116,21 @@ def _filter_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-mask-score", type=float, help="keep objects whose mask_score (SAM's predicted IoU) is at least this")
     parser.add_argument("--min-area", type=int, help="keep objects whose mask has at least this many pixels")
     parser.add_argument("--classes", help="keep these classes: names or ids, comma-separated (e.g. person,car or 0,2)")
+    flags = parser.add_mutually_exclusive_group()
+    flags.add_argument("--flagged", action="store_true", help="keep the objects flagged for review (needs_review; not yet reviewed by a person)")
+    flags.add_argument("--unflagged", action="store_true", help="keep the objects not flagged for review")
+    parser.add_argument("--include-duplicates", action="store_true",
+                        help="also keep masks marked status=duplicate (left out by default, like in num_objects)")
 
 
-def _storage_arguments(parser: argparse.ArgumentParser, where: str) -> None:
+def _storage_arguments(parser: argparse.ArgumentParser, where: str, images: bool = True) -> None:
     """fsspec storage options for report and export: one flag for the run folder and the output, one
     for re-reading the images (they often live elsewhere, with other credentials, like the run's own
     output.storage_options and input.storage_options). Values are never printed or written."""
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help=f"fsspec option for {where}, e.g. endpoint_url=http://host:9000, key=..., secret=..., anon=true; repeatable")
+    if not images:
+        return
     parser.add_argument("--image-storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec option for re-reading the run's images (what the run had in input.storage_options; "
                         "run.json does not keep their values); repeatable")
@@ -164,32 +199,43 @@ def _storage_options(args) -> tuple[dict, dict]:
     from .filters import parse_storage_options
 
     return (parse_storage_options(args.storage_option, "--storage-option"),
-            parse_storage_options(args.image_storage_option, "--image-storage-option"))
+            parse_storage_options(getattr(args, "image_storage_option", []), "--image-storage-option"))
+
+
+def _object_filter(args):
+    from .filters import ObjectFilter
+
+    return ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes, flagged=args.flagged, unflagged=args.unflagged,
+                              include_duplicates=args.include_duplicates)
 
 
 def _report(args) -> int:
-    from .filters import FilterError, ObjectFilter, OptionError, RunError, redact
+    from .filters import FilterError, OptionError, RunError, redact
     from .report import UNREADABLE_HINT, ReportError, ReportOptions, write_report
 
     options = images = {}
     try:
         options, images = _storage_options(args)
-        filt = ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes)
-        if args.gallery < 0:
-            raise ReportError("--gallery must be >= 0")
-        result = write_report(args.run_dir, args.out, ReportOptions(group_by=args.group_by, gallery=args.gallery, filter=filt, seed=args.seed),
+        filt = _object_filter(args)
+        if args.gallery < 0 or args.flagged_gallery < 0:
+            raise ReportError("--gallery and --flagged-gallery must be >= 0")
+        result = write_report(args.run_dir, args.out, ReportOptions(group_by=args.group_by, gallery=args.gallery, filter=filt, seed=args.seed,
+                                                                    flagged_gallery=args.flagged_gallery),
                               options, images)
     except (RunError, FilterError, ReportError, OptionError) as exc:
         print(f"autolabel report: error: {redact(str(exc), options, images)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     summary = result["summary"]
     totals = summary["totals"]
-    print(f"autolabel report: {totals['images']:,} images ({totals['ok']:,} ok, {totals['error']:,} error), {totals['objects']:,} objects")
+    quality = summary.get("quality") or {}
+    flagged = f", {quality['flagged']:,} flagged for review" if quality.get("recorded") else ""
+    print(f"autolabel report: {totals['images']:,} images ({totals['ok']:,} ok, {totals['error']:,} error), {totals['objects']:,} objects{flagged}")
     for name, url in result["paths"].items():
         print(f"  {name:<13} {url}")
     unreadable = summary["gallery_unreadable"]
     if unreadable:
-        lines = [f"autolabel report: error: {len(unreadable)} of {len(summary['gallery'])} gallery images could not be read as the run saw them, "
+        lines = [f"autolabel report: error: {len(unreadable)} of {summary.get('gallery_images', len(summary['gallery']))} gallery images "
+                 "could not be read as the run saw them, "
                  "so the report shows their masks on blank canvases (the page says so at the top):"]
         lines += [f"  {item['uri']}: {item['reason']}" for item in unreadable[:20]]
         if len(unreadable) > 20:
@@ -202,22 +248,37 @@ def _report(args) -> int:
 
 def _export(args) -> int:
     from .export import ExportError, export
-    from .filters import FilterError, ObjectFilter, OptionError, RunError, redact
+    from .filters import FilterError, OptionError, RunError, redact
 
     options = images = {}
     try:
         options, images = _storage_options(args)
-        filt = ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes)
+        filt = _object_filter(args)
         result = export(
             args.run_dir, args.format, args.out, filt, overwrite=args.overwrite, segmentation=args.segmentation,
             class_png=args.class_png, val_fraction=args.val_fraction, progress=not args.quiet,
-            storage_options=options, image_storage_options=images,
+            storage_options=options, image_storage_options=images, image_root=args.image_root, image_root_url=args.image_root_url,
         )
     except (RunError, FilterError, ExportError, OptionError) as exc:
         print(f"autolabel export: error: {redact(str(exc), options, images)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     print(redact(result.summary(), options, images))
     return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def _review_import(args) -> int:
+    from .filters import OptionError, RunError, redact
+    from .review import ReviewError, import_review
+
+    options = {}
+    try:
+        options, _ = _storage_options(args)
+        result = import_review(args.run_dir, args.file, options)
+    except (RunError, ReviewError, OptionError) as exc:
+        print(f"autolabel review import: error: {redact(str(exc), options)}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(result.summary())
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``autolabel export RUN --format coco|yolo|png|cutouts``: the run's masks in other tools' formats.
+"""``autolabel export RUN --format coco|yolo|png|cutouts|labelstudio``: the run's masks in other tools' formats.
 
 Exports stream image by image: the sink writes ``images/shard-X.parquet`` and
 ``objects/shard-X.parquet`` side by side, one image's objects in one part, so each images part is
@@ -16,6 +16,11 @@ cannot represent them) and counted in the result. Polygons (COCO ``--segmentatio
 YOLO) are the outer contours of the mask from ``cv2.findContours``: holes are dropped; COCO keeps
 every contour, YOLO (one polygon per object) joins them with ultralytics' own
 ``merge_multi_segment``, as its COCO converter does.
+
+Every format reads the run as reviewed (pipeline/review.py): after ``autolabel review import``,
+rejected objects are left out, corrected ones carry the person's mask and label and added ones are
+included, both with ``source = "review"``. ``labelstudio`` writes Label Studio tasks with the masks
+as brush predictions (pipeline/labelstudio.py) for that review.
 """
 from __future__ import annotations
 
@@ -37,11 +42,12 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from . import masks as mask_codec
-from .filters import UNLABELED, ObjectFilter, RunData, RunError, read_image, read_rgb, redact
+from . import labelstudio as ls
+from .filters import UNLABELED, ObjectFilter, RunData, RunError, normalize_objects, read_image, read_rgb, redact
 
 log = logging.getLogger("autolabel.export")
 
-FORMATS = ("coco", "yolo", "png", "cutouts")
+FORMATS = ("coco", "yolo", "png", "cutouts", "labelstudio")
 # Image suffixes ultralytics' loader accepts; anything else is re-encoded as PNG for YOLO.
 YOLO_IMAGE_SUFFIXES = {".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp", ".pfm"}
 EXIF_ORIENTATION = 0x0112
@@ -61,6 +67,8 @@ class ExportResult:
     filtered_out: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason): images that could not be exported
     files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what to know to use the export (e.g. Label Studio's set-up)
+    reviewed: bool = False  # the run had review decisions, and the export holds the reviewed objects
 
     def summary(self) -> str:
         lines = [
@@ -70,6 +78,9 @@ class ExportResult:
             lines.append(f"  {self.filtered_out:,} objects left out by the filters")
         if self.skipped_empty:
             lines.append(f"  {self.skipped_empty:,} objects with an empty mask left out")
+        if self.reviewed:
+            lines.append("  with the review decisions imported into the run (autolabel review import)")
+        lines += [f"  {note}" for note in self.notes]
         if self.failed:
             lines.append(f"  {len(self.failed):,} images FAILED (not exported):")
             lines += [f"    {uri}: {why}" for uri, why in self.failed[:20]]
@@ -110,6 +121,8 @@ def iter_images(run: RunData, filt: ObjectFilter, result: ExportResult, unlabele
     objects_by_name = {p.rsplit("/", 1)[-1]: p for p in run.object_files}
     expr = filt.expression()
     counted = run.counted_expression()
+    shown = run.counted_expression(filt.include_duplicates)
+    review = run.review
     for images_path in run.image_files:
         name = images_path.rsplit("/", 1)[-1]
         images = pq.read_table(images_path, filesystem=afs, columns=["image_id", "uri", "width", "height", "status", "num_objects"])
@@ -122,10 +135,11 @@ def iter_images(run: RunData, filt: ObjectFilter, result: ExportResult, unlabele
                 raise ExportError(f"{run.url('images', name)} lists objects but objects/{name} is missing: the run is damaged")
             grouped, found = {}, {}
         else:
-            table = pq.read_table(objects_path, filesystem=afs)
-            if counted is not None:  # invalid-prompt rows and extra SAM candidates are not objects
-                table = table.filter(counted)
-            found = {r["values"]: r["counts"] for r in pc.value_counts(table.column("image_id")).to_pylist()}
+            table = normalize_objects(pq.read_table(objects_path, filesystem=afs))
+            # invalid-prompt rows, extra SAM candidates and duplicates are not objects (num_objects counts none of them)
+            counted_rows = table if counted is None else table.filter(counted)
+            found = {r["values"]: r["counts"] for r in pc.value_counts(counted_rows.column("image_id")).to_pylist()}
+            table = review.apply(table, shown, filt.include_duplicates) if review else (table if shown is None else table.filter(shown))
             if expr is not None:
                 kept = table.filter(expr)
                 result.filtered_out += table.num_rows - kept.num_rows
@@ -190,6 +204,7 @@ LAYOUTS = {
     "yolo": {"images": "directory", "labels": "directory", "data.yaml": "file"},
     "png": {"instances": "directory", "classes": "directory", "index.csv": "file"},
     "cutouts": {"index.csv": "file"},
+    "labelstudio": {"tasks.json": "file", "labeling-config.xml": "file"},
 }
 
 
@@ -446,7 +461,11 @@ class CocoWriter:
                 "score": _score(obj["det_score"]), "mask_score": _score(obj["mask_score"]),
                 "object_id": int(obj["object_id"]),
                 "det_box": [round(float(v), 2) for v in (obj["box"][0], obj["box"][1], obj["box"][2] - obj["box"][0], obj["box"][3] - obj["box"][1])],
+                "source": obj.get("source"),
             }
+            for key in ("flags", "review"):  # QA reasons (runs that recorded them); review decision (after an import)
+                if obj.get(key) is not None:
+                    ann[key] = obj[key]
             self.tmp.write(("" if self.annotation_id == 1 else ", ") + json.dumps(ann))
             written += 1
         return written
@@ -570,7 +589,7 @@ class CutoutWriter:
         self.dest, self.image_storage_options = dest, image_storage_options
         self.index = dest.open("index.csv", "w", newline="")
         self.csv = csv.writer(self.index)
-        self.csv.writerow(["image_id", "uri", "object_id", "class_id", "class_name", "det_score", "mask_score", "area", "path"])
+        self.csv.writerow(["image_id", "uri", "object_id", "class_id", "class_name", "det_score", "mask_score", "area", "path", "source", "review"])
 
     def add(self, image: ImageLabels) -> int:
         if not image.objects:
@@ -587,7 +606,8 @@ class CutoutWriter:
             rel = f"{image.name}/{int(obj['object_id']):04d}_{safe_class}.png"
             self.dest.write(rel, _png(rgba))
             self.csv.writerow([image.image_id, image.uri, obj["object_id"], obj["class_id"], obj["class_name"],
-                               _score_cell(obj["det_score"]), _score_cell(obj["mask_score"]), obj["area"], rel])
+                               _score_cell(obj["det_score"]), _score_cell(obj["mask_score"]), obj["area"], rel,
+                               obj.get("source") or "", obj.get("review") or ""])
         return len(image.objects)
 
     def abort(self) -> None:
@@ -596,6 +616,87 @@ class CutoutWriter:
     def close(self) -> list[str]:
         self.index.close()
         return [self.dest.full("index.csv")]
+
+
+class LabelStudioWriter:
+    """Label Studio: ``tasks.json`` (one task per image, the masks as ``brushlabels`` predictions) and
+    ``labeling-config.xml`` (the project's labeling config: every class of the run as a brush label)."""
+
+    def __init__(self, dest: Destination, run: RunData, classes: dict[int, str], urls: ls.ImageUrls, every_image: bool):
+        import uuid
+
+        from .report import class_color
+
+        self.dest, self.run, self.urls, self.every_image = dest, run, urls, every_image
+        self.export_id = f"{_now()}-{uuid.uuid4().hex[:8]}"
+        models = run.manifest.get("models") or {}
+        self.model_version = " ".join(filter(None, [
+            f"autolabel {(run.manifest.get('versions') or {}).get('autolabel') or _version() or ''}".strip(),
+            f"SAM 2.1 {(models.get('sam') or {}).get('size')}" if (models.get("sam") or {}).get("size") else None,
+            "(random weights)" if run.manifest.get("random_weights") else None,
+        ]))
+        names = list(dict.fromkeys(name for _, name in sorted(classes.items())))
+        colors = {name: "#" + "".join(f"{int(round(c * 255)):02x}" for c in class_color(None if name == UNLABELED else cid))
+                  for cid, name in classes.items()}
+        self.config = ls.labeling_config(names, colors)
+        self.out = dest.open("tasks.json", "w")
+        self.out.write("[")
+        self.tasks = 0
+
+    def skips(self, image: ImageLabels) -> bool:
+        """With a filter, images left without objects make no task (nothing to review); without, every image
+        does (a person may draw what the model missed)."""
+        return not image.objects and not self.every_image
+
+    def add(self, image: ImageLabels) -> int:
+        try:
+            url = self.urls(image.uri)
+        except ls.LabelStudioError as exc:
+            raise ExportError(str(exc)) from None
+        results = [ls.brush_result(obj["object_id"], mask_codec.decode(obj["mask"]), obj["class_name"], obj["mask_score"])
+                   for obj in image.objects]
+        note, reasons = ls.note_of(image.objects)
+        task = {"data": {
+            "image": url, ls.NOTE_KEY: note, ls.FLAGS_KEY: reasons,
+            ls.DATA_KEY: {"format": ls.TASK_FORMAT_VERSION, "run": self.run.url(), "export_id": self.export_id,
+                          "image_id": image.image_id, "uri": image.uri, "width": image.width, "height": image.height,
+                          "objects": {ls.result_id(o["object_id"]): int(o["object_id"]) for o in image.objects}},
+        }, "predictions": []}
+        if results:
+            scores = [o["mask_score"] for o in image.objects if o["mask_score"] is not None]
+            prediction = {"model_version": self.model_version, "result": results}
+            if scores:
+                prediction["score"] = round(float(min(scores)), 6)  # the least sure mask: sorting by it puts doubtful images first
+            task["predictions"].append(prediction)
+        self.out.write(("\n" if self.tasks == 0 else ",\n") + json.dumps(task, separators=(",", ":")))
+        self.tasks += 1
+        return len(results)
+
+    def abort(self) -> None:
+        _close_quietly(self.out)
+
+    def close(self) -> list[str]:
+        self.out.write("\n]\n")
+        self.out.close()
+        return [self.dest.full("tasks.json"), self.dest.write("labeling-config.xml", self.config.encode())]
+
+
+def _labelstudio_urls(run: RunData, image_root: Optional[str], image_root_url: Optional[str], result: ExportResult) -> ls.ImageUrls:
+    """How tasks point at the images (``ls.ImageUrls``); the default root is the folder holding every local image."""
+    root = image_root
+    if root is None:
+        uris = run.dataset("images").to_table(columns=["uri"], filter=pc.field("status") == "ok").column("uri").to_pylist()
+        root = ls.common_folder(uris)
+    urls = ls.ImageUrls(root, image_root_url)
+    if image_root_url is not None:
+        result.notes.append(f"Label Studio: images under {root} are linked as {image_root_url}...")
+    elif root is not None:
+        result.notes.append(
+            f"Label Studio: local images are linked as {ls.LOCAL_FILES_URL}<path under {root}>; start Label Studio with "
+            f"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={root} and add a "
+            f"'Local files' source storage with the absolute path {root} to the project (no need to sync it)")
+    result.notes.append("Label Studio: create the project with labeling-config.xml as its labeling interface, then import tasks.json")
+    return urls
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -629,8 +730,12 @@ def export(
     progress: bool = True,
     storage_options: Optional[dict] = None,
     image_storage_options: Optional[dict] = None,
+    image_root: Optional[str] = None,
+    image_root_url: Optional[str] = None,
 ) -> ExportResult:
     """Export a run; raises RunError/ExportError/FilterError for what the user must fix.
+
+    ``image_root``/``image_root_url`` (labelstudio): how tasks point at the images (``labelstudio.ImageUrls``).
 
     ``storage_options``: fsspec options of the run folder and of ``out_uri``; ``image_storage_options``:
     those of the images, which yolo and cutouts re-read (the run's ``input.storage_options``).
@@ -661,12 +766,21 @@ def export(
             writer = YoloWriter(dest, classes, val_fraction, image_storage_options)
         elif fmt == "png":
             writer = PngWriter(dest, classes, class_png)
-        else:
+        elif fmt == "cutouts":
             writer = CutoutWriter(dest, image_storage_options)
+        else:
+            urls = _labelstudio_urls(run, image_root, image_root_url, result)
+            writer = LabelStudioWriter(dest, run, classes, urls, every_image=not filt.active)
+        result.reviewed = bool(run.review)
         total = count_ok_images(run)
         log.info("export %s: %d ok images from %s to %s (filters: %s)", fmt, total, run.url(), dest.url, filt.describe())
         _export_all(run, filt, classes, writer, fmt, total, progress, result)
         result.files = writer.close()
+        if fmt == "labelstudio":
+            result.images = writer.tasks
+            if writer.urls.tar_members:
+                result.notes.append(f"Label Studio: {writer.urls.tar_members:,} tasks show members of tar shards, which Label "
+                                    "Studio cannot open; extract them and export with --image-root/--image-root-url")
         writer = None
         marker.update(status="complete", finished_at=_now(), images=result.images, objects=result.objects, failed_images=len(result.failed))
         dest.write_marker(marker)
@@ -700,12 +814,16 @@ def _export_all(run: RunData, filt: ObjectFilter, classes: dict[int, str], write
 
     with tqdm(total=total, unit="img", desc=f"export {fmt}", mininterval=1.0, disable=not progress) as bar:
         unlabeled_id = next((cid for cid, name in classes.items() if name == UNLABELED), None)
+        skips = getattr(writer, "skips", None)
         for image in iter_images(run, filt, result, unlabeled_id):
+            if skips is not None and skips(image):
+                bar.update(1)
+                continue
             try:
                 result.objects += writer.add(image)
                 result.images += 1
             except (OSError, ImageError, ExportError) as exc:  # a source image gone, unreadable or changed: record it, go on
-                if fmt == "coco":
+                if fmt in ("coco", "labelstudio"):  # they read no image: an error here is the export's, not one image's
                     raise
                 why = f"{exc.error_class}: {exc}" if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
                 log.warning("export %s: %s failed: %s", fmt, image.uri, why)

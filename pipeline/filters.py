@@ -2,10 +2,15 @@
 
 ``RunData`` opens ``RUN`` (any fsspec URL), checks it is a run, and lists its Parquet parts, so
 both commands read runs the same way and fail the same way on a folder that is not one.
-``ObjectFilter`` is one definition of ``--min-mask-score/--min-area/--classes`` with three
-consumers: a SQL predicate for the report's duckdb queries, a pyarrow expression for the exports'
-streaming reads, and a line of text saying what was applied (so a filtered report or export never
-passes for the whole run).
+``ObjectFilter`` is one definition of ``--min-mask-score/--min-area/--classes/--flagged/
+--unflagged/--include-duplicates`` with three consumers: a SQL predicate for the report's duckdb
+queries, a pyarrow expression for the exports' streaming reads, and a line of text saying what was
+applied (so a filtered report or export never passes for the whole run).
+
+Both predicates read the objects table *normalised* (``QA_COLUMNS`` and ``review`` present: null
+where a run made before the quality metrics has none, so such a run counts as nothing flagged) and,
+after ``autolabel review import``, *reviewed* (pipeline/review.py): objects a person reviewed have
+``review`` set and ``needs_review`` false, and pass ``--min-mask-score`` (a person checked them).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -25,6 +31,39 @@ class FilterError(ValueError):
 
 
 UNLABELED = "(unlabeled)"  # class name shown for objects without a class (manifest prompts with no label)
+
+# Quality-control columns of the objects table (written by the segment stage; absent in runs made
+# before them, where readers see them as nulls: no metrics, nothing flagged).
+QA_COLUMNS = {
+    "stability": pa.float32(),  # SAM's stability score (IoU of the logits thresholded at +1 and -1)
+    "box_iou": pa.float32(),  # IoU of the mask's tight box with the prompt box
+    "outside_box": pa.float32(),  # share of the mask's pixels outside the prompt box
+    "regions": pa.int32(),  # connected regions of the mask (8-connectivity)
+    "largest_region": pa.float32(),  # share of the area in the largest region
+    "hole_area": pa.int64(),  # background pixels enclosed by the mask
+    "flags": pa.list_(pa.string()),  # reasons the object needs a look
+    "needs_review": pa.bool_(),  # flags is not empty
+    "duplicate_of": pa.int32(),  # status=duplicate: object_id of the object kept in its place
+}
+FLAG_REASONS = ("low_score", "unstable", "leaks_box", "fragmented", "tiny", "duplicate")
+REVIEW_COLUMN = "review"  # accepted | corrected | added after `autolabel review import`; null = not reviewed
+DUPLICATE = "duplicate"  # objects-table status of a mask marked as a duplicate of another
+
+
+def normalize_objects(table: pa.Table) -> pa.Table:
+    """An objects table with every QA column and ``review`` (null where the run has none)."""
+    for name, typ in [*QA_COLUMNS.items(), (REVIEW_COLUMN, pa.string())]:
+        if name not in table.column_names:
+            table = table.append_column(pa.field(name, typ), pa.nulls(table.num_rows, typ))
+    return table
+
+
+def normalized_columns_sql(columns: list[str]) -> str:
+    """``SELECT`` list adding the QA columns and ``review`` a table lacks, as typed NULLs (duckdb)."""
+    types = {pa.float32(): "FLOAT", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.bool_(): "BOOLEAN",
+             pa.list_(pa.string()): "VARCHAR[]", pa.string(): "VARCHAR"}
+    missing = [(n, t) for n, t in [*QA_COLUMNS.items(), (REVIEW_COLUMN, pa.string())] if n not in columns]
+    return "".join(f", NULL::{types[t]} AS {n}" for n, t in missing)
 
 
 class RunError(ValueError):
@@ -99,21 +138,42 @@ class RunData:
     def object_columns(self) -> list[str]:
         return self.dataset("objects").schema.names if self.object_files else []
 
-    def counted_sql(self) -> str:
+    def counted_sql(self, include_duplicates: bool = False, alias: str = "") -> str:
         """Rows that are objects: runs with prompt-error rows and extra SAM candidates mark them
-        (``status``, ``candidate``); ``num_objects`` counts exactly these."""
+        (``status``, ``candidate``); ``num_objects`` counts exactly these. ``include_duplicates``:
+        also masks marked ``status=duplicate`` (never counted in ``num_objects``)."""
         cols = self.object_columns
-        parts = (["status = 'ok'"] if "status" in cols else []) + (["candidate = 0"] if "candidate" in cols else [])
-        return " AND ".join(parts) or "TRUE"
+        status = f"{alias}status IN ('ok', 'duplicate')" if include_duplicates else f"{alias}status = 'ok'"
+        parts = ([status] if "status" in cols else []) + ([f"{alias}candidate = 0"] if "candidate" in cols else [])
+        return "(" + " AND ".join(parts) + ")" if parts else "TRUE"
 
-    def counted_expression(self) -> Optional[pc.Expression]:
+    def counted_expression(self, include_duplicates: bool = False) -> Optional[pc.Expression]:
         cols, expr = self.object_columns, None
         if "status" in cols:
-            expr = pc.field("status") == "ok"
+            expr = pc.field("status").isin(["ok", DUPLICATE]) if include_duplicates else pc.field("status") == "ok"
         if "candidate" in cols:
             cand = pc.field("candidate") == 0
             expr = cand if expr is None else expr & cand
         return expr
+
+    @property
+    def has_qa(self) -> bool:
+        """Did the run record quality metrics and flags (runs made before them did not)?"""
+        return "needs_review" in self.object_columns
+
+    def review_files(self) -> list[str]:
+        """``RUN/review/import-*.parquet``: decisions recorded by ``autolabel review import``, oldest first."""
+        self.fs.invalidate_cache(f"{self.root}/review")
+        return [p for p in self._parts("review") if p.rsplit("/", 1)[-1].startswith("import-")]
+
+    @property
+    def review(self):
+        """The run's review decisions (``review.Review``), read once; empty when none were imported."""
+        if not hasattr(self, "_review"):
+            from .review import Review
+
+            self._review = Review.load(self)
+        return self._review
 
     def url(self, *parts: str) -> str:
         return self.fs.unstrip_protocol("/".join([self.root, *parts]))
@@ -217,10 +277,15 @@ class ObjectFilter:
     min_area: Optional[int] = None
     class_ids: tuple[int, ...] = ()
     class_names: tuple[str, ...] = field(default_factory=tuple)
+    flagged: Optional[bool] = None  # True: --flagged (needs_review), False: --unflagged, None: both
+    include_duplicates: bool = False  # --include-duplicates: also masks marked status=duplicate
 
     @classmethod
-    def parse(cls, min_mask_score: Optional[float] = None, min_area: Optional[int] = None, classes: Optional[str] = None) -> "ObjectFilter":
+    def parse(cls, min_mask_score: Optional[float] = None, min_area: Optional[int] = None, classes: Optional[str] = None,
+              flagged: bool = False, unflagged: bool = False, include_duplicates: bool = False) -> "ObjectFilter":
         """``--classes person,car`` or ``--classes 0,2`` (names and ids may be mixed)."""
+        if flagged and unflagged:
+            raise FilterError("--flagged and --unflagged exclude each other: give one (or neither, for all objects)")
         if min_mask_score is not None and not 0.0 <= min_mask_score <= 1.0:
             raise FilterError(f"--min-mask-score must be between 0 and 1 (got {min_mask_score})")
         if min_area is not None and min_area < 0:
@@ -233,11 +298,13 @@ class ObjectFilter:
             (ids.append(int(item)) if item.isdigit() else names.append(item))
         if classes is not None and not ids and not names:
             raise FilterError("--classes needs at least one class name or id, e.g. --classes person,car or --classes 0,2")
-        return cls(min_mask_score, min_area, tuple(ids), tuple(names))
+        return cls(min_mask_score, min_area, tuple(ids), tuple(names), True if flagged else False if unflagged else None,
+                   bool(include_duplicates))
 
     @property
     def active(self) -> bool:
-        return self.min_mask_score is not None or self.min_area is not None or bool(self.class_ids or self.class_names)
+        return (self.min_mask_score is not None or self.min_area is not None or bool(self.class_ids or self.class_names)
+                or self.flagged is not None or self.include_duplicates)
 
     def check_classes(self, known: dict[int, str]) -> None:
         """Refuse class names/ids the run does not have (a typo would silently select nothing)."""
@@ -247,10 +314,11 @@ class ObjectFilter:
             raise FilterError(f"--classes: {', '.join(bad)} not in this run's classes ({shown}{' ...' if len(known) > 40 else ''})")
 
     def sql(self) -> str:
-        """Predicate over the objects table's columns, for duckdb (``TRUE`` when nothing is filtered)."""
+        """Predicate over the normalised objects table's columns, for duckdb (``TRUE`` when nothing is filtered);
+        ``status``/``candidate`` (which rows are objects) are ``RunData.counted_sql``'s."""
         parts = []
         if self.min_mask_score is not None:
-            parts.append(f"mask_score >= {float(self.min_mask_score)!r}")
+            parts.append(f"(mask_score >= {float(self.min_mask_score)!r} OR {REVIEW_COLUMN} IS NOT NULL)")
         if self.min_area is not None:
             parts.append(f"area >= {int(self.min_area)}")
         if self.class_ids or self.class_names:
@@ -261,6 +329,8 @@ class ObjectFilter:
                 quoted = ", ".join("'" + n.replace("'", "''") + "'" for n in self.class_names)
                 alternatives.append(f"class_name IN ({quoted})")
             parts.append("(" + " OR ".join(alternatives) + ")")
+        if self.flagged is not None:
+            parts.append("needs_review IS TRUE" if self.flagged else "needs_review IS NOT TRUE")
         return " AND ".join(parts) if parts else "TRUE"
 
     def expression(self) -> Optional[pc.Expression]:
@@ -270,8 +340,8 @@ class ObjectFilter:
         def both(a, b):
             return b if a is None else a & b
 
-        if self.min_mask_score is not None:
-            expr = both(expr, pc.field("mask_score") >= self.min_mask_score)
+        if self.min_mask_score is not None:  # null >= x is null, and null | true is true (Kleene logic, as in SQL)
+            expr = both(expr, (pc.field("mask_score") >= self.min_mask_score) | pc.field(REVIEW_COLUMN).is_valid())
         if self.min_area is not None:
             expr = both(expr, pc.field("area") >= self.min_area)
         if self.class_ids or self.class_names:
@@ -282,6 +352,9 @@ class ObjectFilter:
                 by_name = pc.field("class_name").isin(list(self.class_names))
                 cls_expr = by_name if cls_expr is None else cls_expr | by_name
             expr = both(expr, cls_expr)
+        if self.flagged is not None:
+            flagged = pc.field("needs_review").is_valid() & pc.field("needs_review")  # null (no QA) counts as not flagged
+            expr = both(expr, flagged if self.flagged else ~flagged)
         return expr
 
     def keeps_class(self, class_id: int, class_name: str) -> bool:
@@ -297,6 +370,10 @@ class ObjectFilter:
             parts.append(f"area >= {self.min_area} px")
         if self.class_ids or self.class_names:
             parts.append("classes " + ", ".join([*map(str, self.class_ids), *self.class_names]))
+        if self.flagged is not None:
+            parts.append("flagged for review" if self.flagged else "not flagged for review")
+        if self.include_duplicates:
+            parts.append("duplicates included")
         return "; ".join(parts) if parts else "none"
 
     def as_dict(self) -> dict:
@@ -304,4 +381,6 @@ class ObjectFilter:
             "min_mask_score": self.min_mask_score,
             "min_area": self.min_area,
             "classes": [*self.class_ids, *self.class_names] or None,
+            "flagged": self.flagged,
+            "include_duplicates": self.include_duplicates,
         }

@@ -24,7 +24,8 @@ from typing import Optional
 import numpy as np
 import yaml
 
-from .filters import UNLABELED, FilterError, ObjectFilter, RunData, RunError, read_rgb, redact
+from .filters import (FLAG_REASONS, QA_COLUMNS, UNLABELED, FilterError, ObjectFilter, RunData, RunError, normalize_objects,
+                      normalized_columns_sql, read_rgb, redact)
 
 log = logging.getLogger("autolabel.report")
 
@@ -54,6 +55,7 @@ class ReportOptions:
     gallery: int = 12
     filter: ObjectFilter = ObjectFilter()
     seed: int = 0
+    flagged_gallery: int = 12  # flagged objects drawn in the quality section
 
 
 def class_color(class_id: Optional[int]) -> tuple[float, float, float]:
@@ -73,7 +75,9 @@ def _hex(rgb) -> str:
 
 
 class RunStats:
-    """The report's queries. Views: ``images`` (all rows), ``objects`` (filtered), ``per_image``."""
+    """The report's queries. Views: ``images`` (all rows), ``objects_norm`` (every objects row, QA columns
+    present), ``objects_reviewed`` (the objects as reviewed, duplicates included), ``objects`` (what the
+    report counts: reviewed, filtered), ``per_image``."""
 
     def __init__(self, run: RunData, options: ReportOptions):
         import duckdb
@@ -89,25 +93,32 @@ class RunStats:
         self.image_columns = run.dataset("images").schema.names
         if run.object_files:
             self.con.register("objects_ds", run.dataset("objects"))
+            schema = run.dataset("objects").schema
         else:  # a run where nothing was detected may have no objects parts at all
             from .sink import OBJECTS_SCHEMA
 
             self.con.register("objects_ds", OBJECTS_SCHEMA.empty_table())
+            schema = OBJECTS_SCHEMA
         self.con.execute("CREATE VIEW images AS SELECT * FROM images_ds")
-        # Only rows that are objects (not invalid-prompt rows or extra SAM candidates), then the user's filters.
+        # QA columns as nulls where the run has none (made before them): no metrics, nothing flagged.
+        self.con.execute(f"CREATE VIEW objects_norm AS SELECT *{normalized_columns_sql(schema.names)} FROM objects_ds")
+        self.review = run.review
+        self.review.sql_view(self.con, run, "objects_norm", normalize_objects(schema.empty_table()).schema, True, "objects_reviewed")
+        # Only rows that are objects (not invalid-prompt rows, extra SAM candidates or duplicates), then the user's filters.
+        shown = "TRUE" if options.filter.include_duplicates or "status" not in schema.names else "status <> 'duplicate'"
         self.con.execute(
-            f"CREATE VIEW objects AS SELECT * REPLACE (coalesce(class_name, '{UNLABELED}') AS class_name) FROM objects_ds "
-            f"WHERE {run.counted_sql()} AND {options.filter.sql()}"
+            f"CREATE VIEW objects AS SELECT * REPLACE (coalesce(class_name, '{UNLABELED}') AS class_name) FROM objects_reviewed "
+            f"WHERE {shown} AND {options.filter.sql()}"
         )
         self.prompt_errors = (
-            self.rows("SELECT count(*) FROM objects_ds WHERE status <> 'ok'")[0][0] if "status" in run.object_columns else 0
+            self.rows("SELECT count(*) FROM objects_ds WHERE status = 'error'")[0][0] if "status" in run.object_columns else 0
         )
         group = options.group_by
         if group != FOLDER and group not in self.image_columns:
             usable = [c for c in self.image_columns if c not in ("class_counts", "mask")]
             raise ReportError(f"--group-by {group}: no such images column; use one of {', '.join([FOLDER, *usable])} ('{FOLDER}' = parent folder of the URI)")
         self.group_sql = self.group_expr("")
-        if options.filter.active:
+        if options.filter.active or self.review:
             self.con.execute(
                 "CREATE VIEW per_image AS SELECT i.image_id, i.uri, i.width, i.height, coalesce(c.n, 0) AS n "
                 "FROM images i LEFT JOIN (SELECT image_id, count(*) AS n FROM objects GROUP BY image_id) c USING (image_id) "
@@ -169,6 +180,91 @@ class RunStats:
         out["area"]["quantiles"] = dict(zip(("p05", "p25", "p50", "p75", "p95"), quantiles)) if quantiles else None
         return out
 
+    def _unit_histogram(self, col: str) -> dict:
+        """50 bins over [0, 1] of a score-like column (nulls left out)."""
+        rows = self.rows(f"SELECT least(greatest(floor({col} * {SCORE_BINS}), 0), {SCORE_BINS - 1})::INT AS b, count(*) FROM objects "
+                         f"WHERE {col} IS NOT NULL GROUP BY b")
+        counts = np.zeros(SCORE_BINS, np.int64)
+        for b, c in rows:
+            counts[b] = c
+        return {"edges": [round(i / SCORE_BINS, 4) for i in range(SCORE_BINS + 1)], "counts": counts.tolist()}
+
+    def quality(self) -> dict:
+        """The QA numbers over the counted objects: flagged (``needs_review``; reviewed objects no longer
+        are), by reason and by class, duplicates still marked, and a histogram of each metric."""
+        if not self.qa_recorded:
+            return {"recorded": False}
+        flagged = self.rows("SELECT count(*) FILTER (WHERE needs_review), count(*) FROM objects")[0]
+        by_reason = dict(self.rows("SELECT r, count(*) FROM (SELECT unnest(flags) AS r FROM objects WHERE needs_review) GROUP BY r"))
+        reasons = [r for r in FLAG_REASONS if r in by_reason] + sorted(r for r in by_reason if r not in FLAG_REASONS)
+        classes = self.rows("SELECT class_id, class_name, count(*) AS n, count(*) FILTER (WHERE needs_review) AS f FROM objects "
+                            "GROUP BY ALL ORDER BY f DESC, n DESC, class_id")
+        cells = self.rows("SELECT class_name, r, count(*) FROM (SELECT class_name, unnest(flags) AS r FROM objects WHERE needs_review) "
+                          "GROUP BY ALL")
+        by_class = {name: {"class_id": None if cid is None else int(cid), "class_name": name, "objects": int(n), "flagged": int(f),
+                           "by_reason": {}} for cid, name, n, f in classes}
+        for name, reason, n in cells:
+            by_class[name]["by_reason"][reason] = int(n)
+        # Masks still marked as duplicates (a person's accept makes one an object again); counted as objects only with --include-duplicates.
+        duplicates = self.rows(f"SELECT count(*) FROM objects_reviewed WHERE status = 'duplicate' AND {self.options.filter.sql()}")[0][0]
+        hist = {col: self._unit_histogram(col) for col in ("stability", "box_iou", "outside_box", "largest_region")}
+        regions = self.rows("SELECT least(regions, 10) AS v, count(*) FROM objects WHERE regions IS NOT NULL GROUP BY v ORDER BY v")
+        hist["regions"] = {"values": [int(v) for v, _ in regions], "objects": [int(n) for _, n in regions], "last_is_at_least": 10}
+        holes = self.rows(f"SELECT CASE WHEN hole_area > 0 THEN floor(log10(hole_area) * {AREA_BINS_PER_DECADE})::INT END AS b, "
+                          "count(*) FROM objects WHERE hole_area IS NOT NULL GROUP BY b ORDER BY b NULLS FIRST")
+        none = sum(n for b, n in holes if b is None)
+        some = [(b, n) for b, n in holes if b is not None]
+        if some:
+            lo, hi = some[0][0], some[-1][0]
+            counts = np.zeros(hi - lo + 1, np.int64)
+            for b, n in some:
+                counts[b - lo] = n
+            edges = [round(10 ** (b / AREA_BINS_PER_DECADE), 2) for b in range(lo, hi + 2)]
+        else:
+            counts, edges = np.zeros(0, np.int64), []
+        hist["hole_area"] = {"without_holes": int(none), "edges": edges, "counts": counts.tolist()}
+        run_totals = self.run.manifest.get("totals") or {}
+        return {
+            "recorded": True,
+            "thresholds": self.run.manifest.get("qa"),
+            "objects": int(flagged[1]),
+            "flagged": int(flagged[0]),
+            "flagged_share": round(flagged[0] / flagged[1], 6) if flagged[1] else 0.0,
+            "flagged_by_reason": {r: int(by_reason[r]) for r in reasons},
+            "flagged_by_class": list(by_class.values()),
+            "duplicates": duplicates,
+            "run_json": {k: run_totals.get(k) for k in ("flagged", "flagged_by_reason")},
+            "histograms": hist,
+        }
+
+    @property
+    def qa_recorded(self) -> bool:
+        """Did the run record quality metrics? Runs made before them have no QA columns; with the columns
+        all null (written by a version that had them but computed none) there is nothing to show either."""
+        if not self.run.has_qa:
+            return False
+        if not hasattr(self, "_qa_recorded"):
+            self._qa_recorded = "qa" in self.run.manifest or self.rows("SELECT count(needs_review) FROM objects_ds")[0][0] > 0
+        return self._qa_recorded
+
+    def flagged_picks(self, k: int) -> list[tuple[str, int]]:
+        """Up to ``k`` flagged objects (image_id, object_id) for the quality gallery: taken in turn from each
+        reason, pseudo-randomly (repeatable with --seed), so every reason is shown."""
+        if k <= 0 or not self.qa_recorded:
+            return []
+        rows = self.rows(
+            "SELECT image_id, object_id, r, row_number() OVER (PARTITION BY r ORDER BY md5(image_id || ':' || object_id || ?)) AS rn "
+            "FROM (SELECT image_id, object_id, unnest(flags) AS r FROM objects WHERE needs_review) ORDER BY rn, r LIMIT ?",
+            [str(self.options.seed), k * len(FLAG_REASONS)],
+        )
+        picks: list[tuple[str, int]] = []
+        for image_id, object_id, _, _ in rows:
+            if (image_id, object_id) not in picks:
+                picks.append((image_id, int(object_id)))
+            if len(picks) == k:
+                break
+        return picks
+
     def _objects_with_group(self) -> str:
         """FROM clause giving objects a ``g`` column (no join when grouping by folder: the URI is there)."""
         if self.options.group_by == FOLDER:
@@ -226,13 +322,17 @@ class RunStats:
         paths = [by_name[n] for n in sorted(parts) if n in by_name]
         if len(paths) < len(parts):  # not the sink's layout: filter the whole table instead
             paths = self.run.object_files
-        expr = wanted
-        for extra in (self.run.counted_expression(), self.options.filter.expression()):
-            if extra is not None:
-                expr = expr & extra
-        table = pads.dataset(paths, schema=self.run.dataset("objects").schema, filesystem=self.run.arrow_fs(), format="parquet").to_table(
-            columns=["image_id", "object_id", "class_id", "class_name", "det_score", "mask_score", "box", "area", "mask"], filter=expr
-        )
+        # The same rows the exports give: normalised, reviewed (pipeline/review.py), then the user's filters.
+        table = normalize_objects(pads.dataset(paths, schema=self.run.dataset("objects").schema, filesystem=self.run.arrow_fs(),
+                                               format="parquet").to_table(filter=wanted))
+        filt = self.options.filter
+        shown = self.run.counted_expression(filt.include_duplicates)
+        table = self.review.apply(table, shown, filt.include_duplicates) if self.review else (table if shown is None else table.filter(shown))
+        if filt.expression() is not None:
+            table = table.filter(filt.expression())
+        columns = ["image_id", "object_id", "class_id", "class_name", "det_score", "mask_score", "box", "area", "mask",
+                   *QA_COLUMNS, "review", "source"]
+        table = table.select([c for c in columns if c in table.column_names])
         for row in table.sort_by([("image_id", "ascending"), ("object_id", "ascending")]).to_pylist():
             row["class_name"] = row["class_name"] if row["class_name"] is not None else UNLABELED
             out[row["image_id"]].append(row)
@@ -400,6 +500,129 @@ def render_gallery_image(pick: dict, objects: list[dict], image_storage_options:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), note
 
 
+REASON_COLORS = {"low_score": "#e45756", "unstable": "#f58518", "leaks_box": "#b279a2", "fragmented": "#4c78a8",
+                 "tiny": "#72b7b2", "duplicate": "#9d755d"}
+FLAGGED_MAX_SIDE = 260
+METRIC_TITLES = {
+    "stability": ("Stability (IoU of the mask at logit +1 and -1)", "stability"),
+    "box_iou": ("Mask box vs prompt box (IoU)", "box_iou"),
+    "outside_box": ("Share of the mask outside the prompt box", "outside_box"),
+    "largest_region": ("Share of the area in the largest region", "largest_region"),
+}
+
+
+def chart_reasons(by_reason: dict) -> Optional[str]:
+    if not by_reason:
+        return None
+    names = list(by_reason)[::-1]
+    fig, ax = _figure(4.6, max(1.4, 0.3 * len(names) + 0.8))
+    bars = ax.barh(names, [by_reason[n] for n in names], color=[REASON_COLORS.get(n, "#888888") for n in names])
+    ax.bar_label(bars, labels=[f"{by_reason[n]:,}" for n in names], padding=3, fontsize=8)
+    ax.set_xlabel("flagged objects (an object may have several reasons)")
+    ax.set_title("Flagged objects by reason", loc="left")
+    ax.margins(x=0.15)
+    return _svg(fig)
+
+
+def chart_flagged_classes(by_class: list[dict]) -> Optional[str]:
+    shown = [c for c in by_class if c["objects"]][:TOP_CLASSES_CHARTED]
+    if not shown or not any(c["flagged"] for c in shown):
+        return None
+    fig, ax = _figure(6.4, max(1.6, 0.26 * len(shown) + 0.9))
+    names = [c["class_name"] for c in shown][::-1]
+    flagged = np.array([c["flagged"] for c in shown][::-1], float)
+    fine = np.array([c["objects"] - c["flagged"] for c in shown][::-1], float)
+    ax.barh(names, flagged, color="#e45756", label="flagged")
+    ax.barh(names, fine, left=flagged, color="#c9d3df", label="not flagged")
+    for y, (f, total) in enumerate(zip(flagged, flagged + fine)):
+        ax.text(total, y, f"  {100 * f / total:.0f} %", va="center", fontsize=8)
+    ax.set_xlabel("objects")
+    ax.set_title("Flagged objects by class", loc="left")
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.margins(x=0.12)
+    return _svg(fig)
+
+
+def chart_counts(values: list[int], counts: list[int], title: str, xlabel: str, last_is_at_least: Optional[int] = None) -> Optional[str]:
+    if not values or not sum(counts):
+        return None
+    fig, ax = _figure(4.6, 2.8)
+    ax.bar(values, counts, width=0.8, color="#4c78a8")
+    ax.set_xticks(values, [f"{v}+" if last_is_at_least is not None and v >= last_is_at_least else str(v) for v in values])
+    ax.set_title(title, loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("objects")
+    return _svg(fig)
+
+
+def render_flagged_object(obj: dict, rgb: Optional[np.ndarray], size: tuple[int, int]) -> str:
+    """JPEG data URI: the object's surroundings (its mask and prompt box, padded), the mask tinted in its
+    class colour with its outline, the prompt box in yellow."""
+    from PIL import Image, ImageDraw
+
+    from . import masks as mask_codec
+
+    h, w = size
+    mask = mask_codec.decode(obj["mask"])
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = (float(v) for v in obj["box"]) if obj.get("box") is not None else (0.0, 0.0, float(w), float(h))
+    if len(xs):
+        x0, y0, x1, y1 = min(x0, xs.min()), min(y0, ys.min()), max(x1, xs.max() + 1), max(y1, ys.max() + 1)
+    pad = max(8.0, 0.2 * max(x1 - x0, y1 - y0))
+    cx0, cy0 = int(max(0, np.floor(x0 - pad))), int(max(0, np.floor(y0 - pad)))
+    cx1, cy1 = int(min(w, np.ceil(x1 + pad))), int(min(h, np.ceil(y1 + pad)))
+    base = np.full((h, w, 3), 235, np.uint8) if rgb is None else rgb
+    crop = base[cy0:cy1, cx0:cx1].astype(np.float32) / 255.0
+    m = mask[cy0:cy1, cx0:cx1]
+    color = np.array(class_color(obj.get("class_id")))
+    crop[m] = crop[m] * 0.45 + color * 0.55
+    edge = m & ~(np.pad(m, 1)[2:, 1:-1] & np.pad(m, 1)[:-2, 1:-1] & np.pad(m, 1)[1:-1, 2:] & np.pad(m, 1)[1:-1, :-2])
+    crop[edge] = color * 0.6
+    scale = FLAGGED_MAX_SIDE / max(crop.shape[0], crop.shape[1])
+    out_w, out_h = max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale))
+    picture = Image.fromarray((crop * 255).round().astype(np.uint8)).resize((out_w, out_h), Image.NEAREST if scale >= 1 else Image.BILINEAR)
+    if obj.get("box") is not None:
+        bx0, by0, bx1, by1 = ((float(v) - o) * scale for v, o in zip(obj["box"], (cx0, cy0, cx0, cy0)))
+        ImageDraw.Draw(picture).rectangle([bx0, by0, max(bx0, bx1 - 1), max(by0, by1 - 1)], outline=(255, 204, 0), width=2)
+    buf = io.BytesIO()
+    picture.save(buf, format="JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def draw_flagged(stats: "RunStats", picks: list[tuple[str, int]], image_storage_options: Optional[dict]) -> list[dict]:
+    """The quality gallery: each picked flagged object drawn on its own image (read once per image)."""
+    from .decode import ImageError
+
+    if not picks:
+        return []
+    image_ids = sorted({i for i, _ in picks})
+    info = {r[0]: r for r in stats.rows("SELECT image_id, uri, width, height FROM images WHERE list_contains(?, image_id)", [image_ids])}
+    objects = stats.objects_of(image_ids)
+    by_key = {(o["image_id"], o["object_id"]): o for rows in objects.values() for o in rows}
+    out, pixels = [], {}
+    for image_id, object_id in picks:
+        obj = by_key.get((image_id, object_id))
+        if obj is None:
+            continue
+        _, uri, width, height = info[image_id]
+        if image_id not in pixels:
+            try:
+                rgb = read_rgb(uri, image_storage_options)
+                pixels[image_id] = (rgb, None) if rgb.shape[:2] == (height, width) else (
+                    None, f"the file is now {rgb.shape[1]}x{rgb.shape[0]}, the run saw {width}x{height}: drawn on a blank canvas")
+            except Exception as exc:  # noqa: BLE001 - reported on the page, never fatal
+                why = f"{exc.error_class}: {exc}" if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+                pixels[image_id] = (None, f"image not readable now ({redact(why, image_storage_options)}): drawn on a blank canvas")
+        rgb, note = pixels[image_id]
+        out.append({
+            "image_id": image_id, "object_id": object_id, "uri": uri, "class_name": obj["class_name"], "flags": list(obj.get("flags") or []),
+            "mask_score": obj.get("mask_score"), "stability": obj.get("stability"), "box_iou": obj.get("box_iou"),
+            "regions": obj.get("regions"), "area": obj.get("area"), "note": note,
+            "src": render_flagged_object(obj, rgb, (int(height), int(width))),
+        })
+    return out
+
+
 # ----------------------------------------------------------------------------------- page
 
 CSS = """
@@ -431,6 +654,10 @@ figure { margin: 0; background: #f1f4f8; border-radius: 6px; overflow: hidden; }
 figure img { width: 100%; display: block; }
 figcaption { padding: 6px 10px; font-size: 12px; color: #3b4555; word-break: break-all; }
 .tag { display: inline-block; background: #1d2430; color: #fff; border-radius: 3px; padding: 0 5px; font-size: 11px; margin-right: 4px; }
+.gallery.flagged { grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); }
+.gallery.flagged img { image-rendering: pixelated; }
+code { background: #f1f4f8; border-radius: 3px; padding: 0 3px; font-size: 12px; }
+#flagged-reasons, #flagged-classes { margin: 8px 0; }
 pre { background: #f1f4f8; padding: 10px; border-radius: 6px; overflow: auto; font-size: 12px; max-height: 420px; }
 .muted { color: #5a6577; }
 .scroll { overflow-x: auto; }
@@ -451,7 +678,80 @@ def _img(uri: Optional[str], alt: str, data_chart: str) -> str:
     return f'<img src="{uri}" alt="{_e(alt)}" data-chart="{_e(data_chart)}">'
 
 
-def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[dict], errors: list[tuple], run: RunData) -> str:
+def _metric(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else _e(value)
+
+
+def _quality_section(summary: dict, charts: dict, flagged: list[dict]) -> str:
+    """The page's Quality section: flagged objects (by reason, by class, a gallery), metric histograms,
+    the thresholds, and what the review changed."""
+    q, review = summary["quality"], summary.get("review") or {}
+    review_html = ""
+    if review.get("imported"):
+        cards = "".join(f'<div class="card"><div class="v" data-review="{k}">{_num(review[k])}</div><div class="k">{k}</div></div>'
+                        for k in ("reviewed", "accepted", "corrected", "rejected", "added"))
+        imports = "".join(
+            f"<tr><td>{_e(i.get('import_id'))}</td><td>{_e(i.get('imported_at'))}</td><td>{_e(i.get('file'))}</td>"
+            f"<td class='n'>{_num(i.get('reviewed_tasks'))}</td></tr>" for i in review.get("imports") or [])
+        review_html = (
+            "<h3 id='review'>Human review</h3><p class='muted'>Objects people reviewed in Label Studio (<code>autolabel review import</code>); "
+            "every number on this page is the reviewed one: rejected objects are left out, corrected and added ones "
+            "(<code>source = review</code>) are counted, and reviewed objects are no longer flagged.</p>"
+            f"<div class='cards'>{cards}</div><div class='scroll'><table><tr><th>import</th><th>when</th><th>file</th>"
+            f"<th class='n'>tasks reviewed</th></tr>{imports}</table></div>")
+    if not q.get("recorded"):
+        return ("<section id='quality'><h2>Quality</h2><p class='muted' data-qa='not-recorded'>QA was not recorded for this run: "
+                "it has no quality metrics or flags (made before they existed, or with QA turned off), so nothing is flagged.</p>"
+                f"{review_html}</section>")
+    reasons = q["flagged_by_reason"]
+    reason_rows = "".join(
+        f"<tr><td><span class='swatch' style='background:{REASON_COLORS.get(r, '#888888')}'></span>{_e(r)}</td>"
+        f"<td class='n' data-reason='{_e(r)}'>{_num(n)}</td><td class='n'>{100 * n / max(q['objects'], 1):.1f} %</td></tr>"
+        for r, n in reasons.items())
+    shown_reasons = list(reasons)
+    class_rows = "".join(
+        f"<tr><td><span class='swatch' style='background:{_hex(class_color(c['class_id']))}'></span>{_e(c['class_name'])}</td>"
+        f"<td class='n'>{_num(c['objects'])}</td><td class='n' data-flagged-class='{_e(c['class_name'])}'>{_num(c['flagged'])}</td>"
+        f"<td class='n'>{100 * c['flagged'] / max(c['objects'], 1):.1f} %</td>"
+        + "".join(f"<td class='n'>{_num(c['by_reason'].get(r, 0))}</td>" for r in shown_reasons) + "</tr>"
+        for c in q["flagged_by_class"][:TOP_GROUPS_SHOWN])
+    thresholds = q.get("thresholds") or {}
+    threshold_text = ", ".join(f"{k} {v}" for k, v in thresholds.items() if k != "enabled") if thresholds else "not in run.json"
+    figures = "".join(
+        f"<figure data-flagged-object='{_e(f['image_id'])}:{f['object_id']}'{' class=unreadable data-unreadable' if f.get('note') else ''}>"
+        f"<img src='{f['src']}' alt='{_e(f['uri'])} object {f['object_id']}' data-flagged-gallery>"
+        "<figcaption>" + "".join(f"<span class='tag reason' style='background:{REASON_COLORS.get(r, '#1d2430')}'>{_e(r)}</span>" for r in f["flags"])
+        + f"<br><b>{_e(f['class_name'])}</b> · object {f['object_id']} · mask {_metric(f['mask_score'])} · stability {_metric(f['stability'])}"
+        f" · box IoU {_metric(f['box_iou'])} · regions {_metric(f['regions'])} · {_num(f['area'])} px<br>{_e(f['uri'])}"
+        + (f"<br><span class='problem'>{_e(f['note'])}</span>" if f.get("note") else "") + "</figcaption></figure>"
+        for f in flagged)
+    gallery = (f"<div class='gallery flagged'>{figures}</div><p class='muted'>Each flagged object on its own image: the mask in its "
+               "class colour with its outline, the prompt box in yellow; the reasons above the numbers.</p>"
+               if flagged else "<p class='muted'>No flagged objects to show.</p>")
+    metric_charts = "".join(_img(charts.get(k), t, k) for k, t in (
+        ("stability", "Stability"), ("box_iou", "Box IoU"), ("outside_box", "Outside the box"), ("regions", "Regions"),
+        ("largest_region", "Largest region"), ("hole_area", "Hole area")))
+    duplicates = q.get("duplicates") or 0
+    return f"""<section id="quality"><h2>Quality</h2>
+<div class="cards">
+<div class="card"><div class="v" data-stat="flagged">{_num(q['flagged'])}</div><div class="k">flagged for review</div></div>
+<div class="card"><div class="v">{100 * q['flagged_share']:.1f} %</div><div class="k">of objects flagged</div></div>
+<div class="card"><div class="v" data-stat="duplicates">{_num(duplicates)}</div><div class="k">duplicates marked</div></div>
+</div>
+<p class="muted">Flagged = <code>needs_review</code>: at least one reason below (thresholds of this run: {_e(threshold_text)}).
+Duplicates are masks marked <code>status = duplicate</code> in favour of another object; they are not counted as objects
+(see them with <code>--include-duplicates</code>). Export the flagged objects for review with
+<code>autolabel export RUN --format labelstudio --flagged</code>.</p>
+<div class="charts">{_img(charts.get('flagged_reasons'), 'Flagged objects by reason', 'flagged_reasons')}{_img(charts.get('flagged_classes'), 'Flagged objects by class', 'flagged_classes')}</div>
+<div class="scroll"><table id="flagged-reasons"><tr><th>reason</th><th class="n">flagged objects</th><th class="n">share of objects</th></tr>{reason_rows}</table></div>
+<div class="scroll"><table id="flagged-classes"><tr><th>class</th><th class="n">objects</th><th class="n">flagged</th><th class="n">share</th>{''.join(f'<th class="n">{_e(r)}</th>' for r in shown_reasons)}</tr>{class_rows}</table></div>
+<h3>Flagged objects</h3>{gallery}
+<h3>Metrics</h3><div class="charts">{metric_charts}</div>
+{review_html}</section>"""
+
+
+def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[dict], errors: list[tuple], run: RunData,
+                flagged: list[dict] = ()) -> str:
     t = summary["totals"]
     m = run.manifest
     warn = []
@@ -461,6 +761,11 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
         warn.append("This run used <b>random weights</b> (a smoke test): boxes, masks and classes are meaningless.")
     if summary["filters"]["active"]:
         warn.append(f"Filtered: only objects with {_e(summary['filters']['description'])} are counted and shown.")
+    if (summary.get("review") or {}).get("imported"):
+        r = summary["review"]
+        warn.append(f"Reviewed: {r['reviewed']:,} objects reviewed by people ({r['accepted']:,} accepted, {r['corrected']:,} corrected, "
+                    f"{r['rejected']:,} rejected) and {r['added']:,} added; every number and picture is the reviewed one "
+                    "(<a href='#review'>details</a>).")
     if summary.get("run_json_mismatch"):
         warn.append("run.json's totals differ from the Parquet tables: " + _e(summary["run_json_mismatch"]) + " (this page shows the Parquet).")
     unreadable = summary.get("gallery_unreadable") or []
@@ -468,7 +773,7 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
     if unreadable:
         items = "".join(f"<li>{_e(u['uri'])}: {_e(u['reason'])}</li>" for u in unreadable)
         bad.append(
-            f"<b>{len(unreadable)} of {len(gallery)} gallery images could not be drawn on their own pixels</b> "
+            f"<b>{len(unreadable)} of {summary.get('gallery_images', len(gallery))} gallery images could not be drawn on their own pixels</b> "
             "(their masks are on blank canvases):<ul>" + items + "</ul>" + _e(UNREADABLE_HINT)
         )
     error_lines = "".join(f"<tr><td>{_e(c)}</td><td class='n' data-error-class='{_e(c)}'>{_num(n)}</td></tr>" for c, n in t["errors_by_class"].items())
@@ -560,6 +865,7 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
 <section id="distributions"><h2>Distributions</h2><div class="charts">{hist}</div>
 {('<p class="muted">Mask area (pixels): ' + ', '.join(f'{k} {v:,.0f}' for k, v in summary['histograms']['area']['quantiles'].items()) + '</p>') if summary['histograms']['area'].get('quantiles') else ''}
 </section>
+{_quality_section(summary, charts, flagged)}
 <section id="groups"><h2>Counts by {_e(group_label)}{' (parent folder of the URI)' if group_label == FOLDER else ''}</h2>
 <div class="charts">{_img(charts['groups'], 'Objects by ' + group_label, 'groups')}</div>
 <div class="scroll"><table><tr><th>{_e(group_label)}</th><th class="n">images</th><th class="n">ok</th><th class="n">errors</th><th class="n">objects</th><th class="n">objects / ok image</th>{''.join(f'<th class="n">{_e(c)}</th>' for c in top_classes)}</tr>{group_rows}</table></div>{more_groups}
@@ -638,18 +944,44 @@ def _build(run: RunData, options: ReportOptions, stats: RunStats, image_storage_
         "histograms": histograms,
         "groups": [{**g, "by_class": [{"class_name": k, **v} for k, v in g["by_class"].items()]} for g in groups],
         "num_groups": num_groups,
-        "run_json_mismatch": None if options.filter.active else _compare_with_manifest(totals, run.manifest),
+        # Review decisions change the objects on purpose: then run.json's totals are the run's, not the reviewed ones.
+        "run_json_mismatch": None if options.filter.active or stats.review else _compare_with_manifest(totals, run.manifest),
+        "quality": stats.quality(),
+        "review": {"imported": bool(stats.review), **stats.review.counts(), "imports": stats.review.logs},
     }
     import matplotlib
 
     with matplotlib.rc_context(STYLE):
         charts, picks, objects = _draw(stats, totals, histograms, groups, num_groups, options, image_storage_options)
+        flagged = draw_flagged(stats, stats.flagged_picks(options.flagged_gallery), image_storage_options)
+        charts.update(_quality_charts(summary["quality"]))
     summary["gallery"] = [{**{k: p[k] for k in ("image_id", "uri", "n", "why")}, "drawn": len(objects[p["image_id"]]),
                            "on_image": not p["note"], "problem": p["note"]} for p in picks]
-    # Images the gallery could not draw on their pixels: the page, the CLI (exit 1) and the log say so.
-    summary["gallery_unreadable"] = [{"uri": p["uri"], "reason": p["note"]} for p in picks if p["note"]]
-    page = render_html(summary, groups, charts, picks, stats.errors_sample(), run)
+    if summary["quality"]["recorded"]:
+        summary["quality"]["gallery"] = [{k: v for k, v in f.items() if k not in ("src", "note")} | {"problem": f["note"]} for f in flagged]
+    # Images a gallery could not draw on their pixels: the page, the CLI (exit 1) and the log say so.
+    unreadable = {p["uri"]: p["note"] for p in [*picks, *flagged] if p["note"]}
+    summary["gallery_unreadable"] = [{"uri": u, "reason": why} for u, why in unreadable.items()]
+    summary["gallery_images"] = len({p["uri"] for p in [*picks, *flagged]})
+    page = render_html(summary, groups, charts, picks, stats.errors_sample(), run, flagged)
     return page, summary, stats
+
+
+def _quality_charts(quality: dict) -> dict:
+    if not quality["recorded"]:
+        return {}
+    h = quality["histograms"]
+    charts = {
+        "flagged_reasons": chart_reasons(quality["flagged_by_reason"]),
+        "flagged_classes": chart_flagged_classes(quality["flagged_by_class"]),
+        "regions": chart_counts(h["regions"]["values"], h["regions"]["objects"], "Connected regions per mask", "regions",
+                                h["regions"]["last_is_at_least"]),
+        "hole_area": chart_hist(h["hole_area"]["edges"], h["hole_area"]["counts"],
+                                f"Hole area (masks with holes; {h['hole_area']['without_holes']:,} without)", "pixels (log scale)", log_x=True),
+    }
+    for key, (title, xlabel) in METRIC_TITLES.items():
+        charts[key] = chart_hist(h[key]["edges"], h[key]["counts"], title, xlabel)
+    return charts
 
 
 def _draw(stats: RunStats, totals: dict, histograms: dict, groups: list[dict], num_groups: int, options: ReportOptions,

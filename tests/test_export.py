@@ -388,3 +388,16 @@ def test_report_gallery_labels_manifest_objects(mixed_run, tmp_path, capsys):
     assert summary["totals"]["objects"] == len(mixed_run["objects"])
     assert "– for manifest prompts, which have no detector score" in (tmp_path / "report.html").read_text()
 
+
+
+def test_labelstudio_export_is_replaced_by_overwrite_and_removed_by_run_overwrite(synthetic, tmp_path):
+    from pipeline.export import remove_export
+
+    out = tmp_path / "ls"
+    first = export(str(synthetic["out"]), "labelstudio", str(out), progress=False)
+    assert first.images == (synthetic["images"].status == "ok").sum() and first.objects == len(_counted(synthetic["objects"]))
+    with pytest.raises(ExportError, match="already holds an autolabel labelstudio export"):
+        export(str(synthetic["out"]), "labelstudio", str(out), progress=False)
+    export(str(synthetic["out"]), "labelstudio", str(out), overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".autolabel-export.json", "labeling-config.xml", "tasks.json"]
+    assert remove_export(fsspec.filesystem("file"), str(out)) and not out.exists()

@@ -520,3 +520,82 @@ def test_storage_option_mistakes_are_refused_without_echoing_values(synthetic, t
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "unrecognized arguments: secret=..." in err and secret not in err
     assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------- quality control (issue 13)
+
+
+@pytest.fixture(scope="module")
+def qa_reviewed(tmp_path_factory) -> dict:
+    """A synthetic run with the QA columns, and one review imported into it: the first task of the
+    flagged objects' Label Studio export accepted as it is, one region of the second deleted."""
+    from pipeline.export import export
+    from pipeline.review import import_review
+
+    root = tmp_path_factory.mktemp("qa-report")
+    run = root / "run"
+    write_synthetic_run(str(run), num_images=24, mean_objects=4.0, image_folder=root / "img", seed=31, qa=True)
+    export(str(run), "labelstudio", str(root / "ls"), filt=ObjectFilter.parse(flagged=True), progress=False)
+    tasks = json.loads((root / "ls" / "tasks.json").read_text())
+    reviewed = []
+    for n, task in enumerate(tasks[:2]):
+        regions = task["predictions"][0]["result"][n:]  # the second task loses its first region
+        reviewed.append({"id": n + 1, "data": task["data"], "predictions": [n + 1],
+                         "annotations": [{"id": n + 1, "result": regions, "was_cancelled": False, "completed_by": 1}]})
+    (root / "reviewed.json").write_text(json.dumps(reviewed))
+    result = import_review(str(run), str(root / "reviewed.json"))
+    assert result.decisions["rejected"] == 1 and result.decisions["accepted"] > 0
+    objects = pq.read_table(run / "objects").to_pandas()
+    reviewed_keys = {(t["data"]["autolabel"]["image_id"], oid) for t in tasks[:2] for oid in t["data"]["autolabel"]["objects"].values()}
+    return {"out": run, "objects": objects, "decisions": result.decisions, "reviewed_keys": reviewed_keys}
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is installed by .ci/run")
+def test_quality_section_in_headless_chromium(qa_reviewed, tmp_path):
+    objects = qa_reviewed["objects"]
+    out = tmp_path / "report"
+    proc = subprocess.run([*autolabel_cli(), "report", str(qa_reviewed["out"]), "--out", str(out), "--gallery", "2", "--flagged-gallery", "8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    counted = objects[objects.status == "ok"]
+    still = counted[counted.needs_review & ~pd.Series(list(zip(counted.image_id, counted.object_id)), index=counted.index).isin(qa_reviewed["reviewed_keys"])]
+    assert summary["quality"]["flagged"] == len(still) and f"{len(still):,} flagged for review" in proc.stdout
+    page = Chromium()
+    try:
+        page.open((out / "report.html").as_uri())
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(ARTIFACTS / "report-quality.png")
+        assert page.problems() == []
+        assert [u for u in page.requests() if not u.startswith("data:")] == [(out / "report.html").as_uri()]
+        shown = page.js("Object.fromEntries([...document.querySelectorAll('#quality [data-stat]')].map(e => [e.dataset.stat, e.textContent]))")
+        assert int(shown["flagged"].replace(",", "")) == len(still)
+        assert int(shown["duplicates"].replace(",", "")) == int((objects.status == "duplicate").sum()) > 0
+        reasons = page.js("Object.fromEntries([...document.querySelectorAll('td[data-reason]')].map(e => [e.dataset.reason, +e.textContent.replace(/,/g, '')]))")
+        assert reasons == pd.Series([f for fl in still["flags"] for f in fl]).value_counts().to_dict()
+        review = page.js("Object.fromEntries([...document.querySelectorAll('[data-review]')].map(e => [e.dataset.review, +e.textContent]))")
+        assert review == {**{k: qa_reviewed["decisions"][k] for k in ("accepted", "corrected", "rejected", "added")},
+                          "reviewed": qa_reviewed["decisions"]["accepted"] + qa_reviewed["decisions"]["rejected"]}
+        pictures = page.js("[...document.images].map(i => [i.dataset.chart || (i.hasAttribute('data-flagged-gallery') ? 'flagged' : 'other'), "
+                           "i.complete && i.naturalWidth > 0])")
+        assert all(ok for _, ok in pictures)
+        charts = {name for name, _ in pictures if name not in ("flagged", "other")}
+        assert {"flagged_reasons", "flagged_classes", "stability", "box_iou", "outside_box", "regions", "largest_region"} <= charts
+        assert sum(name == "flagged" for name, _ in pictures) == 8
+        captions = page.js("[...document.querySelectorAll('figure[data-flagged-object]')].map(f => [f.dataset.flaggedObject, "
+                           "[...f.querySelectorAll('.reason')].map(r => r.textContent)])")
+        by_key = {f"{r.image_id}:{r.object_id}": list(r.flags) for r in still.itertuples()}
+        assert len(captions) == 8 and all(by_key[key] == reasons_shown for key, reasons_shown in captions)
+        text = page.js("document.getElementById('quality').innerText")
+        assert "Human review" in text and "min_stability 0.8" in text
+    finally:
+        page.close()
+    # The object the reviewer deleted is gone from every number.
+    assert summary["totals"]["objects"] == len(counted) - 1
+
+
+def test_quality_section_without_qa_columns(synthetic, tmp_path):
+    write_report(str(synthetic["out"]), str(tmp_path), ReportOptions(gallery=0))
+    page = (tmp_path / "report.html").read_text()
+    assert "QA was not recorded for this run" in page and "data-flagged-gallery" not in page
+    assert json.loads((tmp_path / "summary.json").read_text())["quality"] == {"recorded": False}

@@ -1,0 +1,474 @@
+"""The human review loop: ``autolabel review import RUN FILE`` and the reviewed view of a run.
+
+A person reviews the tasks of ``autolabel export --format labelstudio`` in Label Studio and exports
+them (Label Studio's JSON export). ``import_review`` reads that file and records, per object the
+task showed, one decision, relative to the run's own mask (the Parquet):
+
+- ``accepted``: the annotation has the object's region with the run's mask and label, bit for bit;
+- ``corrected``: the region is there with another mask or label (the new mask is stored as COCO RLE
+  in original image pixels, with the label);
+- ``rejected``: the region was deleted;
+- ``added``: a region the person drew (a new object, with a new ``object_id`` of that image).
+
+Decisions go to ``RUN/review/import-<UTC time>.parquet`` (and a JSON log to ``RUN/review/_logs/``); the run's
+committed shards are never touched. A task's objects are matched by the region ids the export gave
+them (``o<object_id>``, listed in the task's ``data.autolabel.objects``), or, where Label Studio gave
+a region a new id, by a bit-identical mask. Of a task's annotations the newest one not cancelled
+(skipped) counts; tasks without one are left unreviewed.
+
+Imports supersede each other per object, in the order they were made (their file names sort by
+time): the newest decision about an object wins. Importing the same reviewed tasks again gives the
+same decisions: an added region keeps the ``object_id`` it got the first time (matched by its
+Label Studio id), and one that was deleted since is rejected.
+
+``Review`` is the run as reviewed, which every export and the report read: rejected objects left
+out, corrected ones with the person's mask and label (``source = "review"``), added ones included
+(``source = "review"``), every reviewed object with ``review`` set and ``needs_review`` false.
+A mask marked ``status=duplicate`` that a person accepted or corrected becomes an object again.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import labelstudio as ls
+from . import masks as mask_codec
+from .filters import DUPLICATE, REVIEW_COLUMN, UNLABELED, RunData, normalize_objects
+
+log = logging.getLogger("autolabel.review")
+
+DECISIONS = ("accepted", "corrected", "rejected", "added")
+LOG_FOLDER = "_logs"  # RUN/review/_logs/import-X.json; the "_" keeps it out of pyarrow's and Spark's view of RUN/review
+MASK_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())])
+DECISION_SCHEMA = pa.schema([
+    ("import_id", pa.string()),  # the import that made the decision (its file stem)
+    ("image_id", pa.string()),
+    ("uri", pa.string()),
+    ("object_id", pa.int32()),  # the run's object, or a new id for an added one
+    ("decision", pa.string()),  # accepted | corrected | rejected | added
+    ("class_id", pa.int32()),  # corrected/added: the person's label (null = unlabeled); else the run's
+    ("class_name", pa.string()),
+    ("box", pa.list_(pa.float32(), 4)),  # corrected/added: the new mask's bounds (xyxy); else null
+    ("area", pa.int64()),  # corrected/added: pixels of the new mask
+    ("mask", MASK_TYPE),  # corrected/added: COCO RLE in original image pixels; else null
+    ("ls_task_id", pa.int64()),
+    ("ls_annotation_id", pa.int64()),
+    ("ls_result_id", pa.string()),  # the region's id in Label Studio (null for rejected)
+    ("export_id", pa.string()),  # the labelstudio export the task came from
+    ("annotator", pa.string()),
+    ("reviewed_at", pa.string()),  # the annotation's updated_at (or created_at)
+])
+
+
+class ReviewError(ValueError):
+    """The file cannot be imported into this run (not a Label Studio export of it, unknown labels, ...)."""
+
+
+# ----------------------------------------------------------------------------------- reviewed view
+
+
+class Review:
+    """A run's review decisions, newest per object, and how they change its objects table."""
+
+    def __init__(self, decisions: pa.Table, logs: list[dict]):
+        self.decisions = decisions  # every import's rows, oldest import first
+        self.logs = logs
+        self.final: dict[tuple[str, int], dict] = {}
+        for row in decisions.to_pylist():
+            self.final[(row["image_id"], row["object_id"])] = row
+        self.images = {image_id for image_id, _ in self.final}
+
+    @classmethod
+    def load(cls, run: RunData) -> "Review":
+        files = run.review_files()
+        tables, logs = [], []
+        for path in files:
+            tables.append(pq.read_table(path, filesystem=run.arrow_fs(), schema=DECISION_SCHEMA))
+            try:
+                folder, name = path.rsplit("/", 1)
+                logs.append(json.loads(run.fs.cat_file(f"{folder}/{LOG_FOLDER}/{name[: -len('.parquet')]}.json")))
+            except (OSError, ValueError):
+                logs.append({"import_id": path.rsplit("/", 1)[-1][: -len(".parquet")]})
+        table = pa.concat_tables(tables) if tables else DECISION_SCHEMA.empty_table()
+        return cls(table, logs)
+
+    def __bool__(self) -> bool:
+        return bool(self.final)
+
+    def counts(self) -> dict:
+        """Objects by their final decision; ``reviewed`` = the run's own objects a person decided on."""
+        out = {d: 0 for d in DECISIONS}
+        for row in self.final.values():
+            out[row["decision"]] += 1
+        out["reviewed"] = out["accepted"] + out["corrected"] + out["rejected"]
+        return out
+
+    def touches(self, image_ids: Iterable[str]) -> bool:
+        return any(i in self.images for i in image_ids)
+
+    def apply(self, table: pa.Table, counted: Optional[pc.Expression], include_duplicates: bool = False) -> pa.Table:
+        """One objects part (normalised, every row) -> its counted objects as reviewed. ``counted`` is
+        ``RunData.counted_expression(include_duplicates)``: which rows are objects when nothing was reviewed."""
+        image_ids = set(pc.unique(table.column("image_id")).to_pylist())
+        if not self.touches(image_ids):
+            return table if counted is None else table.filter(counted)
+        counted_status = ("ok", DUPLICATE) if include_duplicates else ("ok",)
+        rows = []
+        for row in table.to_pylist():
+            status, candidate = row.get("status", "ok"), row.get("candidate", 0)
+            eligible = candidate == 0 and status in ("ok", DUPLICATE)
+            decision = self.final.get((row["image_id"], row["object_id"])) if eligible else None
+            if decision is None or decision["decision"] == "added":  # ("added" ids never collide with the run's)
+                if status in counted_status and candidate == 0:
+                    rows.append(row)
+                continue
+            if decision["decision"] == "rejected":
+                continue
+            row.update(needs_review=False, **{REVIEW_COLUMN: decision["decision"]})
+            if "status" in row:
+                row["status"] = "ok"
+            if decision["decision"] == "corrected":
+                row.update(source="review", **{k: decision[k] for k in ("class_id", "class_name", "mask", "area")})
+            rows.append(row)
+        rows += self.added_rows(image_ids, table.schema.names)
+        return pa.Table.from_pylist(rows, schema=table.schema)
+
+    def added_rows(self, image_ids: Optional[set] = None, columns: Optional[list[str]] = None) -> list[dict]:
+        """Objects a person drew, as objects-table rows (sorted by image, object_id)."""
+        out = []
+        for (image_id, object_id), d in sorted(self.final.items()):
+            if d["decision"] != "added" or (image_ids is not None and image_id not in image_ids):
+                continue
+            row = {
+                "image_id": image_id, "uri": d["uri"], "object_id": object_id, "object_key": None, "source": "review",
+                "prompt": None, "candidate": 0, "status": "ok", "error": None, "class_id": d["class_id"],
+                "class_name": d["class_name"], "det_score": None, "mask_score": None, "box": d["box"], "area": d["area"],
+                "mask": d["mask"], "flags": [], "needs_review": False, REVIEW_COLUMN: "added",
+            }
+            if columns is not None:
+                row = {c: row.get(c) for c in columns}
+            out.append(row)
+        return out
+
+    def sql_view(self, con, run: RunData, base: str, schema: pa.Schema, include_duplicates: bool, name: str) -> None:
+        """CREATE VIEW ``name`` (duckdb): the counted rows of ``base`` (a view of the normalised objects
+        table with ``schema``), as reviewed. The SQL twin of ``apply``."""
+        if not self:
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM {base} WHERE {run.counted_sql(include_duplicates)}")
+            return
+        keys = ("image_id", "object_id", "decision", "class_id", "class_name", "mask", "area")
+        final = pa.Table.from_pylist([{k: d[k] for k in keys} for d in self.final.values() if d["decision"] != "added"],
+                                     schema=pa.schema([DECISION_SCHEMA.field(k) for k in keys]))
+        added = pa.Table.from_pylist(self.added_rows(None, schema.names), schema=schema)
+        con.register(f"{name}_decisions", final)
+        con.register(f"{name}_added", added)
+
+        def corrected(column: str) -> str:
+            return f"CASE WHEN d.decision = 'corrected' THEN d.{column} ELSE o.{column} END AS {column}"
+
+        replaced = [corrected(c) for c in ("class_id", "class_name", "mask", "area")] + [
+            "CASE WHEN d.decision = 'corrected' THEN 'review' ELSE o.source END AS source",
+            "CASE WHEN d.decision IS NULL THEN o.status ELSE 'ok' END AS status",
+            "CASE WHEN d.decision IS NULL THEN o.needs_review ELSE false END AS needs_review",
+            f"d.decision AS {REVIEW_COLUMN}",
+        ]
+        con.execute(
+            f"CREATE VIEW {name} AS "
+            f"SELECT o.* REPLACE ({', '.join(replaced)}) FROM {base} o "
+            f"LEFT JOIN {name}_decisions d ON o.image_id = d.image_id AND o.object_id = d.object_id "
+            f"WHERE (d.decision IS NULL OR d.decision = 'added') AND {run.counted_sql(include_duplicates, alias='o.')} "
+            "OR d.decision IN ('accepted', 'corrected') AND o.candidate = 0 AND o.status IN ('ok', 'duplicate') "
+            f"UNION ALL BY NAME SELECT * FROM {name}_added"
+        )
+
+
+# ----------------------------------------------------------------------------------- import
+
+
+@dataclass
+class ImportResult:
+    import_id: str
+    path: str
+    tasks: int = 0
+    reviewed_tasks: int = 0
+    unreviewed_tasks: int = 0  # no annotation, or only cancelled (skipped) ones
+    decisions: dict = field(default_factory=lambda: {d: 0 for d in DECISIONS})
+    ignored_results: int = 0  # regions of other types (rectangles, polygons, ...): not masks
+    matched_by_mask: int = 0  # regions Label Studio gave a new id, matched to their object by an identical mask
+
+    def summary(self) -> str:
+        d = self.decisions
+        lines = [
+            f"autolabel review import: {self.tasks:,} tasks ({self.reviewed_tasks:,} reviewed, {self.unreviewed_tasks:,} without a "
+            f"submitted annotation): {d['accepted']:,} accepted, {d['corrected']:,} corrected, {d['rejected']:,} rejected, "
+            f"{d['added']:,} added -> {self.path}",
+        ]
+        if self.ignored_results:
+            lines.append(f"  {self.ignored_results:,} regions that are not brush masks (rectangles, polygons, ...) were ignored")
+        return "\n".join(lines)
+
+
+def _annotation_of(task: dict) -> Optional[dict]:
+    """The task's newest annotation that was submitted (not cancelled/skipped), or None."""
+    done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    if not done:
+        return None
+    return max(done, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+
+
+def _annotator(annotation: dict) -> Optional[str]:
+    who = annotation.get("completed_by")
+    if isinstance(who, dict):
+        who = who.get("email") or who.get("id")
+    return None if who is None else str(who)
+
+
+def _read_tasks(run: RunData, file_uri: str, storage_options: Optional[dict]) -> list[dict]:
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, path = url_to_fs(file_uri, **(storage_options or {}))
+        tasks = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise ReviewError(f"{file_uri}: no such file") from None
+    except ValueError as exc:
+        raise ReviewError(f"{file_uri} is not JSON ({exc}); export the project from Label Studio as JSON") from None
+    if isinstance(tasks, dict):
+        tasks = [tasks]
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise ReviewError(f"{file_uri}: not a Label Studio JSON export (a list of tasks)")
+    if tasks and not any("annotations" in t for t in tasks):
+        raise ReviewError(f"{file_uri}: the tasks have no 'annotations'; export the project from Label Studio with the JSON "
+                          "format (not JSON-MIN or CSV)")
+    ours = [t for t in tasks if isinstance((t.get("data") or {}).get(ls.DATA_KEY), dict)]
+    if len(ours) < len(tasks):
+        raise ReviewError(f"{file_uri}: {len(tasks) - len(ours)} of {len(tasks)} tasks have no data.{ls.DATA_KEY}: only tasks "
+                          "made by `autolabel export --format labelstudio` can be imported")
+    return ours
+
+
+def _objects_of(run: RunData, image_ids: list[str]) -> dict[tuple[str, int], dict]:
+    """The run's own rows (every status, candidate 0) of these images, keyed by (image_id, object_id)."""
+    if not image_ids or not run.object_files:
+        return {}
+    table = run.dataset("objects").to_table(
+        columns=["image_id", "object_id", "candidate", "status", "class_id", "class_name", "mask"],
+        filter=pc.field("image_id").isin(image_ids) & (pc.field("candidate") == 0),
+    )
+    return {(r["image_id"], r["object_id"]): r for r in table.to_pylist()}
+
+
+def _label_index(run: RunData) -> dict[str, Optional[int]]:
+    from .export import known_classes
+
+    index: dict[str, Optional[int]] = {}
+    for cid, name in sorted(known_classes(run).items()):
+        index.setdefault(name, None if name == UNLABELED else cid)
+    return index
+
+
+def _new_import_id(run: RunData) -> str:
+    now = dt.datetime.now(dt.timezone.utc)
+    existing = {p.rsplit("/", 1)[-1] for p in run.review_files()}
+    stamp = now.strftime("%Y%m%dT%H%M%S%fZ")
+    import_id, n = f"import-{stamp}", 1
+    while f"{import_id}.parquet" in existing:  # two imports in one microsecond: keep the order of their names
+        n += 1
+        import_id = f"import-{stamp}-{n:03d}"
+    if existing and max(existing) > f"{import_id}.parquet":
+        raise ReviewError(f"{run.url('review')} holds an import newer than now ({max(existing)}): is the clock right?")
+    return import_id
+
+
+def import_review(run_uri: str, file_uri: str, storage_options: Optional[dict] = None,
+                  file_storage_options: Optional[dict] = None) -> ImportResult:
+    """Record the decisions of a Label Studio JSON export in ``RUN/review/``; raises ReviewError/RunError
+    (nothing written) when the file does not fit the run."""
+    run = RunData(run_uri, storage_options)
+    tasks = _read_tasks(run, file_uri, file_storage_options if file_storage_options is not None else storage_options)
+    image_ids = sorted({str(t["data"][ls.DATA_KEY].get("image_id")) for t in tasks})
+    images = {}
+    if image_ids:
+        table = run.dataset("images").to_table(columns=["image_id", "uri", "width", "height", "status"],
+                                               filter=pc.field("image_id").isin(image_ids))
+        images = {r["image_id"]: r for r in table.to_pylist()}
+    unknown = [i for i in image_ids if i not in images or images[i]["status"] != "ok"]
+    if unknown:
+        raise ReviewError(f"{file_uri}: {len(unknown)} tasks show images this run does not have (or has as error rows), e.g. "
+                          f"image_id {unknown[0]}: were they exported from another run?")
+    base = _objects_of(run, image_ids)
+    labels = _label_index(run)
+    earlier = run.review
+    import_id = _new_import_id(run)
+    result = ImportResult(import_id=import_id, path=run.url("review", f"{import_id}.parquet"), tasks=len(tasks))
+    # Per image: the next free object_id, and the ids earlier imports gave added regions (by their Label Studio id).
+    next_id: dict[str, int] = {}
+    for (image_id, object_id) in base:
+        next_id[image_id] = max(next_id.get(image_id, 0), object_id + 1)
+    added_ids: dict[tuple[str, str], int] = {}
+    added_from: dict[tuple[str, str], set[int]] = {}  # (image, export) -> ids added from that export's task
+    for row in earlier.decisions.to_pylist():
+        next_id[row["image_id"]] = max(next_id.get(row["image_id"], 0), row["object_id"] + 1)
+        if row["decision"] == "added":
+            added_ids[(row["image_id"], row["ls_result_id"])] = row["object_id"]
+            added_from.setdefault((row["image_id"], row["export_id"]), set()).add(row["object_id"])
+    rows, problems = [], []
+    for task in tasks:
+        meta = task["data"][ls.DATA_KEY]
+        image = images[str(meta["image_id"])]
+        annotation = _annotation_of(task)
+        if annotation is None:
+            result.unreviewed_tasks += 1
+            continue
+        result.reviewed_tasks += 1
+        common = {
+            "import_id": import_id, "image_id": image["image_id"], "uri": image["uri"], "ls_task_id": task.get("id"),
+            "ls_annotation_id": annotation.get("id"), "export_id": meta.get("export_id"), "annotator": _annotator(annotation),
+            "reviewed_at": str(annotation.get("updated_at") or annotation.get("created_at") or "") or None,
+        }
+        try:
+            task_rows = _decide(task, annotation, meta, image, base, earlier, labels, next_id, added_ids, added_from, result)
+        except (ReviewError, ls.LabelStudioError) as exc:
+            problems.append(f"task {task.get('id')} ({image['uri']}): {exc}")
+            continue
+        rows += [{**common, **r} for r in task_rows]
+    if problems:
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise ReviewError(f"{file_uri}: nothing imported; " + "; ".join(problems[:10]) + more)
+    for r in rows:
+        result.decisions[r["decision"]] += 1
+    _write(run, import_id, rows, {
+        "import_id": import_id, "file": file_uri, "imported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "tasks": result.tasks, "reviewed_tasks": result.reviewed_tasks, "unreviewed_tasks": result.unreviewed_tasks,
+        "decisions": result.decisions, "ignored_results": result.ignored_results, "matched_by_mask": result.matched_by_mask,
+        "export_ids": sorted({str(t["data"][ls.DATA_KEY].get("export_id")) for t in tasks}),
+    })
+    return result
+
+
+def _decide(task, annotation, meta, image, base, earlier: Review, labels, next_id, added_ids, added_from, result) -> list[dict]:
+    """Decision rows for one reviewed task."""
+    h, w = int(image["height"]), int(image["width"])
+    image_id = image["image_id"]
+    regions: dict[str, dict] = {}
+    order: list[str] = []
+    for item in annotation.get("result") or []:
+        if not isinstance(item, dict) or str(item.get("type", "")).lower() != "brushlabels":
+            result.ignored_results += 1
+            continue
+        value = item.get("value") or {}
+        if value.get("format", "rle") != "rle" or "rle" not in value:
+            raise ReviewError(f"region {item.get('id')} is not an RLE brush mask")
+        if (item.get("original_width"), item.get("original_height")) not in ((w, h), (None, None)):
+            raise ReviewError(f"region {item.get('id')} is {item.get('original_width')}x{item.get('original_height')}, "
+                              f"the image is {w}x{h}")
+        names = value.get("brushlabels") or [UNLABELED]
+        if len(names) > 1:
+            raise ReviewError(f"region {item.get('id')} has {len(names)} labels ({', '.join(map(str, names))}); give each mask one")
+        if names[0] not in labels:
+            raise ReviewError(f"label {names[0]!r} is not one of the run's classes ({', '.join(list(labels)[:20])})")
+        rid = str(item.get("id"))
+        if rid not in regions:
+            order.append(rid)
+        regions[rid] = {"mask": ls.rle_decode(value["rle"], h, w), "class_name": names[0], "class_id": labels[names[0]]}
+
+    exported = {str(k): int(v) for k, v in (meta.get("objects") or {}).items()}
+
+    def content(region: dict) -> dict:
+        rle = mask_codec.encode(region["mask"][None])[0]
+        x, y, bw, bh = mask_codec.bbox_xywh(rle)
+        return {"class_id": region["class_id"], "class_name": None if region["class_name"] == UNLABELED else region["class_name"],
+                "mask": rle, "area": int(region["mask"].sum()), "box": [x, y, x + bw, y + bh]}
+
+    def original(object_id: int) -> Optional[dict]:
+        """What the run (or an earlier import, for an added object) says object_id is."""
+        row = base.get((image_id, object_id))
+        if row is not None:
+            return {"kind": "run", "mask": mask_codec.decode(row["mask"]) if row["mask"] else None,
+                    "class_name": row["class_name"] if row["class_name"] is not None else UNLABELED}
+        d = earlier.final.get((image_id, object_id))
+        if d is not None and d["decision"] in ("added", "rejected") and d["mask"] is not None:
+            return {"kind": "added", "mask": mask_codec.decode(d["mask"]), "class_name": d["class_name"] or UNLABELED}
+        for row in earlier.decisions.to_pylist():  # an added object rejected later: its mask is in the import that added it
+            if row["image_id"] == image_id and row["object_id"] == object_id and row["decision"] == "added":
+                return {"kind": "added", "mask": mask_codec.decode(row["mask"]), "class_name": row["class_name"] or UNLABELED}
+        return None
+
+    # Regions whose id Label Studio changed: matched to an exported object by a bit-identical mask.
+    unmatched = {rid: oid for rid, oid in exported.items() if rid not in regions}
+    for rid in [r for r in order if r not in exported]:
+        for exported_rid, oid in list(unmatched.items()):
+            known = original(oid)
+            if known is not None and known["mask"] is not None and np.array_equal(known["mask"], regions[rid]["mask"]):
+                regions[exported_rid] = regions.pop(rid)
+                order[order.index(rid)] = exported_rid
+                del unmatched[exported_rid]
+                result.matched_by_mask += 1
+                break
+
+    rows = []
+    for rid, object_id in sorted(exported.items(), key=lambda kv: kv[1]):
+        known = original(object_id)
+        if known is None:
+            raise ReviewError(f"region {rid} stands for object {object_id}, which this run does not have")
+        region = regions.get(rid)
+        if region is None:
+            rows.append({"object_id": object_id, "decision": "rejected", "ls_result_id": None})
+            continue
+        same = known["mask"] is not None and np.array_equal(known["mask"], region["mask"]) and known["class_name"] == region["class_name"]
+        if known["kind"] == "added":
+            rows.append({"object_id": object_id, "decision": "added", "ls_result_id": rid, **content(region)})
+        elif same:
+            rows.append({"object_id": object_id, "decision": "accepted", "ls_result_id": rid, "class_id": region["class_id"],
+                         "class_name": None if region["class_name"] == UNLABELED else region["class_name"]})
+        else:
+            rows.append({"object_id": object_id, "decision": "corrected", "ls_result_id": rid, **content(region)})
+    seen_added = set()
+    for rid in order:
+        if rid in exported:
+            continue
+        object_id = added_ids.get((image_id, rid))
+        if object_id is None:
+            object_id = next_id.get(image_id, 0)
+            next_id[image_id] = object_id + 1
+            added_ids[(image_id, rid)] = object_id
+        seen_added.add(object_id)
+        rows.append({"object_id": object_id, "decision": "added", "ls_result_id": rid, **content(regions[rid])})
+    # Re-import of a task: regions it added before and that are gone now were deleted by the person.
+    for object_id in sorted(added_from.get((image_id, meta.get("export_id")), set()) - seen_added):
+        if object_id not in exported.values():
+            rows.append({"object_id": object_id, "decision": "rejected", "ls_result_id": None})
+    return rows
+
+
+def _write(run: RunData, import_id: str, rows: list[dict], log_entry: dict) -> None:
+    """The decisions, then the log; the Parquet under a dot-name first and renamed (readers skip dot-names)."""
+    import io
+
+    table = pa.Table.from_pylist([{k: r.get(k) for k in DECISION_SCHEMA.names} for r in rows], schema=DECISION_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    folder = f"{run.root}/review"
+    run.fs.makedirs(folder, exist_ok=True)
+    final = f"{folder}/{import_id}.parquet"
+    if run.is_local:
+        tmp = f"{folder}/.{import_id}.parquet.tmp"
+        run.fs.pipe_file(tmp, buf.getvalue())
+        run.fs.mv(tmp, final)
+    else:  # object stores: one PUT is atomic
+        run.fs.pipe_file(final, buf.getvalue())
+    run.fs.makedirs(f"{folder}/{LOG_FOLDER}", exist_ok=True)
+    run.fs.pipe_file(f"{folder}/{LOG_FOLDER}/{import_id}.json", (json.dumps(log_entry, indent=2) + "\n").encode())
+    run.fs.invalidate_cache(folder)
+    log.info("review: %d decisions -> %s", len(rows), run.url("review", f"{import_id}.parquet"))
+
+
+__all__ = ["DECISIONS", "DECISION_SCHEMA", "ImportResult", "Review", "ReviewError", "import_review"]
