@@ -213,6 +213,25 @@ class RayConfig(_Section):
         return value
 
 
+class QaConfig(_Section):
+    """Quality control: metrics on every mask (always), flags from these thresholds, and the
+    clean-up and de-duplication steps, which are off by default (they change masks and rows)."""
+
+    enabled: bool = Field(True, description="Quality metrics and flags for every mask; false leaves those columns null.")
+    min_mask_score: float = Field(0.7, ge=0.0, le=1.0, description="Flag low_score below this mask_score (SAM's predicted IoU).")
+    min_stability: float = Field(0.85, ge=0.0, le=1.0, description="Flag unstable below this stability score.")
+    min_box_iou: float = Field(0.5, ge=0.0, le=1.0, description="Flag leaks_box when the mask's box and the prompt box overlap less (IoU).")
+    max_outside_box: float = Field(0.2, ge=0.0, le=1.0, description="Flag leaks_box when more than this share of the mask lies outside the prompt box.")
+    max_regions: int = Field(3, gt=0, description="Flag fragmented when the mask has more connected regions.")
+    min_area: int = Field(32, ge=0, description="Flag tiny below this many pixels.")
+    remove_islands_below: int = Field(0, ge=0, description="Clean-up: drop mask regions smaller than this (pixels; 0 = off).")
+    fill_holes_below: int = Field(0, ge=0, description="Clean-up: fill holes smaller than this (pixels; 0 = off).")
+    dedup: Literal["off", "iou", "ios"] = Field(
+        "off", description="Mark duplicate masks within an image: by mask IoU, or intersection over the smaller mask (ios).")
+    dedup_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Overlap at which the lower-scored mask is a duplicate.")
+    dedup_class_aware: bool = Field(True, description="Only masks of the same class can be duplicates of each other.")
+
+
 class ReportConfig(_Section):
     enabled: bool = Field(True, description="Write RUN/report/ (report.html, counts.csv, summary.json) when a run finishes.")
     gallery: int = Field(12, ge=0, description="Sample images drawn with their masks in the report.")
@@ -226,6 +245,7 @@ class RunConfig(_Section):
     sam: SamConfig = Field(default_factory=SamConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    qa: QaConfig = Field(default_factory=QaConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")

@@ -197,7 +197,8 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
         fn_constructor_kwargs={
             "cfg": cfg.sam, "class_names": class_names, "cpu_threads": plan["sam"].get("cpu_threads"),
             "storage_options": cfg.input.storage_options, "manifest_roots": manifest_roots(cfg),
-            "max_pixels": cfg.input.max_pixels, "decode_threads": plan["decode_threads"], **guarded,
+            "max_pixels": cfg.input.max_pixels, "decode_threads": plan["decode_threads"],
+            "qa": cfg.qa if cfg.qa.enabled else None, **guarded,
         },
         runtime_env=env, **actor_retries,
     )
@@ -288,7 +289,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     if previous is None:
         manifest = {
             "status": "listing", "started_at": attempt["started_at"], "finished_at": None,
-            "config": redacted_config(cfg), "fingerprint": identity, "random_weights": random_weights,
+            "config": redacted_config(cfg), "fingerprint": identity, "random_weights": random_weights, "qa": cfg.qa.model_dump(),
             "versions": _versions(), "models": models, "class_names": class_names, "attempts": [attempt],
         }
         folder.prepare(manifest)  # clears what was there (only with --overwrite) and proves the folder writable
@@ -296,7 +297,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         done: dict[str, dict] = {}
     else:
         manifest = {**previous, "status": "running", "finished_at": None, "config": redacted_config(cfg),
-                    "versions": _versions(), "models": models}
+                    "versions": _versions(), "models": models, "qa": cfg.qa.model_dump()}
         manifest.pop("error", None)
         manifest["class_names"] = {int(k): v for k, v in previous["class_names"].items()}  # JSON made the ids strings
         done = folder.done_shards()

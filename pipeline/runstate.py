@@ -29,14 +29,14 @@ PERFORMANCE_ONLY = ("input.storage_options", "detector.batch_size", "sam.batch_s
 
 def fingerprint(cfg: RunConfig, models: dict, dtype: Optional[str] = None) -> dict:
     """What must not change between a run and its resume: the config that shapes the output
-    (input, prompts, detector, sam; not output/ray/report) and the weights, by content.
+    (input, prompts, detector, sam, qa; not output/ray/report) and the weights, by content.
     ``models`` is run.json's models section (``weights_identity`` of each).
 
     ``sam.dtype`` enters as the dtype SAM actually ran in (``dtype``, known once Ray says where
     the actors run), not as asked: ``auto`` means bfloat16 on a GPU and float32 on a CPU, and a
     run must not mix the two. Without ``dtype`` it is left out."""
     data = redacted_config(cfg)  # credentials never reach run.json; rotating them does not block a resume
-    sections = ("input", "prompts", "detector", "sam") if cfg.uses_detector else ("input", "prompts", "sam")
+    sections = ("input", "prompts", "detector", "sam", "qa") if cfg.uses_detector else ("input", "prompts", "sam", "qa")
     config = {s: dict(data[s]) for s in sections}
     for key in PERFORMANCE_ONLY:
         section, name = key.split(".")

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import masks as mask_codec
-from .config import SamConfig
+from .config import QaConfig, SamConfig
 from .decode import ImageError
 from .prompts import Prompt
 from .timings import StageClock
@@ -52,8 +52,9 @@ class Candidates:
     areas: np.ndarray  # (C,) int64
     boxes: np.ndarray  # (C, 4) float32 xyxy, the masks' tight boxes (zeros when empty)
     size: tuple[int, int]  # (h, w) of the image
-    runs: list = field(repr=False)  # C (first pixel value, change positions) pairs
+    runs: list = field(repr=False)  # C (first pixel value, change positions) pairs, or an RLE dict (a cleaned mask)
     logits: Optional[np.ndarray] = None  # (C, h, w) low-res logits, when asked for: reusable as mask_input
+    quality: Optional[list] = None  # C dicts of quality.py's metrics, when the model was given a QaConfig
     _rles: Optional[list] = field(default=None, repr=False)
     _masks: Optional[np.ndarray] = field(default=None, repr=False)
 
@@ -61,7 +62,7 @@ class Candidates:
     def rles(self) -> list[dict]:
         """C dicts ``{"size": [h, w], "counts": str}``, exactly as ``pycocotools.mask.encode`` gives."""
         if self._rles is None:
-            self._rles = [mask_codec.rle_from_changes(first, changes, *self.size) for first, changes in self.runs]
+            self._rles = [run if isinstance(run, dict) else mask_codec.rle_from_changes(*run, *self.size) for run in self.runs]
         return self._rles
 
     @property
@@ -128,7 +129,7 @@ class SamModel:
     """One SAM 2.1 model with its device, dtype and thread settings; shared by the Ray segment
     stage, ``autolabel predict`` and the Python API."""
 
-    def __init__(self, cfg: SamConfig, cpu_threads: Optional[int] = None):
+    def __init__(self, cfg: SamConfig, cpu_threads: Optional[int] = None, qa: Optional[QaConfig] = None):
         import torch
 
         from .faults import InjectedFaults
@@ -147,6 +148,7 @@ class SamModel:
         _warn_if_ray_gpu_is_not_visible(self.device)
         self.weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint)
         self.model = build_sam_model(self.weights, cfg.image_size, self.device, compile_encoder=cfg.compile)
+        self.qa = qa  # quality metrics and clean-up of every mask (None: masks only)
         self.size = cfg.image_size
         self.low_res = cfg.image_size // 4
         self.feat_sizes = [(self.size // 4,) * 2, (self.size // 8,) * 2, (self.size // 16,) * 2]
@@ -386,19 +388,22 @@ class SamModel:
         low_res = torch.gather(low_res, 1, order[:, :, None, None].expand(-1, -1, *low_res.shape[-2:]))
         scores = torch.gather(iou, 1, order)
         sizes = [tuple(int(v) for v in features["orig_hw"][j.image]) for j in jobs]
-        runs, areas, boxes = self._finish(low_res, sizes)
+        runs, areas, boxes, quality = self._finish(low_res, sizes, [j.prompt.box for j in jobs])
         scores_np = scores.cpu().numpy().astype(np.float32)
         logits_np = torch.clamp(low_res, -32.0, 32.0).cpu().numpy() if keep_logits else None
         self._elapsed(started, "masks")
         for n, slot in enumerate(slots):
-            answers[slot] = Candidates(scores_np[n], areas[n], boxes[n], sizes[n], runs[n], None if logits_np is None else logits_np[n])
+            answers[slot] = Candidates(scores_np[n], areas[n], boxes[n], sizes[n], runs[n], None if logits_np is None else logits_np[n],
+                                       quality[n] if self.qa is not None else None)
 
     # ------------------------------------------------------------------ masks, on the device
 
-    def _finish(self, low_res, sizes: list[tuple[int, int]]) -> tuple[list, np.ndarray, np.ndarray]:
+    def _finish(self, low_res, sizes: list[tuple[int, int]], prompt_boxes: list) -> tuple[list, np.ndarray, np.ndarray, list]:
         """(n, C, h, w) low-res logits -> per prompt: C (first pixel, run boundaries) pairs, areas,
-        tight boxes. Upsampled (``postprocess_masks``: bilinear to the image size) and thresholded
-        at 0 on the device, ``MASK_PIXELS`` at a time, and reduced there (``masks.device_stats``)."""
+        tight boxes, and (with a QaConfig) quality metrics. Upsampled (``postprocess_masks``:
+        bilinear to the image size) and thresholded at 0 on the device, ``MASK_PIXELS`` at a time,
+        and reduced there (``masks.device_stats``, the stability score); only each mask's
+        bounding-box crop goes to the host for its shape (and clean-up), one at a time."""
         import torch
         import torch.nn.functional as F
 
@@ -406,6 +411,7 @@ class SamModel:
         runs: list = [[None] * c for _ in range(n)]
         areas = np.zeros((n, c), np.int64)
         boxes = np.zeros((n, c, 4), np.float32)
+        quality: list = [[None] * c for _ in range(n)]
         by_size: dict[tuple, list[int]] = defaultdict(list)
         for i, hw in enumerate(sizes):
             by_size[hw].append(i)
@@ -414,13 +420,52 @@ class SamModel:
             step = max(1, MASK_PIXELS // (h * w))
             for start in range(0, len(flat), step):
                 part = flat[start:start + step]
-                logits = torch.stack([low_res[i, k] for i, k in part])[:, None]
-                masks = F.interpolate(logits, (h, w), mode="bilinear", align_corners=False)[:, 0] > 0.0
+                logits = F.interpolate(torch.stack([low_res[i, k] for i, k in part])[:, None], (h, w), mode="bilinear",
+                                       align_corners=False)[:, 0]
+                masks = logits > 0.0
                 stats = {key: value.cpu().numpy() for key, value in mask_codec.device_stats(masks).items()}
-                del masks, logits
+                stability = stability_score(logits).cpu().numpy() if self.qa is not None else None
+                del logits
                 offsets = np.concatenate([[0], np.cumsum(stats["num_changes"])])
                 for m, (i, k) in enumerate(part):
                     runs[i][k] = (bool(stats["first"][m]), stats["changes"][offsets[m]:offsets[m + 1]])
                     areas[i, k] = stats["area"][m]
                     boxes[i, k] = stats["bbox"][m]
-        return runs, areas, boxes
+                    if self.qa is not None:
+                        quality[i][k] = self._crop_quality(masks[m], stats["bbox"][m], prompt_boxes[i], float(stability[m]))
+                        if "cleaned" in quality[i][k]:
+                            runs[i][k], areas[i, k], boxes[i, k] = quality[i][k].pop("cleaned")
+                del masks
+        return runs, areas, boxes, quality
+
+    def _crop_quality(self, mask, bbox, prompt_box, stability: float) -> dict:
+        """A mask's shape metrics and the pixels inside its prompt box, from its bounding-box crop
+        on the host; with clean-up on, the cleaned mask too (``cleaned``: RLE, area, box)."""
+        from . import quality
+
+        x0, y0, x1, y1 = (int(v) for v in bbox)
+        crop = mask[y0:y1, x0:x1].cpu().numpy() if x1 > x0 else np.zeros((0, 0), bool)
+        out: dict = {"stability": stability}
+        if crop.size and (self.qa.remove_islands_below or self.qa.fill_holes_below):
+            cleaned, changed = quality.clean(crop, self.qa.remove_islands_below, self.qa.fill_holes_below)
+            if changed:
+                full = np.zeros(mask.shape, bool)
+                full[y0:y1, x0:x1] = cleaned
+                ys, xs = np.nonzero(cleaned)
+                box = np.array([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1], np.float32) if len(xs) else np.zeros(4, np.float32)
+                out["cleaned"] = (mask_codec.encode(full[None])[0], int(cleaned.sum()), box)
+                crop = cleaned
+        out["regions"], out["largest_region"], out["hole_area"] = quality.shape(crop)
+        out["inside"] = quality.pixels_inside(crop, x0, y0, prompt_box) if prompt_box is not None else None
+        return out
+
+
+def stability_score(logits, offset: float = 1.0):
+    """SAM's stability score (``sam2.utils.amg.calculate_stability_score`` at threshold 0): the
+    IoU of the mask at logit > +offset and > -offset; 1.0 for a mask empty at both (as SAM's
+    decoder defines it)."""
+    import torch
+
+    inside = (logits > offset).sum(dim=(-2, -1), dtype=torch.int64)
+    union = (logits > -offset).sum(dim=(-2, -1), dtype=torch.int64)
+    return torch.where(union > 0, inside / union.clamp(min=1), torch.ones_like(inside, dtype=torch.float32))

@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from .config import SamConfig
+from . import quality
+from .config import QaConfig, SamConfig
 from .decode import ImageDecoder, ImageError, pixels_or_error, with_errors
 from .faults import CrashGuard
 from .prompts import Prompt, manifest_prompts
@@ -43,8 +44,20 @@ OBJECT_TYPE = pa.struct(
         ("box", pa.list_(pa.float32(), 4)),
         ("area", pa.int64()),
         ("mask", MASK_TYPE),
+        # quality control (quality.py); null for error rows and when a run recorded none
+        ("stability", pa.float32()),  # SAM's stability score
+        ("box_iou", pa.float32()),  # the mask's tight box vs the prompt box (null without a box prompt)
+        ("outside_box", pa.float32()),  # share of the mask outside the prompt box (null without a box prompt)
+        ("regions", pa.int32()),  # connected regions
+        ("largest_region", pa.float32()),  # the largest region's share of the area
+        ("hole_area", pa.int64()),  # background pixels enclosed by the mask
+        ("flags", pa.list_(pa.string())),  # low_score, unstable, leaks_box, fragmented, tiny, duplicate
+        ("needs_review", pa.bool_()),
+        ("duplicate_of", pa.int32()),  # status=duplicate: the object_id kept in its place
     ]
 )
+QUALITY_FIELDS = ("stability", "box_iou", "outside_box", "regions", "largest_region", "hole_area", "flags", "needs_review",
+                  "duplicate_of")
 
 
 def object_rows(prompts: list[Prompt], answers: list[Optional[Candidates]], keep_all: bool) -> list[dict]:
@@ -57,15 +70,22 @@ def object_rows(prompts: list[Prompt], answers: list[Optional[Candidates]], keep
         }
         if answer is None:
             rows.append({**base, "candidate": 0, "status": "error", "error": prompt.error or "not segmented",
-                         "mask_score": None, "box": None, "area": None, "mask": None})
+                         "mask_score": None, "box": None, "area": None, "mask": None, **dict.fromkeys(QUALITY_FIELDS)})
             continue
         count = len(answer.scores) if keep_all else 1
         for rank in range(count):
-            rows.append({
+            area = int(answer.areas[rank])
+            row = {
                 **base, "candidate": rank, "status": "ok", "error": None, "mask_score": float(answer.scores[rank]),
                 "box": [float(v) for v in prompt.box] if prompt.box is not None else [float(v) for v in answer.boxes[rank]],
-                "area": int(answer.areas[rank]), "mask": answer.rles[rank],
-            })
+                "area": area, "mask": answer.rles[rank], **dict.fromkeys(QUALITY_FIELDS),
+            }
+            if answer.quality is not None:
+                metrics = answer.quality[rank]
+                box_iou, outside = quality.box_agreement(answer.boxes[rank], prompt.box, area, metrics["inside"] or 0)
+                row.update(stability=metrics["stability"], box_iou=box_iou, outside_box=outside, regions=metrics["regions"],
+                           largest_region=metrics["largest_region"], hole_area=metrics["hole_area"])
+            rows.append(row)
     return rows
 
 
@@ -78,8 +98,10 @@ class Segmenter:
 
     def __init__(self, cfg: SamConfig, class_names: dict[int, str], cpu_threads: Optional[int] = None,
                  storage_options: Optional[dict] = None, ledger=None, max_image_crashes: int = 3,
-                 manifest_roots: Optional[list[str]] = None, max_pixels: Optional[int] = None, decode_threads: int = 4):
-        self.sam = SamModel(cfg, cpu_threads)
+                 manifest_roots: Optional[list[str]] = None, max_pixels: Optional[int] = None, decode_threads: int = 4,
+                 qa: Optional[QaConfig] = None):
+        self.qa = qa
+        self.sam = SamModel(cfg, cpu_threads, qa)
         self.cfg = cfg
         self.class_names = class_names
         self.class_ids = {name: cid for cid, name in class_names.items()}
@@ -105,9 +127,15 @@ class Segmenter:
         return prompts
 
     def _rows(self, prompts: list[Prompt], answers: list) -> list[dict]:
+        """One image's objects-table rows, with duplicates marked and flags set (the host thread)."""
         started = time.perf_counter()
         try:
-            return object_rows(prompts, answers, self.keep_all)
+            rows = object_rows(prompts, answers, self.keep_all)
+            if self.qa is not None:
+                quality.mark_duplicates(rows, self.qa)
+                for row in rows:
+                    quality.flag(row, self.qa)
+            return rows
         finally:
             self.clock.add("rle", time.perf_counter() - started)
 

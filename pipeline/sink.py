@@ -45,6 +45,7 @@ IMAGES_SCHEMA = pa.schema(
         ("num_objects", pa.int32()),
         ("class_counts", pa.list_(CLASS_COUNT_TYPE)),
         ("num_prompt_errors", pa.int32()),
+        ("num_flagged", pa.int32()),  # objects needing review (quality.py's flags)
         ("shard_id", pa.string()),
     ]
 )
@@ -73,6 +74,8 @@ class Totals:
     objects: int = 0
     objects_by_class: Counter = field(default_factory=Counter)
     prompt_errors: int = 0
+    flagged: int = 0
+    flagged_by_reason: Counter = field(default_factory=Counter)
 
     def add(self, image_rows: Iterable[dict]) -> None:
         for row in image_rows:
@@ -83,8 +86,14 @@ class Totals:
                 self.errors_by_class[row["error_class"]] += 1
             self.objects += row["num_objects"]
             self.prompt_errors += row["num_prompt_errors"]
+            self.flagged += row.get("num_flagged") or 0
             for entry in row["class_counts"]:
                 self.objects_by_class[entry["class_name"] or "(unlabeled)"] += entry["count"]
+
+    def add_flags(self, objects: pa.Table) -> None:
+        """Flagged objects by reason (an object may have several), from an objects table."""
+        for row in objects.filter(pc.field("candidate") == 0).select(["flags"]).to_pylist():
+            self.flagged_by_reason.update(row["flags"] or [])
 
     def merge(self, other: dict) -> None:
         """Add a shard's totals (``as_dict`` form, as read back from its done marker)."""
@@ -94,6 +103,8 @@ class Totals:
         self.objects += other["objects"]
         self.objects_by_class.update(other["objects_by_class"])
         self.prompt_errors += other["prompt_errors"]
+        self.flagged += other.get("flagged", 0)  # markers of earlier versions have none
+        self.flagged_by_reason.update(other.get("flagged_by_reason", {}))
 
     def as_dict(self) -> dict:
         return {
@@ -104,6 +115,8 @@ class Totals:
             "objects": self.objects,
             "objects_by_class": dict(self.objects_by_class.most_common()),
             "prompt_errors": self.prompt_errors,
+            "flagged": self.flagged,
+            "flagged_by_reason": dict(self.flagged_by_reason.most_common()),
         }
 
 
@@ -141,6 +154,7 @@ def split_tables(batch: pa.Table, meta_columns: list[str] = ()) -> tuple[pa.Tabl
         row["num_objects"] = len(counted(objects))
         row["class_counts"] = class_counts(objects)
         row["num_prompt_errors"] = sum(o["status"] == "error" for o in objects)
+        row["num_flagged"] = sum(bool(o.get("needs_review")) and o["candidate"] == 0 for o in objects)
         row.update({name: _meta_value(meta.get(name)) for name in meta_columns})
         image_rows.append(row)
         for obj in objects:
@@ -260,7 +274,8 @@ def commit_shard(fs, root: str, shard_id: str, meta_columns: list[str] = ()) -> 
     atomic_write(fs, f"{root}/objects/{name}", _parquet_bytes(objects))
     atomic_write(fs, f"{root}/images/{name}", _parquet_bytes(images))
     totals = Totals()
-    totals.add(images.select(["status", "error_class", "num_objects", "class_counts", "num_prompt_errors"]).to_pylist())
+    totals.add(images.select(["status", "error_class", "num_objects", "class_counts", "num_prompt_errors", "num_flagged"]).to_pylist())
+    totals.add_flags(objects)
     marker = {"shard_id": shard_id, **totals.as_dict()}
     atomic_write(fs, marker_path, json.dumps(marker).encode())
     if names:

@@ -242,7 +242,7 @@ def iter_tar_uris(uri: str, storage_options: dict | None = None) -> Iterator[str
 
 
 RESERVED_KEYS = {"uri", "objects", "image_id", "width", "height", "status", "error_class", "error",
-                 "num_objects", "class_counts", "shard_id", "note", "num_prompt_errors"}
+                 "num_objects", "class_counts", "shard_id", "note", "num_prompt_errors", "num_flagged"}
 
 
 @dataclass

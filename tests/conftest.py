@@ -84,7 +84,8 @@ def labeled(ray_local, checkpoints, photo_folder, tmp_path_factory):
     from pipeline.job import run
 
     out = tmp_path_factory.mktemp("run") / "out"
-    cfg = load_config(None, run_overrides(photo_folder, out, checkpoints))
+    overrides = run_overrides(photo_folder, out, checkpoints)
+    cfg = load_config(None, overrides)
     manifest = run(cfg)
     return {
         "manifest": manifest,
@@ -92,6 +93,7 @@ def labeled(ray_local, checkpoints, photo_folder, tmp_path_factory):
         "images": pq.read_table(out / "images").to_pandas(),
         "objects": pq.read_table(out / "objects").to_pandas(),
         "cfg": cfg,
+        "cfg_overrides": overrides,
     }
 
 

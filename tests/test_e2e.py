@@ -254,3 +254,23 @@ def test_progress_in_a_terminal_is_a_bar_and_in_logs_lines_with_rate_and_eta(che
     lines = [line for line in screen.splitlines() if "autolabel: images " in line]
     assert lines and "4/4 (100%)" in lines[-1] and "images/s this attempt" in lines[-1], lines
     assert "4/4" not in lines[0] and "ETA" in lines[0], lines  # it moved before the end, with an ETA
+
+
+def test_quality_control_off_or_default_changes_no_mask(labeled, ray_local, tmp_path):
+    """qa.enabled=false and the defaults (metrics and flags, no clean-up, no de-duplication) give
+    the same rows; only the quality columns differ: null when off, filled by default."""
+    from pipeline.segment import QUALITY_FIELDS
+
+    out = tmp_path / "qa-off"
+    overrides = [o if not o.startswith("output.uri=") else f"output.uri={out}" for o in labeled["cfg_overrides"]]
+    manifest = run(load_config(None, [*overrides, "qa.enabled=false", "report.enabled=false"]))
+    assert manifest["status"] == "finished" and manifest["qa"]["enabled"] is False
+    off = pq.read_table(out / "objects").to_pandas().sort_values(["image_id", "object_id"]).reset_index(drop=True)
+    on = labeled["objects"].sort_values(["image_id", "object_id"]).reset_index(drop=True)
+    same = [c for c in on.columns if c not in QUALITY_FIELDS]
+    assert len(off) == len(on) > 0
+    assert off[same].astype(str).equals(on[same].astype(str))
+    assert off[list(QUALITY_FIELDS)].isna().all().all()
+    assert on["stability"].notna().all() and on["flags"].notna().all()
+    images_off = pq.read_table(out / "images").to_pandas().set_index("image_id").sort_index()
+    assert (images_off["num_flagged"] == 0).all()

@@ -230,6 +230,8 @@ def manifest_run(ray_local, checkpoints, voc, photo_folder, tmp_path_factory):
             {"object_key": "listlabel", "box": [50, 400, 250, 900], "label": ["person"]},
             {"object_key": "ok", "box": [50, 400, 250, 900], "label": "person"},
             {"object_key": 7, "box": [100, 100, 400, 400], "label": 3},
+            {"object_key": "dup", "box": [50, 400, 250, 900], "label": "person"},  # the same box again
+            {"object_key": "far", "box": [2, 2, 22, 22]},  # a tiny box in a corner, far from any object
         ]},
         {"uri": "./voc.png", "objects": [
             {"object_key": "redo", "mask": "masks/prior.png", "label": "chair"},
@@ -242,7 +244,9 @@ def manifest_run(ray_local, checkpoints, voc, photo_folder, tmp_path_factory):
     from pipeline.job import run
 
     cfg = load_config(None, [f"output.uri={out}", "prompts.source=both", f"prompts.manifest={manifest}", "sam.candidates=all",
-                             f"input.uri={photo_folder}", "input.shard_size=1", *model_overrides(checkpoints)])
+                             f"input.uri={photo_folder}", "input.shard_size=1", "qa.dedup=iou",
+                             "qa.dedup_threshold=0.99",  # random weights: masks of different boxes overlap up to ~0.94
+                             *model_overrides(checkpoints)])
     result = run(cfg)
     return {
         "manifest": result,
@@ -446,3 +450,25 @@ def test_conflicting_lines_for_one_image_stop_the_run_before_work(ray_local, tmp
     with pytest.raises(ConfigError, match=message):
         run(cfg)
     assert not (tmp_path / "out" / "run.json").exists()  # nothing labeled, nothing left behind
+
+
+def test_planted_problems_are_flagged_with_their_reasons(manifest_run):
+    """Quality control end to end: the repeated box is marked a duplicate of the first (kept,
+    not counted), the box far from any object is flagged as leaking out of its box, and the
+    images table and run.json count the flagged objects."""
+    objects, images = manifest_run["objects"], manifest_run["images"]
+    best = objects[objects["candidate"] == 0].set_index("object_key")
+    assert best.loc["dup", "status"] == "duplicate" and best.loc["dup", "duplicate_of"] == best.loc["ok", "object_id"]
+    assert best.loc["ok", "status"] == "ok" and "duplicate" in list(best.loc["dup", "flags"])
+    assert "leaks_box" in list(best.loc["far", "flags"]) and best.loc["far", "outside_box"] > 0.9
+    assert best.loc["far", "needs_review"]
+    ok = objects[(objects["status"] == "ok") & (objects["candidate"] == 0)]
+    assert ok["stability"].between(0, 1).all() and (ok["regions"] >= 1).all() and ok["largest_region"].between(0, 1).all()
+    errors = objects[objects["status"] == "error"]
+    assert errors["stability"].isna().all() and errors["flags"].isna().all()
+    bus = images.loc[manifest_run["bus_uri"]]
+    flagged = objects[(objects["uri"] == manifest_run["bus_uri"]) & (objects["candidate"] == 0) & (objects["needs_review"] == True)]  # noqa: E712
+    assert bus["num_flagged"] == len(flagged) >= 2
+    totals = manifest_run["manifest"]["totals"]
+    assert totals["flagged"] == int(images["num_flagged"].sum()) and totals["flagged_by_reason"]["duplicate"] == 1
+    assert bus["num_objects"] == len(ok[ok["uri"] == manifest_run["bus_uri"]])  # the duplicate is not counted
