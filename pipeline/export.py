@@ -629,6 +629,7 @@ class LabelStudioWriter:
 
         self.dest, self.run, self.urls, self.every_image = dest, run, urls, every_image
         self.export_id = f"{_now()}-{uuid.uuid4().hex[:8]}"
+        self.fingerprint = (run.manifest.get("fingerprint") or {}).get("sha256")  # which run: review import checks it
         models = run.manifest.get("models") or {}
         self.model_version = " ".join(filter(None, [
             f"autolabel {(run.manifest.get('versions') or {}).get('autolabel') or _version() or ''}".strip(),
@@ -658,7 +659,7 @@ class LabelStudioWriter:
         note, reasons = ls.note_of(image.objects)
         task = {"data": {
             "image": url, ls.NOTE_KEY: note, ls.FLAGS_KEY: reasons,
-            ls.DATA_KEY: {"format": ls.TASK_FORMAT_VERSION, "run": self.run.url(), "export_id": self.export_id,
+            ls.DATA_KEY: {"format": ls.TASK_FORMAT_VERSION, "run": self.run.url(), "run_fingerprint": self.fingerprint, "export_id": self.export_id,
                           "image_id": image.image_id, "uri": image.uri, "width": image.width, "height": image.height,
                           "objects": {ls.result_id(o["object_id"]): int(o["object_id"]) for o in image.objects}},
         }, "predictions": []}
@@ -778,6 +779,10 @@ def export(
         result.files = writer.close()
         if fmt == "labelstudio":
             result.images = writer.tasks
+            for scheme, n in sorted(writer.urls.as_is.items()):
+                if scheme not in ("http", "https"):
+                    result.notes.append(f"Label Studio: {n:,} tasks link their image as a {scheme}:// URI; add that bucket to the project "
+                                        "as a source cloud storage (Label Studio then presigns the URIs), or pass --image-root/--image-root-url")
             if writer.urls.tar_members:
                 result.notes.append(f"Label Studio: {writer.urls.tar_members:,} tasks show members of tar shards, which Label "
                                     "Studio cannot open; extract them and export with --image-root/--image-root-url")

@@ -167,6 +167,7 @@ class ImageUrls:
         self.root = None if root is None else _strip_file(root).rstrip("/") or "/"
         self.root_url = root_url
         self.tar_members = 0
+        self.as_is: dict[str, int] = {}  # URI schemes passed on unchanged -> how many tasks (s3, gs, http, ...)
 
     def __call__(self, uri: str) -> str:
         if "#" in uri:
@@ -178,6 +179,8 @@ class ImageUrls:
                 raise LabelStudioError(f"{uri} is not under --image-root {self.root}; choose an --image-root that holds every image")
             return _join_url(self.root_url, path[len(self.root.rstrip("/")):].lstrip("/"))
         if not _is_local(uri):
+            scheme = uri.split("://", 1)[0]
+            self.as_is[scheme] = self.as_is.get(scheme, 0) + 1
             return uri
         path = _strip_file(uri)
         root = self.root or "/"

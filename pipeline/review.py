@@ -294,6 +294,12 @@ def import_review(run_uri: str, file_uri: str, storage_options: Optional[dict] =
     (nothing written) when the file does not fit the run."""
     run = RunData(run_uri, storage_options)
     tasks = _read_tasks(run, file_uri, file_storage_options if file_storage_options is not None else storage_options)
+    mine = (run.manifest.get("fingerprint") or {}).get("sha256")
+    foreign = sorted({str(t["data"][ls.DATA_KEY].get("run_fingerprint")) for t in tasks
+                      if mine and t["data"][ls.DATA_KEY].get("run_fingerprint") not in (None, mine)})
+    if foreign:  # the same images labeled by another run: the same image ids, other objects behind the same object ids
+        raise ReviewError(f"{file_uri}: the tasks were exported from another run (fingerprint {foreign[0][:12]}..., this run's is "
+                          f"{mine[:12]}...); import them into the run they came from ({tasks[0]['data'][ls.DATA_KEY].get('run')})")
     image_ids = sorted({str(t["data"][ls.DATA_KEY].get("image_id")) for t in tasks})
     images = {}
     if image_ids:

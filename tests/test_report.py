@@ -154,9 +154,12 @@ def test_report_in_headless_chromium_shows_the_parquet_totals(labeled, tmp_path)
         assert int(shown["objects"].replace(",", "")) == len(objects)
         per_class = page.js("Object.fromEntries([...document.querySelectorAll('td[data-class]')].map(e => [e.dataset.class, e.textContent]))")
         assert {k: int(v.replace(",", "")) for k, v in per_class.items()} == _parquet_class_counts(objects)
-        pictures = page.js("[...document.images].map(i => [i.dataset.chart || (i.hasAttribute('data-gallery') ? 'gallery' : ''), i.complete && i.naturalWidth > 0])")
-        charts = {name for name, ok in pictures if name != "gallery" and ok}
-        assert charts == {"classes", "objects_per_image", "det_score", "mask_score", "area", "groups"}
+        pictures = page.js("[...document.images].map(i => [i.dataset.chart || (i.hasAttribute('data-gallery') ? 'gallery' : "
+                           "i.hasAttribute('data-flagged-gallery') ? 'flagged' : ''), i.complete && i.naturalWidth > 0])")
+        charts = {name for name, ok in pictures if name not in ("gallery", "flagged") and ok}
+        base = {"classes", "objects_per_image", "det_score", "mask_score", "area", "groups"}
+        quality = {"flagged_reasons", "flagged_classes", "stability", "box_iou", "outside_box", "regions", "largest_region", "hole_area"}
+        assert base <= charts and charts - base <= quality  # the Quality section's charts: those its data has
         gallery = [ok for name, ok in pictures if name == "gallery"]
         assert len(gallery) == (images["status"] == "ok").sum() and all(gallery)  # 5 ok photos < 12
         assert all(ok for _, ok in pictures)

@@ -103,6 +103,20 @@ def test_rle_encoder_writes_label_studios_bytes_and_decoders_agree():
         ls.rle_decode(ls.rle_encode(np.ones((3, 3), bool)), 4, 5)
 
 
+def test_image_urls_label_studio_can_load():
+    urls = ls.ImageUrls("/data/photos", None)
+    assert urls("file:///data/photos/site a/x%y.jpg") == "/data/local-files/?d=site%20a/x%25y.jpg"
+    assert urls("/data/photos/b.png") == "/data/local-files/?d=b.png"
+    assert urls("s3://bucket/k.jpg") == "s3://bucket/k.jpg" and urls("https://h.test/k.jpg") == "https://h.test/k.jpg"
+    assert urls.as_is == {"s3": 1, "https": 1}
+    assert urls("file:///data/photos/shard.tar#m/1.jpg") == "file:///data/photos/shard.tar#m/1.jpg" and urls.tar_members == 1
+    with pytest.raises(ls.LabelStudioError, match="is not under --image-root /data/photos"):
+        urls("file:///elsewhere/a.jpg")
+    mapped = ls.ImageUrls("s3://bucket/photos", "https://cdn.test/p")
+    assert mapped("s3://bucket/photos/a/b c.jpg") == "https://cdn.test/p/a/b%20c.jpg"
+    assert ls.common_folder(["file:///d/p/a/1.jpg", "file:///d/p/b/2.jpg", "s3://x/y.jpg"]) == "/d/p"
+
+
 # ------------------------------------------------------------------------------- the labelstudio export
 
 
@@ -481,6 +495,12 @@ def test_review_import_refuses_what_it_cannot_place(qa_run, tmp_path, capsys):
     other = copy.deepcopy(tasks[0])
     other["data"]["autolabel"]["image_id"] = "0123456789abcdef"
     cases["other-run.json"] = (json.dumps([{"id": 1, "data": other["data"], "annotations": []}]), "tasks show images this run does not have")
+    elsewhere = copy.deepcopy(tasks[0])
+    elsewhere["data"]["autolabel"]["run_fingerprint"] = "f" * 64
+    manifest = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**manifest, "fingerprint": {"sha256": "a" * 64}}))
+    cases["elsewhere.json"] = (json.dumps([{"id": 1, "data": elsewhere["data"], "annotations": []}]),
+                               "the tasks were exported from another run (fingerprint ffffffffffff..., this run's is aaaaaaaaaaaa...)")
     giraffe = copy.deepcopy(next(t for t in tasks if t["predictions"]))
     result = giraffe["predictions"][0]["result"]
     result[0]["value"]["brushlabels"] = ["giraffe"]
