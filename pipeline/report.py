@@ -738,7 +738,7 @@ def _quality_section(summary: dict, charts: dict, flagged: list[dict]) -> str:
 <div class="card"><div class="v">{100 * q['flagged_share']:.1f} %</div><div class="k">of objects flagged</div></div>
 <div class="card"><div class="v" data-stat="duplicates">{_num(duplicates)}</div><div class="k">duplicates marked</div></div>
 </div>
-<p class="muted">Flagged = <code>needs_review</code>: at least one reason below (thresholds of this run: {_e(threshold_text)}).
+<p class="muted">Flagged = <code>needs_review</code>: at least one reason below (QA settings of this run: {_e(threshold_text)}).
 Duplicates are masks marked <code>status = duplicate</code> in favour of another object; they are not counted as objects
 (see them with <code>--include-duplicates</code>). Export the flagged objects for review with
 <code>autolabel export RUN --format labelstudio --flagged</code>.</p>
