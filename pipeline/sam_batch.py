@@ -156,6 +156,8 @@ class SamModel:
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
         # A fixed encoder batch on a GPU (the last one padded): one shape for cuDNN and torch.compile.
         self.pad_batches = self.device.type == "cuda" or cfg.compile
+        # Masks reduced to run boundaries with torch on a GPU; on a CPU pycocotools' C encoder is cheaper.
+        self.reduce_on_device = self.device.type == "cuda"
         self.faults = InjectedFaults.from_env()
         self.clock = StageClock()  # encode and masks seconds, for the stage timings
         self.busy_s = 0.0  # seconds the device spent in the model (CUDA events on a GPU), for its busy fraction
@@ -399,11 +401,11 @@ class SamModel:
     # ------------------------------------------------------------------ masks, on the device
 
     def _finish(self, low_res, sizes: list[tuple[int, int]], prompt_boxes: list) -> tuple[list, np.ndarray, np.ndarray, list]:
-        """(n, C, h, w) low-res logits -> per prompt: C (first pixel, run boundaries) pairs, areas,
+        """(n, C, h, w) low-res logits -> per prompt: C masks as run boundaries (or RLE), areas,
         tight boxes, and (with a QaConfig) quality metrics. Upsampled (``postprocess_masks``:
         bilinear to the image size) and thresholded at 0 on the device, ``MASK_PIXELS`` at a time,
-        and reduced there (``masks.device_stats``, the stability score); only each mask's
-        bounding-box crop goes to the host for its shape (and clean-up), one at a time."""
+        and reduced there (``masks.device_stats`` on a GPU, pycocotools on a CPU; the stability
+        score); only each mask's bounding-box crop goes to the host for its shape (and clean-up)."""
         import torch
         import torch.nn.functional as F
 
@@ -423,12 +425,19 @@ class SamModel:
                 logits = F.interpolate(torch.stack([low_res[i, k] for i, k in part])[:, None], (h, w), mode="bilinear",
                                        align_corners=False)[:, 0]
                 masks = logits > 0.0
-                stats = {key: value.cpu().numpy() for key, value in mask_codec.device_stats(masks).items()}
                 stability = stability_score(logits).cpu().numpy() if self.qa is not None else None
                 del logits
-                offsets = np.concatenate([[0], np.cumsum(stats["num_changes"])])
+                if self.reduce_on_device:  # on a GPU: only run boundaries cross to the host
+                    stats = {key: value.cpu().numpy() for key, value in mask_codec.device_stats(masks).items()}
+                    offsets = np.concatenate([[0], np.cumsum(stats["num_changes"])])
+                    part_runs = [(bool(stats["first"][m]), stats["changes"][offsets[m]:offsets[m + 1]]) for m in range(len(part))]
+                else:  # the host is the device: pycocotools' C encoder is the cheapest reduction here
+                    masks = masks.numpy()
+                    part_runs = mask_codec.encode(masks)
+                    stats = {"area": np.array([mask_codec.area(r) for r in part_runs]), "bbox": np.array(
+                        [[x, y, x + bw, y + bh] for x, y, bw, bh in (mask_codec.bbox_xywh(r) for r in part_runs)], np.float32)}
                 for m, (i, k) in enumerate(part):
-                    runs[i][k] = (bool(stats["first"][m]), stats["changes"][offsets[m]:offsets[m + 1]])
+                    runs[i][k] = part_runs[m]
                     areas[i, k] = stats["area"][m]
                     boxes[i, k] = stats["bbox"][m]
                     if self.qa is not None:
@@ -444,7 +453,8 @@ class SamModel:
         from . import quality
 
         x0, y0, x1, y1 = (int(v) for v in bbox)
-        crop = mask[y0:y1, x0:x1].cpu().numpy() if x1 > x0 else np.zeros((0, 0), bool)
+        crop = mask[y0:y1, x0:x1] if x1 > x0 else np.zeros((0, 0), bool)
+        crop = crop.cpu().numpy() if hasattr(crop, "cpu") else crop
         out: dict = {"stability": stability}
         if crop.size and (self.qa.remove_islands_below or self.qa.fill_holes_below):
             cleaned, changed = quality.clean(crop, self.qa.remove_islands_below, self.qa.fill_holes_below)

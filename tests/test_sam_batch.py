@@ -123,6 +123,21 @@ def test_prompts_of_several_images_in_one_decoder_call(checkpoints, tutorial, sc
     assert other < 0.9999
 
 
+def test_the_gpu_reduction_of_masks_gives_the_cpu_s_answers(checkpoints, scenes):
+    """On a GPU the masks are reduced with torch (run boundaries, areas, boxes) and only the runs
+    cross to the host; on a CPU pycocotools encodes them. Both ways, on the same images and
+    prompts (here on the CPU), give the same RLE, areas, boxes and quality metrics."""
+    from pipeline.config import QaConfig
+
+    results = []
+    for on_device in (True, False):
+        sam = SamModel(SamConfig(checkpoint=str(checkpoints["sam"]), image_size=SAM_IMAGE_SIZE, batch_size=4), qa=QaConfig())
+        sam.reduce_on_device = on_device
+        answers = sam.segment_batch([rgb for rgb, _, _ in scenes], [_prompts(b, c) for _, b, c in scenes])
+        results.append([(a.rles, a.areas.tolist(), a.boxes.tolist(), a.quality) for image in answers for a in image])
+    assert results[0] == results[1] and len(results[0]) == 32
+
+
 def test_device_rle_equals_pycocotools():
     """Run boundaries found with torch, compressed by pycocotools, are the string
     ``pycocotools.mask.encode`` gives, on awkward masks: empty, full, 1x1, 1xN, Nx1, noise,
