@@ -722,7 +722,8 @@ AWS_SCHEMA_MUTATIONS = {
     "legacy docker key pull": (lambda c: c["docker"].update(pull=True), jsonschema.ValidationError),
     "misspelled node type key": (lambda c: c["available_node_types"]["gpu-a10g-1x"].update(minworkers=0), jsonschema.ValidationError),
     "head type that does not exist": (lambda c: c.update(head_node_type="cpu-head"), ValueError),
-    "min_workers above max_workers": (lambda c: c.update(max_workers=0), ValueError),
+    "min_workers above max_workers": (lambda c: (c.update(max_workers=0), c["available_node_types"]["gpu-a10g-1x"].update(min_workers=1)),
+                                      ValueError),
 }
 
 
