@@ -41,12 +41,12 @@ class Detector:
     here in threads) to boxes."""
 
     def __init__(self, cfg: DetectorConfig, ledger=None, max_image_crashes: int = 3, max_pixels: Optional[int] = None,
-                 decode_threads: int = 4):
+                 decode_threads: int = 4, expected_sha256: Optional[str] = None):
         from .models import load_yolo, pick_device, resolve_detector_weights
 
         self.cfg = cfg
         self.device = pick_device(cfg.device)
-        weights_path = resolve_detector_weights(cfg.weights)  # per node: fetched or copied if needed
+        weights_path = resolve_detector_weights(cfg.weights, expected_sha256)  # per node, checked against the driver's copy
         self.model = load_yolo(weights_path, self.device)
         self.kwargs = dict(predict_kwargs(cfg), device=self.device)
         self.guard = CrashGuard(ledger, "detect", max_image_crashes)

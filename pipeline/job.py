@@ -135,7 +135,7 @@ def runtime_env() -> Optional[dict]:
 
 
 def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str], class_names: dict[int, str],
-                  plan: dict, run_uri: str, ledger):
+                  plan: dict, run_uri: str, ledger, models: Optional[dict] = None):
     """shard files (paths on the output filesystem) -> read bytes and headers (tasks) -> detect
     (actors) -> segment (actors) -> stage (tasks); pixels are decoded inside the two actors.
 
@@ -186,7 +186,8 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
             compute=ray.data.ActorPoolStrategy(min_size=plan["detector"]["min_size"], max_size=plan["detector"]["max_size"]),
             num_cpus=plan["detector"]["num_cpus"], num_gpus=plan["detector"]["num_gpus"],
             fn_constructor_kwargs={"cfg": cfg.detector, "max_pixels": cfg.input.max_pixels,
-                                   "decode_threads": plan["decode_threads"], **guarded},
+                                   "decode_threads": plan["decode_threads"], **guarded,
+                                   "expected_sha256": ((models or {}).get("detector") or {}).get("sha256")},
             runtime_env=env, **actor_retries,
         )
     ds = ds.map_batches(
@@ -199,6 +200,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
             "storage_options": cfg.input.storage_options, "manifest_roots": manifest_roots(cfg),
             "max_pixels": cfg.input.max_pixels, "decode_threads": plan["decode_threads"],
             "qa": cfg.qa if cfg.qa.enabled else None, **guarded,
+            "expected_sha256": ((models or {}).get("sam") or {}).get("sha256"),  # every node runs the driver's weights
         },
         runtime_env=env, **actor_retries,
     )
@@ -393,7 +395,8 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ledger = start_ledger()
-        ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger)
+        ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger,
+                           manifest["models"])
     tracker = ShardTracker(pending)
     timings = Timings()
     commits = ShardCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env())

@@ -129,7 +129,8 @@ class SamModel:
     """One SAM 2.1 model with its device, dtype and thread settings; shared by the Ray segment
     stage, ``autolabel predict`` and the Python API."""
 
-    def __init__(self, cfg: SamConfig, cpu_threads: Optional[int] = None, qa: Optional[QaConfig] = None):
+    def __init__(self, cfg: SamConfig, cpu_threads: Optional[int] = None, qa: Optional[QaConfig] = None,
+                 expected_sha256: Optional[str] = None):
         import torch
 
         from .faults import InjectedFaults
@@ -146,7 +147,8 @@ class SamModel:
             # bottleneck by far, so it gets the threads the job planned for it.
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
         _warn_if_ray_gpu_is_not_visible(self.device)
-        self.weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint)
+        # expected_sha256: the driver's copy's digest, so every node runs the very same weights
+        self.weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint, expected_sha256)
         self.model = build_sam_model(self.weights, cfg.image_size, self.device, compile_encoder=cfg.compile)
         self.qa = qa  # quality metrics and clean-up of every mask (None: masks only)
         self.size = cfg.image_size

@@ -99,9 +99,9 @@ class Segmenter:
     def __init__(self, cfg: SamConfig, class_names: dict[int, str], cpu_threads: Optional[int] = None,
                  storage_options: Optional[dict] = None, ledger=None, max_image_crashes: int = 3,
                  manifest_roots: Optional[list[str]] = None, max_pixels: Optional[int] = None, decode_threads: int = 4,
-                 qa: Optional[QaConfig] = None):
+                 qa: Optional[QaConfig] = None, expected_sha256: Optional[str] = None):
         self.qa = qa
-        self.sam = SamModel(cfg, cpu_threads, qa)
+        self.sam = SamModel(cfg, cpu_threads, qa, expected_sha256)
         self.cfg = cfg
         self.class_names = class_names
         self.class_ids = {name: cid for cid, name in class_names.items()}
