@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -92,15 +93,29 @@ def autoscaling_cluster(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def temp_dir_of(address: str, env: dict) -> str:
+    """The cluster's session folder (its logs), as the head reports it."""
+    script = "import ray; ray.init(address=%r, log_to_driver=False); print(ray._private.worker._global_node.get_session_dir_path())" % address
+    proc = subprocess.run([str(VENV_BIN / "python"), "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def test_a_cluster_without_gpus_gets_one_for_sam(autoscaling_cluster, checkpoints, photo_folder, tmp_path):
+    """Also: storage options (here a made-up token the local filesystem accepts and ignores) travel
+    to the workers as task and actor arguments, and appear in none of Ray's task or actor
+    listings, nor in any log file of the cluster."""
     env, address, _ = autoscaling_cluster
     out = tmp_path / "out"
+    token = "tok-" + secrets.token_hex(12)
     proc = subprocess.run(
         [*autolabel_cli(), "run", f"input.uri={photo_folder}", f"output.uri={out}", f"ray.address={address}",
-         "sam.dtype=float32", "input.shard_size=2", "report.enabled=false", *model_overrides(checkpoints)],
+         "sam.dtype=float32", "input.shard_size=2", "report.enabled=false", *model_overrides(checkpoints),
+         f"input.storage_options.token={token}", f"output.storage_options.token={token}"],
         env=env, capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert token not in proc.stdout + proc.stderr
     assert "waiting up to 600 s (ray.gpu_wait_s) for a GPU" in proc.stderr
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "finished" and manifest["totals"]["ok"] == 5
@@ -116,3 +131,16 @@ def test_a_cluster_without_gpus_gets_one_for_sam(autoscaling_cluster, checkpoint
     for actor in actors.values():  # SAM ran on a node the autoscaler added, with its GPU, not on the head
         node = nodes[actor["node"]]
         assert not node["is_head_node"] and node["resources_total"]["GPU"] >= 1, node
+    # Where the storage options did not go: Ray's listings of tasks and actors, and its logs.
+    for kind in ("tasks", "actors"):
+        listing = subprocess.run([str(VENV_BIN / "ray"), "list", kind, "--address", address, "--format", "json", "--detail",
+                                  "--limit", "10000"], env=env, capture_output=True, text=True, timeout=120)
+        assert listing.returncode == 0 and len(json.loads(listing.stdout)) > 0, listing.stderr[-2000:]
+        assert token not in listing.stdout, f"the storage options appear in `ray list {kind}`"
+    session = Path(temp_dir_of(address, env))
+    # nodes the autoscaler started keep their session folder under Ray's default temp dir
+    folders = [session, *Path("/tmp/ray").glob(session.name)]
+    logs = [p for folder in folders for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any("worker" in p.name for p in logs), [str(p) for p in logs][:20]
+    assert not [p for p in logs if token.encode() in p.read_bytes()], "the storage options reached a Ray log"
+    assert token.encode() not in (out / "run.json").read_bytes()
