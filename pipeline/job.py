@@ -1,4 +1,4 @@
-"""The Ray job: list -> read+decode -> detect (actor pool) -> segment (actor pool) -> sink.
+"""The Ray job: list -> read (tasks) -> detect (actor pool) -> segment (actor pool) -> stage -> commit.
 
 Everything that can be checked without a cluster (config, weights, output folder, input
 listing) is checked before Ray starts, so a mistake costs seconds, not a cluster allocation.
@@ -18,15 +18,15 @@ from fsspec.core import url_to_fs
 
 from .config import ConfigError, RunConfig, redact_text, redact_uri, redacted_config, uses_random_weights
 from .models import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
-from .runstate import Progress, RunFolder, ShardTracker, fingerprint
-from .timings import Timings
 from .cluster import actor_plan, actors_timed_out, check_device, connect_ray, describe, sam_device_type
+from .runstate import Progress, RunFolder, ShardTracker, fingerprint
 from .sam_batch import resolve_dtype
 from .sink import STAGING_DIR, OutputWriteError, ShardCommits, Totals
 from .sources import (
     ShardListing, SourceError, WorkItem, input_format, iter_image_uris, iter_manifest, iter_tar_uris, merge_repeated_uris,
     no_images, root_of, write_shards,
 )
+from .timings import Timings
 
 log = logging.getLogger("autolabel")
 
@@ -36,6 +36,8 @@ FORWARDED_ENV = (
     "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE", "AUTOLABEL_TEST_FAULTS",
 )
 ACTOR_START_TIMEOUT_S = 600  # CPU pools whose actors cannot start fail after this
+
+
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("autolabel", "torch", "torchvision", "sam2", "ultralytics", "ray", "pyarrow", "pycocotools"):
@@ -135,9 +137,10 @@ def runtime_env() -> Optional[dict]:
 
 
 def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str], class_names: dict[int, str],
-                  plan: dict, run_uri: str, ledger, models: Optional[dict] = None):
+                  plan: dict, run_uri: str, ledger, models: dict):
     """shard files (paths on the output filesystem) -> read bytes and headers (tasks) -> detect
     (actors) -> segment (actors) -> stage (tasks); pixels are decoded inside the two actors.
+    ``models``: run.json's models section (each actor checks its weights against the sha256 there).
 
     Retries: a dead task is re-run and a dead actor restarted with its task retried (Ray Data
     restarts actors without limit); an image on which workers keep dying is cut out by the crash
@@ -187,7 +190,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
             num_cpus=plan["detector"]["num_cpus"], num_gpus=plan["detector"]["num_gpus"],
             fn_constructor_kwargs={"cfg": cfg.detector, "max_pixels": cfg.input.max_pixels,
                                    "decode_threads": plan["decode_threads"], **guarded,
-                                   "expected_sha256": ((models or {}).get("detector") or {}).get("sha256")},
+                                   "expected_sha256": models["detector"]["sha256"]},
             runtime_env=env, **actor_retries,
         )
     ds = ds.map_batches(
@@ -200,7 +203,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
             "storage_options": cfg.input.storage_options, "manifest_roots": manifest_roots(cfg),
             "max_pixels": cfg.input.max_pixels, "decode_threads": plan["decode_threads"],
             "qa": cfg.qa if cfg.qa.enabled else None, **guarded,
-            "expected_sha256": ((models or {}).get("sam") or {}).get("sha256"),  # every node runs the driver's weights
+            "expected_sha256": models["sam"]["sha256"],  # every node runs the driver's weights
         },
         runtime_env=env, **actor_retries,
     )
