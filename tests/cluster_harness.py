@@ -1,0 +1,206 @@
+"""A real multi-node Ray cluster on loopback, for tests: ``ray start`` processes, one per node.
+
+Each node has its own ports and ``--temp-dir``; worker nodes may declare GPUs they do not have
+(``--num-gpus 2``): Ray schedules on declared resources and sets ``CUDA_VISIBLE_DEVICES``, torch
+sees no CUDA, so the models run on the CPU. Workers are started one at a time (a raylet must
+register within 30 s, hard to meet on 2 busy cores when several start at once). Token auth is
+set on every node and handed to the drivers (``env``), as ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN``
+must be in the environment before ``import ray``.
+
+Each node is ``ray start --block`` in a session of its own; the cluster is stopped by signalling
+those processes, then killing whatever is left in their sessions: never ``ray stop`` (it kills
+every Ray on the machine), never ``ray.cluster_utils`` (its shutdown runs ``ray stop --force``,
+and it registers itself as the machine's default cluster).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+RAY = str(Path(sys.executable).parent / "ray")
+OBJECT_STORE_BYTES = 300_000_000  # per node (Ray's default is 30% of the machine's memory, per node)
+
+# Ports every node opens; each node gets its own free ones (the head also its GCS and dashboard).
+NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
+                   "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class Node:
+    name: str
+    process: subprocess.Popen  # `ray start --block`, leader of its own session
+    node_manager_port: int
+    temp_dir: str
+    log: Path
+    num_cpus: int
+    num_gpus: int
+    node_id: Optional[str] = None  # Ray's id, once it registered
+
+    def pids(self) -> list[int]:
+        """Every process of this node: the ones `ray start` started, and their workers."""
+        return _session_pids(self.process.pid)
+
+    def raylet_pid(self) -> int:
+        (pid,) = [p for p in self.pids() if _process_name(p) == "raylet"]
+        return pid
+
+
+@dataclass
+class LoopbackCluster:
+    root: Path
+    env: dict = field(default_factory=dict)  # for drivers and `ray` commands: token auth included
+    nodes: list[Node] = field(default_factory=list)
+    gcs_port: int = 0
+    dashboard_port: int = 0
+
+    @property
+    def address(self) -> str:
+        """The GCS address, for ``ray.address`` / ``ray.init``."""
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        """The dashboard address, for ``ray job submit`` and ``ray list``."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @classmethod
+    def start(cls, root: Path, head_cpus: int = 2, workers: tuple[tuple[int, int], ...] = ((4, 2), (4, 2)),
+              env: Optional[dict] = None, timeout_s: float = 120) -> "LoopbackCluster":
+        """A head (``head_cpus`` CPUs, no GPU) and one worker node per ``(cpus, gpus)``."""
+        cluster = cls(root)
+        cluster.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+                       "RAY_USAGE_STATS_ENABLED": "0"}
+        try:
+            cluster.gcs_port, cluster.dashboard_port = free_port(), free_port()
+            cluster._start_node("head", head_cpus, 0, ["--head", "--port", str(cluster.gcs_port), "--dashboard-host", "127.0.0.1",
+                                                       "--dashboard-port", str(cluster.dashboard_port),
+                                                       "--ray-client-server-port", str(free_port())], timeout_s)
+            for i, (cpus, gpus) in enumerate(workers, 1):
+                cluster.add_worker(cpus, gpus, f"worker{i}", timeout_s)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    def add_worker(self, cpus: int, gpus: int, name: Optional[str] = None, timeout_s: float = 120) -> Node:
+        return self._start_node(name or f"worker{len(self.nodes)}", cpus, gpus, ["--address", self.address], timeout_s)
+
+    def _start_node(self, name: str, cpus: int, gpus: int, role_args: list[str], timeout_s: float) -> Node:
+        temp_dir = tempfile.mkdtemp(prefix=f"ray-{name[:8]}-", dir="/tmp")  # short: Ray's unix sockets live under it
+        log = self.root / f"{name}.log"
+        nm_port = free_port()
+        # A resource named after the node tells the nodes apart in Ray's listings (all share one IP).
+        cmd = [RAY, "start", "--block", *role_args, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+               "--num-gpus", str(gpus), "--resources", json.dumps({self.tag(name): 1}),
+               "--object-store-memory", str(OBJECT_STORE_BYTES), "--temp-dir", temp_dir, "--disable-usage-stats",
+               *(a for flag in NODE_PORT_FLAGS for a in (flag, str(nm_port if flag == "--node-manager-port" else free_port())))]
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        node = Node(name, proc, nm_port, temp_dir, log, cpus, gpus)
+        self.nodes.append(node)
+        deadline = time.time() + timeout_s
+        while True:
+            assert proc.poll() is None, f"ray start for {name} exited: {log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"{name} did not join in {timeout_s:.0f} s: {log.read_text()[-3000:]}"
+            alive = [n for n in self.list_nodes() if n["state"] == "ALIVE" and self.tag(name) in n["resources_total"]]
+            if alive:
+                node.node_id = alive[0]["node_id"]
+                return node
+            time.sleep(1)
+
+    @staticmethod
+    def tag(name: str) -> str:
+        return f"loopback_node_{name}"
+
+    def name_of(self, node_id: str) -> Optional[str]:
+        return next((n.name for n in self.nodes if n.node_id == node_id), None)
+
+    def _dashboard_up(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.dashboard_port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def ray_cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def list_nodes(self) -> list[dict]:
+        """Every node the cluster knows, alive or dead (Ray's state API); [] while it cannot answer."""
+        if not self._dashboard_up():
+            return []
+        proc = self.ray_cli("list", "nodes", "--address", self.dashboard, "--format", "json", "--detail", "--limit", "1000")
+        try:
+            return json.loads(proc.stdout) if proc.returncode == 0 else []
+        except json.JSONDecodeError:  # "No resource in the cluster" while the head registers
+            return []
+
+    def list_actors(self) -> list[dict]:
+        """Every actor of the cluster (dead ones too, as the GCS keeps them): class, node, state."""
+        proc = self.ray_cli("list", "actors", "--address", self.dashboard, "--format", "json", "--detail", "--limit", "10000")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def kill_raylet(self, name: str) -> int:
+        """SIGKILL a node's raylet (the node's scheduler and object store; its workers die with it)."""
+        pid = self.node(name).raylet_pid()
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def stop(self) -> None:
+        """Workers first, then the head: SIGTERM to each `ray start --block` (it stops what it
+        started), then SIGKILL to anything left in that node's session."""
+        for node in reversed(self.nodes):
+            if node.process.poll() is None:
+                node.process.send_signal(signal.SIGTERM)
+        deadline = time.time() + 10
+        for node in reversed(self.nodes):
+            try:
+                node.process.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+            for pid in node.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
