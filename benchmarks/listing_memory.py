@@ -9,6 +9,13 @@ while the driver tracks staged images and commits complete shards (``runstate.Sh
 a CI minute. A thread samples the driver's RSS every 20 ms; the peak of each phase is reported.
 
     python benchmarks/listing_memory.py --images 2000 20000 [--shard-size 500] [--json out.json]
+
+``--s3``: the listing phase only, over s3:// — a moto S3 server on loopback (tests/moto_server.py)
+holding N keys for each N, 1,000 per "folder". Each listing runs in a fresh process (RSS sampled
+as above; s3fs's listings cache counted after it): the job's listing (``job.work_items`` +
+``sources.write_shards``), and as a control what it did before (``fs.walk``, which s3fs caches).
+
+    python benchmarks/listing_memory.py --s3 --images 2000 20000
 """
 from __future__ import annotations
 
@@ -120,6 +127,58 @@ def run_once(images: Path, out: Path, shard_size: int) -> dict:
     return result
 
 
+def _s3_listing_once(endpoint: str, n: int, way: str, out: Path, shard_size: int) -> dict:
+    """In this (fresh) process: list s3://bench/k{n} the job's way, or the old way (the control)."""
+    from fsspec.core import url_to_fs
+
+    from pipeline.sources import WorkItem
+
+    options = {"endpoint_url": endpoint, "key": "bench", "secret": "bench"}
+    cfg = load_config(None, [f"input.uri=s3://bench/k{n}", f"output.uri={out}", f"input.shard_size={shard_size}",
+                             f"input.storage_options={json.dumps(options)}"])
+    folder = RunFolder(cfg)
+    folder.prepare({"status": "benchmark"})
+    fs = url_to_fs("s3://bench", **options)[0]
+    fs.call_s3("head_bucket", Bucket="bench")  # connect (client, service model) before measuring
+
+    def walked():  # CONTROL: the listing before it streamed (fs.walk keeps every listing cached)
+        for root, dirs, files in fs.walk(f"bench/k{n}"):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if name.lower().endswith(tuple(cfg.input.extensions)) and not name.startswith("."):
+                    yield WorkItem(f"s3://{root}/{name}")
+
+    result = {"way": way, "keys": n, "rss_before_mb": round(psutil.Process().memory_info().rss / MB, 1)}
+    t0 = time.time()
+    with PeakRSS() as peak:
+        items = work_items(cfg) if way == "streamed" else walked()
+        listing = write_shards(items, cfg.input.shard_size, folder.fs, folder.path, cfg.input.storage_options)
+    result.update(images=listing.num_images, listing_s=round(time.time() - t0, 2), listing_peak_rss_mb=round(peak.peak / MB, 1),
+                  s3fs_cached_entries=sum(len(v) for v in fs.dircache.values()))
+    return result
+
+
+def run_s3(sizes: list[int], shard_size: int, work: Path) -> list[dict]:
+    import subprocess
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from moto_server import start_moto
+
+    preload = {"bench": [[f"k{n}/d{d:03d}/img{{0:06d}}.png", 1000, "x"] for n in sizes for d in range(n // 1000)]}
+    server = start_moto(work, preload)
+    results = []
+    try:
+        for way in ("streamed", "walk"):
+            for n in sizes:
+                proc = subprocess.run([sys.executable, __file__, "--s3-one", server.endpoint, str(n), way, str(work / f"out-{way}-{n}"),
+                                       str(shard_size)], capture_output=True, text=True, check=True)
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(json.dumps(results[-1]), flush=True)
+    finally:
+        server.stop()
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, nargs="+", default=[2000, 20000])
@@ -127,7 +186,18 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=500, help="images of an untimed first run (imports, Ray workers)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--s3", action="store_true", help="list a moto S3 bucket of N keys instead (listing phase only)")
+    ap.add_argument("--s3-one", nargs=5, help=argparse.SUPPRESS)  # endpoint n way out shard_size: one measurement
     args = ap.parse_args(argv)
+    if args.s3_one:
+        endpoint, n, way, out, shard_size = args.s3_one
+        print(json.dumps(_s3_listing_once(endpoint, int(n), way, Path(out), int(shard_size))))
+        return 0
+    if args.s3:
+        results = run_s3(args.images, args.shard_size, Path(args.workdir or tempfile.mkdtemp(prefix="listing-memory-s3-")))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"s3": results}, indent=2))
+        return 0
 
     import ray
 
