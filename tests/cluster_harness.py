@@ -103,6 +103,7 @@ class LoopbackCluster:
     def start(cls, root: Path, head_cpus: int = 2, workers: tuple[tuple[int, int], ...] = ((4, 2), (4, 2)),
               env: Optional[dict] = None, timeout_s: float = 120) -> "LoopbackCluster":
         """A head (``head_cpus`` CPUs, no GPU) and one worker node per ``(cpus, gpus)``."""
+        root.mkdir(parents=True, exist_ok=True)
         cluster = cls(root)
         cluster.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                        "RAY_USAGE_STATS_ENABLED": "0"}
@@ -192,7 +193,7 @@ class LoopbackCluster:
         for node in reversed(self.nodes):
             if node.process.poll() is None:
                 node.process.send_signal(signal.SIGTERM)
-        deadline = time.time() + 10
+        deadline = time.time() + 5  # then whatever is left is killed
         for node in reversed(self.nodes):
             try:
                 node.process.wait(timeout=max(0.1, deadline - time.time()))

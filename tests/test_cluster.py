@@ -1,68 +1,29 @@
 """``ray job submit`` of jobs/autolabel.py to a real head node started by the test on loopback."""
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import tempfile
 import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from cluster_harness import LoopbackCluster
 from conftest import REPO, VENV_BIN, run_overrides
 from pipeline import masks as mask_codec
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def ray_head():
-    """A one-node cluster as `ray start --head` makes it, with token auth (Ray's default).
-
-    Started with --block and stopped by signalling that process: `ray stop` would also kill
-    every other Ray on the machine, the test session's own included.
-    """
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    gcs, dashboard = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live under it
-    address = f"http://127.0.0.1:{dashboard}"
-    head = subprocess.Popen(
-        [
-            str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-            # every port of its own, so it never collides with the test session's local Ray
-            *(arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
-                               "--runtime-env-agent-port", "--ray-client-server-port", "--node-manager-port",
-                               "--object-manager-port") for arg in (flag, str(_free_port()))),
-            "--temp-dir", temp_dir, "--disable-usage-stats",
-        ],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+def ray_head(tmp_path):
+    """A one-node cluster as `ray start --head` makes it, with token auth (Ray's default), started
+    and stopped by the loopback harness (by its own processes: never `ray stop`)."""
+    cluster = LoopbackCluster.start(tmp_path / "head", head_cpus=2, workers=())
     try:
-        deadline = time.time() + 180
-        while subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, timeout=60).returncode:
-            assert head.poll() is None, "ray start --head exited"
-            assert time.time() < deadline, "the head node did not come up in 180 s"
-            time.sleep(2)
-        yield env, address
+        yield cluster.env, cluster.dashboard
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.stop()
 
 
 def test_ray_job_submit_writes_the_same_output(ray_head, labeled, checkpoints, photo_folder, tmp_path):
