@@ -88,6 +88,7 @@ class LoopbackCluster:
     nodes: list[Node] = field(default_factory=list)
     gcs_port: int = 0
     dashboard_port: int = 0
+    node_env: dict = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -101,12 +102,16 @@ class LoopbackCluster:
 
     @classmethod
     def start(cls, root: Path, head_cpus: int = 2, workers: tuple[tuple[int, int], ...] = ((4, 2), (4, 2)),
-              env: Optional[dict] = None, timeout_s: float = 120) -> "LoopbackCluster":
-        """A head (``head_cpus`` CPUs, no GPU) and one worker node per ``(cpus, gpus)``."""
+              env: Optional[dict] = None, node_env: Optional[dict[str, dict]] = None, timeout_s: float = 120) -> "LoopbackCluster":
+        """A head (``head_cpus`` CPUs, no GPU) and one worker node per ``(cpus, gpus)``, named
+        head, worker1, worker2 ...; ``env`` for every node and driver, ``node_env`` for one node
+        (by name) only, as each machine of a real cluster has its own environment."""
         root.mkdir(parents=True, exist_ok=True)
         cluster = cls(root)
-        cluster.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                       "RAY_USAGE_STATS_ENABLED": "0"}
+        cluster.node_env = node_env or {}
+        merged = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+                  "RAY_USAGE_STATS_ENABLED": "0"}
+        cluster.env = {k: v for k, v in merged.items() if v is not None}  # None in ``env``: unset
         try:
             cluster.gcs_port, cluster.dashboard_port = free_port(), free_port()
             cluster._start_node("head", head_cpus, 0, ["--head", "--port", str(cluster.gcs_port), "--dashboard-host", "127.0.0.1",
@@ -132,7 +137,8 @@ class LoopbackCluster:
                "--object-store-memory", str(OBJECT_STORE_BYTES), "--temp-dir", temp_dir, "--disable-usage-stats",
                *(a for flag in NODE_PORT_FLAGS for a in (flag, str(nm_port if flag == "--node-manager-port" else free_port())))]
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, env={**self.env, **self.node_env.get(name, {})}, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         node = Node(name, proc, nm_port, temp_dir, log, cpus, gpus)
         self.nodes.append(node)
         deadline = time.time() + timeout_s
