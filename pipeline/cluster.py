@@ -65,7 +65,7 @@ def actor_plan(cfg: RunConfig, local: bool) -> dict:
         per_actor = 0.5 if cpus <= 4 else max(1, int(cpus // 4))
         sam_actors = cfg.ray.sam_actors or 1
         return dict(
-            mode="cpu", why="sam.device=cpu" if cfg.sam.device.startswith("cpu") else "no GPU on this machine",
+            mode="cpu", local=local, why="sam.device=cpu" if cfg.sam.device.startswith("cpu") else "no GPU on this machine",
             gpus=gpus_now, cpus=cpus, decode_threads=max(1, min(4, int(cpus // 2))),
             sam=_pool(sam_actors, sam_actors, num_gpus=0, num_cpus=per_actor, cpu_threads=max(1, int(cpus // sam_actors))),
             detector=_pool(cfg.ray.detector_actors or 1, cfg.ray.detector_actors or 1, num_gpus=0, num_cpus=per_actor),
@@ -73,9 +73,12 @@ def actor_plan(cfg: RunConfig, local: bool) -> dict:
     cap: Optional[int] = None if cfg.ray.gpus == "auto" else int(cfg.ray.gpus)
     start = max(1, min(gpus_now, cap) if cap else gpus_now)
     sam = (cfg.ray.sam_actors, cfg.ray.sam_actors) if cfg.ray.sam_actors else (start, cap)
-    detector = (cfg.ray.detector_actors, cfg.ray.detector_actors) if cfg.ray.detector_actors else sam
+    # The detector pool starts with one actor and grows into the 0.25 GPU left beside each SAM
+    # actor: Ray places fractional GPUs first fit, so a full detector pool started first would put
+    # two detectors on one GPU and leave no GPU with 0.75 free for a SAM actor.
+    detector = (cfg.ray.detector_actors, cfg.ray.detector_actors) if cfg.ray.detector_actors else (1, sam[1])
     return dict(
-        mode="gpu", gpus=gpus_now, cpus=cpus, decode_threads=4,
+        mode="gpu", local=local, gpus=gpus_now, cpus=cpus, decode_threads=4,
         sam=_pool(*sam, num_gpus=SAM_GPU_SHARE, num_cpus=1),
         detector=_pool(*detector, num_gpus=DETECTOR_GPU_SHARE, num_cpus=1),
     )

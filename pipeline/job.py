@@ -30,11 +30,11 @@ from .timings import Timings
 
 log = logging.getLogger("autolabel")
 
-# Driver environment variables that actors need too (Ray does not forward the driver's env).
-FORWARDED_ENV = (
-    "YOLO_OFFLINE", "YOLO_CONFIG_DIR", "MPLCONFIGDIR", "HF_HOME", "HF_HUB_OFFLINE",
-    "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE", "AUTOLABEL_TEST_FAULTS",
-)
+# Driver environment variables that actors need too (Ray does not forward the driver's env)...
+FORWARDED_ENV = ("YOLO_OFFLINE", "YOLO_CONFIG_DIR", "MPLCONFIGDIR", "HF_HUB_OFFLINE", "AUTOLABEL_TEST_FAULTS")
+# ... and those that name places on the driver's machine: forwarded only to a Ray it started
+# itself (same machine); on a cluster each node keeps its own (e.g. the image's /app/checkpoints).
+LOCAL_ONLY_ENV = ("HF_HOME", "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE")
 ACTOR_START_TIMEOUT_S = 600  # CPU pools whose actors cannot start fail after this
 
 
@@ -130,9 +130,10 @@ def with_manifest_labels(class_names: dict[int, str], labels: list[str]) -> dict
     return merged
 
 
-def runtime_env() -> Optional[dict]:
+def runtime_env(local: bool) -> Optional[dict]:
     """What every task and actor needs from the driver's environment (Ray does not carry it)."""
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    names = FORWARDED_ENV + (LOCAL_ONLY_ENV if local else ())
+    env = {k: os.environ[k] for k in names if k in os.environ}
     return {"env_vars": env} if env else None
 
 
@@ -153,7 +154,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     from .segment import Segmenter
     from .sink import write_batch
 
-    env = runtime_env()
+    env = runtime_env(plan["local"])
     # A stage's own exception (a write failing with "No space left on device") must reach the
     # driver as itself, not as Ray Data's generic UserCodeException that drops it.
     context = ray.data.DataContext.get_current()
@@ -333,8 +334,9 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         write_error = find_cause(exc, OutputWriteError)
         reason = str(write_error).splitlines()[0] if write_error else f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         if actors_timed_out(exc):
-            reason = (f"the actors could not start within ray.gpu_wait_s={cfg.ray.gpu_wait_s} s: the cluster has not the "
-                      "resources they ask for (no GPU node came up?); add GPU nodes, raise ray.gpu_wait_s, or set sam.device=cpu")
+            reason = (f"the actors could not start within ray.gpu_wait_s={cfg.ray.gpu_wait_s} s: the cluster cannot give "
+                      "them what they ask for (no GPU node came up, or no GPU has 0.75 of it free: see `ray status`); "
+                      "add GPU nodes, lower ray.gpus / ray.sam_actors, raise ray.gpu_wait_s, or set sam.device=cpu")
         reason = redact_text(reason)
         manifest.update(status="failed", finished_at=_now(), error=reason, totals=totals.as_dict(), progress=progress.as_dict())
         try:
@@ -402,7 +404,7 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
                            manifest["models"])
     tracker = ShardTracker(pending)
     timings = Timings()
-    commits = ShardCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env())
+    commits = ShardCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]))
 
     def record() -> None:
         log.info(progress.line())

@@ -172,10 +172,11 @@ def placement(cluster: LoopbackCluster, actors: list[dict], class_name: str) -> 
 @pytest.fixture(scope="module")
 def clean_run(cluster, more_photos, checkpoints, weights, tmp_path_factory) -> dict:
     """16 images on the cluster, pools capped at 2 GPUs' worth (one SAM and one detector actor
-    per worker node, so either node has room for the other's actors if it dies)."""
+    per worker node, the detector pool fixed at 2 so that it is not left at its starting size of
+    one, and either node has room for the other's actors if it dies)."""
     out = tmp_path_factory.mktemp("clean-cluster-run") / "out"
     started = time.time()
-    logs = finish(start_job(cluster, cluster_overrides(more_photos, out, checkpoints, weights, "ray.gpus=2"), out.parent))
+    logs = finish(start_job(cluster, cluster_overrides(more_photos, out, checkpoints, weights, "ray.gpus=2", "ray.detector_actors=2"), out.parent))
     result = read_run(out)
     result.update(logs=logs, seconds=time.time() - started, actors=job_actors(cluster, result["manifest"]))
     return result
@@ -211,12 +212,6 @@ def test_each_node_copies_the_weights_from_the_bucket_once(cluster, clean_run, w
     assert clean_run["manifest"]["models"]["sam"]["sha256"] == weights["sha256"]["sam"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN BUG in pipeline/cluster.py's plan: the detector pool (min 4 actors, 0.25 GPU each) starts first and "
-    "Ray puts fractional requests on one GPU instance first-fit, two detectors to a GPU, so no GPU has 0.75 "
-    "left for a second SAM actor on either node: 2 of the 4 SAM actors never start and the job times out. "
-    "Starting the detector pool at 1 actor (it grows into the 0.25 GPU left beside each SAM actor) makes "
-    "this test pass (tried); remove this marker with the fix."))
 def test_the_default_plan_starts_one_sam_actor_per_gpu(cluster, labeled, photo_folder, checkpoints, weights, tmp_path):
     out = tmp_path / "out"
     finish(start_job(cluster, cluster_overrides(photo_folder, out, checkpoints, weights), tmp_path))
@@ -231,7 +226,7 @@ def test_a_worker_node_killed_mid_run_changes_nothing(cluster, clean_run, more_p
     """Runs last: worker2 stays dead."""
     out = tmp_path / "out"
     gets_before = weight_gets(weights)
-    proc = start_job(cluster, cluster_overrides(more_photos, out, checkpoints, weights, "ray.gpus=2"), tmp_path)
+    proc = start_job(cluster, cluster_overrides(more_photos, out, checkpoints, weights, "ray.gpus=2", "ray.detector_actors=2"), tmp_path)
     done = out / "_done"
     deadline = time.time() + 240
     while not (done.is_dir() and any(done.glob("shard-*.json"))):  # mid-run: some shards committed
