@@ -102,10 +102,12 @@ class LoopbackCluster:
 
     @classmethod
     def start(cls, root: Path, head_cpus: int = 2, workers: tuple[tuple[int, int], ...] = ((4, 2), (4, 2)),
-              env: Optional[dict] = None, node_env: Optional[dict[str, dict]] = None, timeout_s: float = 120) -> "LoopbackCluster":
+              env: Optional[dict] = None, node_env: Optional[dict[str, dict]] = None, timeout_s: float = 120,
+              gcs_port: Optional[int] = None, head_args: tuple[str, ...] = ()) -> "LoopbackCluster":
         """A head (``head_cpus`` CPUs, no GPU) and one worker node per ``(cpus, gpus)``, named
         head, worker1, worker2 ...; ``env`` for every node and driver, ``node_env`` for one node
-        (by name) only, as each machine of a real cluster has its own environment."""
+        (by name) only, as each machine of a real cluster has its own environment. ``gcs_port``
+        and ``head_args`` (e.g. an ``--autoscaling-config`` that must name the port): for the head."""
         root.mkdir(parents=True, exist_ok=True)
         cluster = cls(root)
         cluster.node_env = node_env or {}
@@ -113,10 +115,10 @@ class LoopbackCluster:
                   "RAY_USAGE_STATS_ENABLED": "0"}
         cluster.env = {k: v for k, v in merged.items() if v is not None}  # None in ``env``: unset
         try:
-            cluster.gcs_port, cluster.dashboard_port = free_port(), free_port()
+            cluster.gcs_port, cluster.dashboard_port = gcs_port or free_port(), free_port()
             cluster._start_node("head", head_cpus, 0, ["--head", "--port", str(cluster.gcs_port), "--dashboard-host", "127.0.0.1",
                                                        "--dashboard-port", str(cluster.dashboard_port),
-                                                       "--ray-client-server-port", str(free_port())], timeout_s)
+                                                       "--ray-client-server-port", str(free_port()), *head_args], timeout_s)
             for i, (cpus, gpus) in enumerate(workers, 1):
                 cluster.add_worker(cpus, gpus, f"worker{i}", timeout_s)
         except BaseException:

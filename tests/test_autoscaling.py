@@ -4,51 +4,31 @@ the SAM pool runs there (never silently on the head's CPUs).
 Ray's own fake multi-node provider (``RAY_FAKE_CLUSTER=1``, provider ``fake_multinode``) plays the
 cloud: it starts local "nodes" with the declared resources when the autoscaler asks for them.
 Their GPUs are declared, not real (torch sees no CUDA there), so the run asks for float32.
-The cluster is stopped by its session (every process it started), never by ``ray stop``.
+The cluster is the loopback harness's head, stopped by its session (every process it started,
+the autoscaler's nodes included), never by ``ray stop``.
 """
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, VENV_BIN, autolabel_cli, model_overrides
+from cluster_harness import LoopbackCluster, free_port
+from conftest import REPO, autolabel_cli, model_overrides
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_session(sid: int) -> None:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    os.kill(int(entry), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
 @pytest.fixture(scope="module")
 def autoscaling_cluster(tmp_path_factory):
-    """A head with 2 CPUs and no GPU, and an autoscaler that may add up to 2 nodes of 1 GPU."""
+    """A head with 2 CPUs and no GPU (the loopback harness), and an autoscaler that may add up to
+    2 nodes of 1 GPU; the nodes it adds live in the head's session and stop with it."""
     folder = tmp_path_factory.mktemp("autoscaling")
-    temp_dir = tempfile.mkdtemp(prefix="ray-as-", dir="/tmp")  # short: Ray's unix sockets live under it
-    port = _free_port()
+    port = free_port()
     config = {
         "cluster_name": "fake_gpu", "max_workers": 2,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
@@ -64,48 +44,21 @@ def autoscaling_cluster(tmp_path_factory):
         "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
     }
     (folder / "cluster.yaml").write_text(yaml.safe_dump(config))
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_FAKE_CLUSTER="1",
-               AUTOSCALER_METRIC_PORT=str(_free_port()))
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--num-cpus", "2", "--num-gpus", "0", f"--autoscaling-config={folder / 'cluster.yaml'}",
-         *(arg for flag in ("--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                            "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port",
-                            "--node-manager-port", "--object-manager-port") for arg in (flag, str(_free_port()))),
-         "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"],
-        env=env, stdout=open(folder / "head.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    cluster = LoopbackCluster.start(folder, head_cpus=2, workers=(), gcs_port=port,
+                                    env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_METRIC_PORT": str(free_port())},
+                                    head_args=(f"--autoscaling-config={folder / 'cluster.yaml'}",))
     try:
-        deadline = time.time() + 120
-        while subprocess.run([str(VENV_BIN / "ray"), "status", "--address", f"127.0.0.1:{port}"], env=env,
-                             capture_output=True, timeout=60).returncode:
-            assert head.poll() is None, (folder / "head.log").read_text()[-3000:]
-            assert time.time() < deadline, "the head did not come up in 120 s"
-            time.sleep(2)
-        yield env, f"127.0.0.1:{port}", folder
+        yield cluster
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        _kill_session(head.pid)  # the nodes the autoscaler started belong to the head's session
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def temp_dir_of(address: str, env: dict) -> str:
-    """The cluster's session folder (its logs), as the head reports it."""
-    script = "import ray; ray.init(address=%r, log_to_driver=False); print(ray._private.worker._global_node.get_session_dir_path())" % address
-    proc = subprocess.run([str(VENV_BIN / "python"), "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.strip().splitlines()[-1]
+        cluster.stop()
 
 
 def test_a_cluster_without_gpus_gets_one_for_sam(autoscaling_cluster, checkpoints, photo_folder, tmp_path):
     """Also: storage options (here a made-up token the local filesystem accepts and ignores) travel
     to the workers as task and actor arguments, and appear in none of Ray's task or actor
     listings, nor in any log file of the cluster."""
-    env, address, _ = autoscaling_cluster
+    cluster = autoscaling_cluster
+    env, address = cluster.env, cluster.address
     out = tmp_path / "out"
     token = "tok-" + secrets.token_hex(12)
     proc = subprocess.run(
@@ -120,10 +73,7 @@ def test_a_cluster_without_gpus_gets_one_for_sam(autoscaling_cluster, checkpoint
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "finished" and manifest["totals"]["ok"] == 5
     assert manifest["ray"]["mode"] == "gpu" and manifest["ray"]["gpus"] == 0  # none when the job started
-    status = subprocess.run([str(VENV_BIN / "ray"), "list", "nodes", "--address", address, "--format", "json", "--detail"],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert status.returncode == 0, status.stderr[-2000:]
-    nodes = {n["node_id"]: n for n in json.loads(status.stdout)}
+    nodes = {n["node_id"]: n for n in cluster.list_nodes()}
     added = [n for n in nodes.values() if not n["is_head_node"]]
     assert added and all(n["resources_total"].get("GPU", 0) >= 1 for n in added)  # the autoscaler added GPU nodes
     actors = manifest["timings"]["sam_actors"]
@@ -133,14 +83,11 @@ def test_a_cluster_without_gpus_gets_one_for_sam(autoscaling_cluster, checkpoint
         assert not node["is_head_node"] and node["resources_total"]["GPU"] >= 1, node
     # Where the storage options did not go: Ray's listings of tasks and actors, and its logs.
     for kind in ("tasks", "actors"):
-        listing = subprocess.run([str(VENV_BIN / "ray"), "list", kind, "--address", address, "--format", "json", "--detail",
-                                  "--limit", "10000"], env=env, capture_output=True, text=True, timeout=120)
+        listing = cluster.ray_cli("list", kind, "--address", cluster.dashboard, "--format", "json", "--detail", "--limit", "10000")
         assert listing.returncode == 0 and len(json.loads(listing.stdout)) > 0, listing.stderr[-2000:]
         assert token not in listing.stdout, f"the storage options appear in `ray list {kind}`"
-    session = Path(temp_dir_of(address, env))
-    # nodes the autoscaler started keep their session folder under Ray's default temp dir
-    folders = [session, *Path("/tmp/ray").glob(session.name)]
-    logs = [p for folder in folders for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+    # every node's logs: the nodes the autoscaler started share the head's temp folder
+    logs = [p for p in Path(cluster.node("head").temp_dir).rglob("*") if p.is_file() and not p.is_symlink()]
     assert any("worker" in p.name for p in logs), [str(p) for p in logs][:20]
     assert not [p for p in logs if token.encode() in p.read_bytes()], "the storage options reached a Ray log"
     assert token.encode() not in (out / "run.json").read_bytes()

@@ -302,41 +302,20 @@ def test_scale_benchmark_code_on_a_small_synthetic_run(tmp_path):
 # --------------------------------------------------------------- images behind credentials (real S3 server)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def private_s3(tmp_path_factory) -> dict:
     """moto's S3 server on loopback with IAM authentication on: only the key and secret of an IAM user
     it issued may read or write. Bucket ``photos`` holds a synthetic run's images, ``runs/r1`` the run."""
-    import socket
-
     import boto3
     import requests
     import s3fs
 
-    from conftest import VENV_BIN
+    from moto_server import start_moto
 
     root = tmp_path_factory.mktemp("private-s3")
-    port = _free_port()
-    with open(root / "moto.log", "wb") as log:
-        server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    endpoint = f"http://127.0.0.1:{port}"
+    server = start_moto(root)
+    endpoint = server.endpoint
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    pytest.fail(f"moto_server did not start: {(root / 'moto.log').read_text()[-2000:]}")
-                time.sleep(0.2)
         setup = dict(endpoint_url=endpoint, aws_access_key_id="setup", aws_secret_access_key="setup", region_name="us-east-1")
         iam = boto3.client("iam", **setup)
         iam.create_user(UserName="labeler")
@@ -363,8 +342,7 @@ def private_s3(tmp_path_factory) -> dict:
         yield {"endpoint": endpoint, "options": options, "fs": fs, "images": images, "totals": totals, "env": env,
                "secrets": (options["key"], options["secret"])}
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
 
 def _flags(flag: str, options: dict) -> list[str]:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import time
+
 import pyarrow.parquet as pq
 import pytest
 
 from bad_inputs import write_tar
-from conftest import REPO, VENV_BIN, autolabel_cli, model_overrides
+from conftest import REPO, autolabel_cli, model_overrides
 from pipeline.decode import ImageError, iter_tar_members, read_bytes
 
 KEY = "AKIAAUTOLABELTEST7Q2X"
@@ -24,32 +23,15 @@ SECRET = "autolabel-TEST-secret/9f3c1e7d+b04a6e52"
 PHOTOS = {"coffee.png": "coffee.png", "chelsea.jpg": "nested/chelsea.jpg"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(photo_folder, tmp_path_factory):
     """moto's S3 server on 127.0.0.1, with a data bucket and an empty runs bucket."""
     import boto3
 
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as fh:
-        server = subprocess.Popen([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=fh, stderr=fh)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
+    from moto_server import start_moto
+
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    endpoint = server.endpoint
     client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name="us-east-1")
     client.create_bucket(Bucket="data")
     client.create_bucket(Bucket="runs")
@@ -67,8 +49,7 @@ def s3(photo_folder, tmp_path_factory):
     }))
     yield {"endpoint": endpoint, "client": client, "options": {"endpoint_url": endpoint, "key": KEY, "secret": SECRET},
            "photo_bytes": {name: (photo_folder / src).read_bytes() for name, src in PHOTOS.items()}}
-    server.terminate()
-    server.wait(timeout=30)
+    server.stop()
 
 
 def test_reads_and_tar_streams_over_s3_and_a_policy_denial_is_permission_denied(s3):
