@@ -4,7 +4,7 @@ Writes N tiny PNGs (8x8) into a local folder for each N, then in ONE driver proc
 Ray, runs the job's own listing (``job.work_items`` + ``sources.write_shards``) and streams every
 image through the job's own read stage and sink (``decode.read_shards``, ``sink.write_batch``)
 while the driver tracks staged images and commits complete shards (``runstate.ShardTracker``,
-``sink.commit_shard``), exactly as ``job.run`` does. Only detection and segmentation are left out: they are replaced by a stub stage named
+``sink.ShardCommits``: each complete shard's commit a Ray task), exactly as ``job.run`` does. Only detection and segmentation are left out: they are replaced by a stub stage named
 ``_TEST_ONLY_no_models`` (every image gets zero objects) so that tens of thousands of images fit in
 a CI minute. A thread samples the driver's RSS every 20 ms; the peak of each phase is reported.
 
@@ -40,7 +40,7 @@ from pipeline.decode import read_shards  # noqa: E402
 from pipeline.job import work_items  # noqa: E402
 from pipeline.runstate import RunFolder, ShardTracker  # noqa: E402
 from pipeline.segment import OBJECT_TYPE  # noqa: E402
-from pipeline.sink import Totals, commit_shard, write_batch  # noqa: E402
+from pipeline.sink import ShardCommits, Totals, write_batch  # noqa: E402
 from pipeline.sources import write_shards  # noqa: E402
 
 MB = 1024 * 1024
@@ -112,13 +112,19 @@ def run_once(images: Path, out: Path, shard_size: int) -> dict:
         ds = ds.map_batches(_TEST_ONLY_no_models, batch_format="pyarrow", batch_size=64, num_cpus=0.25)
         ds = ds.map_batches(write_batch, batch_format="pyarrow", batch_size=64, num_cpus=0.25,
                             fn_kwargs={"run_uri": folder.run_uri, "meta_columns": []})
-        totals = Totals()  # the driver's side of the job: track staged images, commit complete shards
+        totals = Totals()  # the driver's side of the job: track staged images, launch complete shards' commits
         tracker = ShardTracker(folder.shard_ids())
+        commits = ShardCommits(folder.run_uri, None, [], retries=1)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for shard_id in tracker.add(batch.to_pylist()):
-                totals.merge(commit_shard(folder.fs, folder.path, shard_id))
+                commits.launch(shard_id)
+            for marker in commits.finished(block=False):
+                totals.merge(marker)
         for shard_id in tracker.remaining():
-            totals.merge(commit_shard(folder.fs, folder.path, shard_id))
+            commits.launch(shard_id)
+        while commits.pending:
+            for marker in commits.finished(block=True):
+                totals.merge(marker)
     result.update(
         images=listing.num_images, shards=listing.num_shards, rows=totals.images, ok=totals.ok,
         stream_s=round(time.time() - t0, 2),

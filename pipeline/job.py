@@ -166,6 +166,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     # Ray Data's own bars count blocks per operator; the run shows its own progress in images
     # (runstate.Progress), so a person sees one bar that moves as images are done.
     context.enable_progress_bars = False
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # no "Progress bars disabled" notice
     crashes = cfg.ray.max_image_crashes
     guarded = {"ledger": ledger, "max_image_crashes": crashes}
     # Retry settings have no named map_batches parameter in Ray 2.60; they go through
