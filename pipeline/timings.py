@@ -86,7 +86,7 @@ class Timings:
     def as_dict(self) -> dict:
         total = sum(self.seconds.values()) or 1.0
         stages = {
-            stage: {"seconds": round(self.seconds[stage], 3), "ms_per_image": round(1000 * self.seconds[stage] / max(self.images, 1), 2),
+            stage: {"seconds": round(self.seconds[stage], 6), "ms_per_image": round(1000 * self.seconds[stage] / max(self.images, 1), 3),
                     "share": round(self.seconds[stage] / total, 4)}
             for stage in [*STAGES, *sorted(set(self.seconds) - set(STAGES))] if stage in self.seconds
         }
