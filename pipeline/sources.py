@@ -45,6 +45,19 @@ SHARD_SCHEMA = pa.schema(
 _GLOB_CHARS = "*?["
 
 
+def _before_wildcard(path: str) -> Optional[str]:
+    """The part of a glob before its first wildcard; None when ``path`` is not a glob."""
+    found = [path.index(c) for c in _GLOB_CHARS if c in path]
+    return path[: min(found)] if found else None
+
+
+def _streams_glob(fs, fixed: str) -> bool:
+    """An object-store glob whose wildcards lie below the bucket name (``fixed``: its part before
+    them) is streamed page by page (``_glob_keys``); a wildcard in the bucket's name goes through
+    ``fs.glob``."""
+    return _pages_keys(fs) and "/" in fixed
+
+
 class SourceError(ValueError):
     """``input.uri`` cannot be listed; the message says why."""
 
@@ -81,10 +94,10 @@ def iter_image_uris(uri: str, extensions: list[str], storage_options: dict | Non
     def full(p: str) -> str:
         return fs.unstrip_protocol(p)
 
-    if any(c in path for c in _GLOB_CHARS):
-        head = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)]
+    head = _before_wildcard(path)
+    if head is not None:
         fixed = head.rsplit("/", 1)[0]
-        if _pages_keys(fs) and "/" in head:  # (a wildcard in the bucket's name: fs.glob, as before)
+        if _streams_glob(fs, head):
             matches: Iterable[str] = _glob_keys(fs, path)
             is_file = lambda match: True  # noqa: E731 - listed objects are files
         else:
@@ -179,8 +192,8 @@ def _glob_keys(fs, pattern: str) -> Iterator[str]:
     from fsspec.utils import glob_translate
 
     bucket, key, _ = fs.split_path(pattern)
-    first = min(key.index(c) for c in _GLOB_CHARS if c in key)
-    prefix, rest = key[:first], key[first:]
+    prefix = _before_wildcard(key)
+    rest = key[len(prefix):]
     regex = re.compile(glob_translate(f"{bucket}/{key}"))
     flat = "/" not in rest and "**" not in rest
     for name in _iter_keys(fs, bucket, prefix, delimiter="/" if flat else ""):
@@ -232,10 +245,9 @@ def iter_tar_uris(uri: str, storage_options: dict | None = None) -> Iterator[str
     """
     for pattern in expand_braces(uri):
         fs, path = url_to_fs(pattern, **(storage_options or {}))
-        if any(c in path for c in _GLOB_CHARS):
-            fixed = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)]
-            streamed = _pages_keys(fs) and "/" in fixed  # a glob inside the bucket name: fs.glob
-            for match in _glob_keys(fs, path) if streamed else sorted(fs.glob(path, detail=False)):
+        fixed = _before_wildcard(path)
+        if fixed is not None:
+            for match in _glob_keys(fs, path) if _streams_glob(fs, fixed) else sorted(fs.glob(path, detail=False)):
                 yield fs.unstrip_protocol(match)
         else:
             yield fs.unstrip_protocol(path)
@@ -273,8 +285,9 @@ def root_of(uri: str, storage_options: dict | None = None) -> str:
     """The folder a URI names or sits in, as a full URI: globs are cut at their first wildcard, a
     name with a file suffix gives its parent. Used as a root that manifest paths must stay under."""
     fs, path = url_to_fs(uri, **(storage_options or {}))
-    if any(c in path for c in _GLOB_CHARS):
-        path = path[: min(path.index(c) for c in _GLOB_CHARS if c in path)].rsplit("/", 1)[0]
+    head = _before_wildcard(path)
+    if head is not None:
+        path = head.rsplit("/", 1)[0]
     elif re.search(r"\.[A-Za-z0-9]{1,5}$", path.rsplit("/", 1)[-1]):
         path = path.rsplit("/", 1)[0] if "/" in path else ""
     return fs.unstrip_protocol(_normalised(path))
