@@ -161,21 +161,9 @@ class RunStats:
         per_image = self.rows("SELECT n, count(*) FROM per_image GROUP BY n ORDER BY n")
         out = {"objects_per_image": {"values": [int(v) for v, _ in per_image], "images": [int(c) for _, c in per_image]}}
         for col in ("det_score", "mask_score"):
-            rows = self.rows(f"SELECT least(greatest(floor({col} * {SCORE_BINS}), 0), {SCORE_BINS - 1})::INT AS b, count(*) FROM objects WHERE {col} IS NOT NULL GROUP BY b")
-            counts = np.zeros(SCORE_BINS, np.int64)
-            for b, c in rows:
-                counts[b] = c
-            out[col] = {"edges": [round(i / SCORE_BINS, 4) for i in range(SCORE_BINS + 1)], "counts": counts.tolist()}
+            out[col] = self._unit_histogram(col)
         rows = self.rows(f"SELECT floor(log10(greatest(area, 1)) * {AREA_BINS_PER_DECADE})::INT AS b, count(*) FROM objects GROUP BY b ORDER BY b")
-        if rows:
-            lo, hi = rows[0][0], rows[-1][0]
-            counts = np.zeros(hi - lo + 1, np.int64)
-            for b, c in rows:
-                counts[b - lo] = c
-            edges = [round(10 ** (b / AREA_BINS_PER_DECADE), 2) for b in range(lo, hi + 2)]
-        else:
-            counts, edges = np.zeros(0, np.int64), []
-        out["area"] = {"edges": edges, "counts": counts.tolist()}
+        out["area"] = _log_histogram(rows)
         quantiles = self.rows("SELECT quantile_cont(area, [0.05, 0.25, 0.5, 0.75, 0.95]) FROM objects")[0][0]
         out["area"]["quantiles"] = dict(zip(("p05", "p25", "p50", "p75", "p95"), quantiles)) if quantiles else None
         return out
@@ -213,16 +201,7 @@ class RunStats:
         holes = self.rows(f"SELECT CASE WHEN hole_area > 0 THEN floor(log10(hole_area) * {AREA_BINS_PER_DECADE})::INT END AS b, "
                           "count(*) FROM objects WHERE hole_area IS NOT NULL GROUP BY b ORDER BY b NULLS FIRST")
         none = sum(n for b, n in holes if b is None)
-        some = [(b, n) for b, n in holes if b is not None]
-        if some:
-            lo, hi = some[0][0], some[-1][0]
-            counts = np.zeros(hi - lo + 1, np.int64)
-            for b, n in some:
-                counts[b - lo] = n
-            edges = [round(10 ** (b / AREA_BINS_PER_DECADE), 2) for b in range(lo, hi + 2)]
-        else:
-            counts, edges = np.zeros(0, np.int64), []
-        hist["hole_area"] = {"without_holes": int(none), "edges": edges, "counts": counts.tolist()}
+        hist["hole_area"] = {"without_holes": int(none), **_log_histogram([(b, n) for b, n in holes if b is not None])}
         run_totals = self.run.manifest.get("totals") or {}
         return {
             "recorded": True,
@@ -445,6 +424,18 @@ def chart_groups(groups: list[dict], classes: list[dict], label: str, num_groups
 
 def _short(text: str, n: int) -> str:
     return text if len(text) <= n else "…" + text[-(n - 1):]
+
+
+def _log_histogram(rows: list[tuple]) -> dict:
+    """(bin, count) rows in bin order, bins of 1/AREA_BINS_PER_DECADE decade -> edges and counts
+    from the first bin to the last (empty bins between them as 0)."""
+    if not rows:
+        return {"edges": [], "counts": []}
+    lo, hi = rows[0][0], rows[-1][0]
+    counts = np.zeros(hi - lo + 1, np.int64)
+    for b, c in rows:
+        counts[b - lo] = c
+    return {"edges": [round(10 ** (b / AREA_BINS_PER_DECADE), 2) for b in range(lo, hi + 2)], "counts": counts.tolist()}
 
 
 def _score(value) -> str:
