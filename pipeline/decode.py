@@ -134,6 +134,12 @@ def _opened(data: bytes, max_pixels: Optional[int]) -> Iterator[Image.Image]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
+def oriented_rgb(img: Image.Image) -> np.ndarray:
+    """A Pillow image -> HxWx3 uint8 RGB with EXIF orientation applied (``exif_transpose``
+    copies) and any mode converted by ``_to_rgb``: what every decoded image goes through."""
+    return np.asarray(_to_rgb(ImageOps.exif_transpose(img)))
+
+
 def _animation_note(img: Image.Image) -> Optional[str]:
     frames = getattr(img, "n_frames", 1)
     return f"animated: first of {frames} frames" if frames > 1 else None
@@ -149,7 +155,7 @@ def decode_image(data: bytes, max_pixels: Optional[int] = None) -> tuple[np.ndar
     with _opened(data, max_pixels) as img:
         note = _animation_note(img)
         img.seek(0)
-        return np.asarray(_to_rgb(ImageOps.exif_transpose(img))), note
+        return oriented_rgb(img), note
 
 
 def inspect_image(data: bytes, max_pixels: Optional[int] = None) -> tuple[int, int, Optional[str]]:

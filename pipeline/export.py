@@ -435,7 +435,7 @@ class CocoWriter:
         self.image_id = self.annotation_id = 0
         info = {
             "description": f"autolabel export of {run.url()}",
-            "date_created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "date_created": _now(),
             "version": str((run.manifest.get("versions") or {}).get("autolabel")),
             "random_weights": bool(run.manifest.get("random_weights")),
         }

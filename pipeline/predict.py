@@ -21,19 +21,14 @@ def load_image(image: ImageLike, storage_options: Optional[dict] = None) -> np.n
     """A path, fsspec URL, PIL image or HxWx3 array -> RGB uint8 (EXIF orientation applied)."""
     from PIL import Image
 
-    from .decode import decode_rgb, read_bytes
+    from .decode import decode_rgb, oriented_rgb, read_bytes
 
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image arrays must be HxWx3 uint8 RGB, got {image.shape} {image.dtype}")
         return image
     if isinstance(image, Image.Image):
-        from PIL import ImageOps
-
-        from .decode import _to_rgb
-
-        # the same EXIF orientation and mode handling as decoding a file (exif_transpose copies)
-        return np.asarray(_to_rgb(ImageOps.exif_transpose(image)))
+        return oriented_rgb(image)  # the same EXIF orientation and mode handling as decoding a file
     return decode_rgb(read_bytes(str(image), storage_options))
 
 

@@ -106,10 +106,6 @@ class RunFolder:
     def path_to(self, *parts: str) -> str:
         return "/".join([self.path, *parts])
 
-    def existing(self) -> list[str]:
-        """The run's own entries present in the folder (RUN_FOLDERS and run.json)."""
-        return [f for f in (*RUN_FOLDERS, "run.json") if self.fs.exists(self.path_to(f))]
-
     def entries(self) -> list[str]:
         """Names of everything in the folder ([] when it is empty or does not exist)."""
         try:

@@ -56,10 +56,6 @@ class StageClock:
         return batch
 
 
-def timing_columns(names: list[str]) -> list[str]:
-    return [n for n in names if n.startswith(PREFIX)]
-
-
 class Timings:
     """Driver side: the run's seconds per stage (summed over workers), and per SAM actor its images
     and how busy its device was."""
