@@ -127,7 +127,8 @@ class Inventory:
         self.foreign += [f"{under}/{p}" for p in other.foreign]
 
     def shown_foreign(self, limit: int = 8) -> str:
-        names = sorted(self.foreign)
+        """The foreign entries, for a message; a folder only when nothing under it is named."""
+        names = sorted(n for n in self.foreign if not (n.endswith("/") and any(o.startswith(n) and o != n for o in self.foreign)))
         return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
     def remove(self, fs) -> int:
@@ -307,14 +308,12 @@ def export_inventory(fs, folder: str, strict: bool, marker: Optional[dict] = Non
     marker = marker or read_export_marker(fs, folder)
     if marker is None or export_bound_elsewhere(fs, folder, marker) is not None:
         return None
-    recorded = marker.get("files")
+    recorded = set(marker["files"]) if isinstance(marker.get("files"), list) else None
     names = EXPORT_NAMES[marker["format"]]
 
     def ours(rel: str) -> bool:
-        return rel in recorded if isinstance(recorded, list) else names.fullmatch(rel) is not None
+        return rel in recorded if recorded is not None else names.fullmatch(rel) is not None
 
-    if isinstance(recorded, list):
-        recorded = set(recorded)
     inv = Inventory(folder)
     parents: set[str] = set()
     entries = listing(fs, folder)
