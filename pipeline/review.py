@@ -353,7 +353,8 @@ def import_review(run_uri: str, file_uri: str, storage_options: Optional[dict] =
             continue
         result.reviewed_tasks += 1
         common = {
-            "import_id": import_id, "run_id": run.manifest.get("run_id"), "image_id": image["image_id"], "uri": image["uri"], "ls_task_id": task.get("id"),
+            "import_id": import_id, "run_id": run.manifest.get("run_id"), "image_id": image["image_id"], "uri": image["uri"],
+            "ls_task_id": task.get("id"),
             "ls_annotation_id": annotation.get("id"), "export_id": meta.get("export_id"), "annotator": _annotator(annotation),
             "reviewed_at": str(annotation.get("updated_at") or annotation.get("created_at") or "") or None,
         }
@@ -369,7 +370,8 @@ def import_review(run_uri: str, file_uri: str, storage_options: Optional[dict] =
     for r in rows:
         result.decisions[r["decision"]] += 1
     _write(run, import_id, rows, {
-        "import_id": import_id, "run_id": run.manifest.get("run_id"), "run": run.url(), "file": file_uri, "imported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "import_id": import_id, "run_id": run.manifest.get("run_id"), "run": run.url(), "file": file_uri,
+        "imported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "tasks": result.tasks, "reviewed_tasks": result.reviewed_tasks, "unreviewed_tasks": result.unreviewed_tasks,
         "decisions": result.decisions, "ignored_results": result.ignored_results, "matched_by_mask": result.matched_by_mask,
         "export_ids": sorted({str(t["data"][ls.DATA_KEY].get("export_id")) for t in tasks}),
