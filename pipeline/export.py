@@ -8,8 +8,10 @@ destination are any fsspec URLs.
 
 An export writes only into a new or empty folder, or replaces an earlier export (``--overwrite``),
 which it recognises by the marker ``.autolabel-export.json`` it writes first (format, run, times,
-status) and only if the folder holds nothing else; never the run folder or a folder that holds it.
-A failed export removes what it wrote and the folders it created, nothing else.
+status, and its binding: the folder's normalised URI and an export id; once complete, the list of
+files it wrote), and only if the folder holds nothing else; never the run folder or a folder that
+holds it. A failed export removes what it wrote and the folders it created, nothing else (see
+ownership.py for the proof asked before anything is deleted).
 
 Objects whose mask is empty (area 0) are left out of every format (COCO, YOLO and pycocotools
 cannot represent them) and counted in the result. Polygons (COCO ``--segmentation polygon`` and
@@ -33,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -44,6 +47,7 @@ from fsspec.core import url_to_fs
 from . import masks as mask_codec
 from . import labelstudio as ls
 from .filters import UNLABELED, ObjectFilter, RunData, RunError, normalize_objects, read_image, read_rgb, redact
+from .ownership import EXPORT_MARKER, export_bound_elsewhere, export_inventory, normalised_path, read_export_marker
 
 log = logging.getLogger("autolabel.export")
 
@@ -196,50 +200,22 @@ def _local_name(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
-MARKER = ".autolabel-export.json"  # written first into every export folder: what --overwrite may replace
-CUTOUT_FOLDER = re.compile(r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}")  # ImageLabels.name
-# What each format writes at the top of its folder (besides the marker): name -> "file" | "directory".
-LAYOUTS = {
-    "coco": {"instances.json": "file"},
-    "yolo": {"images": "directory", "labels": "directory", "data.yaml": "file"},
-    "png": {"instances": "directory", "classes": "directory", "index.csv": "file"},
-    "cutouts": {"index.csv": "file"},
-    "labelstudio": {"tasks.json": "file", "labeling-config.xml": "file"},
-}
-
-
-def _in_layout(fmt: str, name: str, kind: str) -> bool:
-    """Is a top-level entry of an export folder one the format writes?"""
-    if name == MARKER:
-        return kind == "file"
-    expected = LAYOUTS.get(fmt, {}).get(name)
-    if expected is not None:
-        return kind == expected
-    return fmt == "cutouts" and kind == "directory" and bool(CUTOUT_FOLDER.fullmatch(name))
+MARKER = EXPORT_MARKER  # written first into every export folder: its record (see ownership.py)
 
 
 def remove_export(fs, path: str) -> bool:
-    """Remove the export in folder ``path``: the entries its marker's format writes, the marker, and
-    the folder if nothing else is left. False (nothing removed) when the folder holds no export marker.
-    Used by ``autolabel run --overwrite`` for RUN/exports/*."""
-    path = path.rstrip("/")
-    try:
-        marker = json.loads(fs.cat_file(f"{path}/{MARKER}"))
-    except (OSError, ValueError):
+    """Remove the export in folder ``path``: the files its marker records (or, for an export that did
+    not complete, the names its format writes), the marker, then the folders left empty, the export
+    folder too. Anything else there stays. False (nothing removed) when the folder holds no export
+    marker bound to it. ``autolabel run --overwrite`` removes RUN/exports/* this way."""
+    path = normalised_path(fs, path)
+    inventory = export_inventory(fs, path, strict=False)
+    if inventory is None:
         return False
-    if not (isinstance(marker, dict) and marker.get("autolabel_export") and marker.get("format") in FORMATS):
-        return False
-    fs.invalidate_cache(path)
-    for entry in fs.ls(path, detail=True):
-        name = entry["name"].rstrip("/")
-        if name != path and _in_layout(marker["format"], name.rsplit("/", 1)[-1], entry.get("type", "file")):
-            fs.rm(entry["name"], recursive=entry.get("type") == "directory")
-    fs.invalidate_cache(path)
-    if fs.exists(path) and not [n for n in fs.ls(path, detail=False) if n.rstrip("/") != path]:
-        try:
-            fs.rmdir(path)
-        except OSError:  # object stores have no empty folders to remove
-            pass
+    if inventory.foreign:
+        raise ExportError(f"{fs.unstrip_protocol(path)} holds {inventory.shown_foreign()}: symlinks are never followed; not removed")
+    inventory.folders.append("")
+    inventory.remove(fs)
     return True
 
 
@@ -263,16 +239,23 @@ class Destination:
             self.fs, path = url_to_fs(uri, **self.storage_options)
         except Exception as exc:  # noqa: BLE001 - unknown protocol, options the filesystem does not take
             raise ExportError(redact(f"--out {uri}: cannot open ({type(exc).__name__}: {exc})", self.storage_options)) from None
-        self.path = path.rstrip("/") or path
+        try:
+            self.path = normalised_path(self.fs, path)  # `..`, `.`, trailing `/`: one folder, one spelling
+        except ValueError as exc:
+            raise ExportError(f"--out {uri}: {exc}") from None
         self.url = self.fs.unstrip_protocol(self.path)
+        self.export_id = uuid.uuid4().hex  # with ``url``, binds the marker to this folder
         if run is not None:
             self._refuse_run_folder(run)
         self.created: list[str] = []  # folders this export made, outermost first
+        self.written: set[str] = set()  # files this export wrote (relative): its record, and what discard() removes
         try:
             earlier = self._inspect(overwrite)
             if earlier is not None:
-                log.info("export: replacing the earlier %s export in %s (--overwrite)", earlier.get("format"), self.url)
-                self._remove_layout(earlier.get("format", ""))
+                marker, inventory = earlier
+                log.info("export: replacing the earlier %s export in %s (--overwrite): %d files", marker.get("format"),
+                         self.url, len(inventory.files))
+                inventory.remove(self.fs)
             elif not self.fs.exists(self.path):
                 self._note_created()
             self.fs.makedirs(self.path, exist_ok=True)
@@ -301,44 +284,43 @@ class Destination:
                 f"the run; leave --out out (default {run.url('exports', self.fmt or 'FORMAT')}) or choose a new folder"
             )
 
-    def _inspect(self, overwrite: bool) -> Optional[dict]:
-        """None for a new or empty folder; the earlier export's marker for a folder that holds only an
-        earlier export and ``overwrite`` is set; otherwise ExportError (nothing is touched)."""
+    def _inspect(self, overwrite: bool):
+        """None for a new or empty folder; (marker, inventory) of the earlier export for a folder that
+        holds only an earlier export bound to it and ``overwrite`` is set; otherwise ExportError
+        (nothing is touched), naming what is in the way."""
         if not self.fs.exists(self.path):
             return None
         if not self.fs.isdir(self.path):
             raise ExportError(f"--out {self.url} is a file, not a folder; choose a folder (new or empty)")
-        entries = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e.get("type", "file") for e in self._children()}
+        entries = sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._children())
         if not entries:
             return None
-        marker = self._read_marker() if MARKER in entries else None
+        marker = read_export_marker(self.fs, self.path) if MARKER in entries else None
         if marker is None:
             raise ExportError(
                 f"--out {self.url} is not empty and is not an earlier autolabel export (it has no {MARKER}); it holds "
-                f"{_listed(sorted(entries))}. An export writes only into a new or empty folder, or replaces an earlier "
+                f"{_listed(entries)}. An export writes only into a new or empty folder, or replaces an earlier "
                 "export with --overwrite, so nothing there was touched; choose another --out (a new folder)"
             )
-        fmt = marker.get("format")
-        foreign = sorted(name for name, kind in entries.items() if not _in_layout(fmt, name, kind))
-        made = f"an autolabel {fmt} export of {marker.get('run')} (started {marker.get('started_at')})"
-        if foreign:
+        elsewhere = export_bound_elsewhere(self.fs, self.path, marker)
+        if elsewhere is not None:
             raise ExportError(
-                f"--out {self.url} holds {made} but also {_listed(foreign)}, which are not part of it; --overwrite "
-                "only replaces a folder that holds nothing but an export, so nothing there was touched: move those "
-                "away or choose another --out"
+                f"--out {self.url} holds a {MARKER} written for {elsewhere}, not for this folder: it was copied or moved "
+                "here, so nothing in the folder is known to be an autolabel export, and nothing there was touched; "
+                "choose another --out (a new folder), or remove the folder yourself"
+            )
+        fmt = marker.get("format")
+        inventory = export_inventory(self.fs, self.path, strict=True, marker=marker)
+        made = f"an autolabel {fmt} export of {marker.get('run')} (started {marker.get('started_at')})"
+        if inventory.foreign:
+            raise ExportError(
+                f"--out {self.url} holds {made} but also {inventory.shown_foreign()}, which are not part of it (the "
+                "export's marker lists its files; symlinks are never followed); --overwrite only replaces a folder that "
+                "holds nothing but an export, so nothing there was touched: move those away or choose another --out"
             )
         if not overwrite:
             raise ExportError(f"--out {self.url} already holds {made}; pass --overwrite to replace it, or choose another --out")
-        return marker
-
-    def _read_marker(self) -> Optional[dict]:
-        try:
-            marker = json.loads(self.fs.cat_file(self.full(MARKER)))
-        except (OSError, ValueError):
-            return None
-        if isinstance(marker, dict) and marker.get("autolabel_export") and marker.get("format") in FORMATS:
-            return marker
-        return None
+        return marker, inventory
 
     def _children(self) -> list[dict]:
         """``ls`` of the folder without the folder itself (object stores may list a folder marker)."""
@@ -366,35 +348,37 @@ class Destination:
 
     def write(self, rel: str, data: bytes) -> str:
         self._parent(rel)
+        self.written.add(rel)
         self.fs.pipe_file(self.full(rel), data)
         return self.full(rel)
 
     def open(self, rel: str, mode: str = "w", **kwargs):
         self._parent(rel)
+        self.written.add(rel)
         return self.fs.open(self.full(rel), mode, **kwargs)
 
     def write_marker(self, marker: dict) -> None:
+        """The export's record: bound to this folder (``location``, ``export_id``); once complete it
+        lists every file the export wrote (``files``), which is what --overwrite may remove."""
+        marker = {**marker, "export_id": self.export_id, "location": self.url}
+        if marker.get("status") == "complete":
+            marker["files"] = sorted(self.written)
         self.fs.pipe_file(self.full(MARKER), (json.dumps(marker, indent=2) + "\n").encode())
 
     # ---------------------------------------------------------------- removing
 
-    def _remove_layout(self, fmt: str) -> None:
-        """Remove the entries of an export of ``fmt`` (and the marker) from the folder, nothing else."""
-        for entry in self._children():
-            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if _in_layout(fmt, name, entry.get("type", "file")):
-                self.fs.rm(entry["name"], recursive=entry.get("type") == "directory")
-        self.fs.invalidate_cache(self.path)
-
     def discard(self) -> None:
-        """After a failed export: remove what this export wrote (its format's entries and the marker;
+        """After a failed export: remove what this export wrote (the files it recorded and the marker;
         the folder was new, empty, or held only the earlier export this one replaced), then the folders
         it created, if empty. Anything else in the folder is left alone."""
+        from .ownership import Inventory, is_local
+
         try:
-            if self.fs.exists(self.path):
-                self._remove_layout(self.fmt)
+            inventory = Inventory(self.path, [rel for rel in sorted(self.written | {MARKER}) if self.fs.exists(self.full(rel))])
+            inventory.folders = sorted({"/".join(rel.split("/")[:i]) for rel in self.written for i in range(1, rel.count("/") + 1)})
+            inventory.remove(self.fs)
             for folder in reversed(self.created):
-                if self.fs.exists(folder) and not self.fs.ls(folder):
+                if is_local(self.fs) and self.fs.exists(folder) and not self.fs.ls(folder):
                     self.fs.rmdir(folder)
         except Exception as exc:  # noqa: BLE001 - the export's own error is the one to report
             log.warning("export: could not remove the unfinished export in %s (%s)", self.url,
@@ -755,7 +739,7 @@ def export(
     dest = Destination(out_uri or run.url("exports", fmt), overwrite, storage_options, fmt, run)
     result = ExportResult(format=fmt, out=dest.url)
     marker = {
-        "autolabel_export": 1, "format": fmt, "run": run.url(), "status": "writing", "started_at": _now(), "finished_at": None,
+        "autolabel_export": 1, "format": fmt, "run": run.url(), "run_id": run.manifest.get("run_id"), "status": "writing", "started_at": _now(), "finished_at": None,
         "filters": filt.describe(), "autolabel": _version(),
     }
     writer = None

@@ -25,6 +25,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
+from .ownership import normalised_path
+
 
 class FilterError(ValueError):
     """A filter the user must fix (bad value or unknown class)."""
@@ -80,7 +82,10 @@ class RunData:
             self.fs, root = url_to_fs(self.uri, **self.storage_options)
         except Exception as exc:  # noqa: BLE001 - unknown protocol, options the filesystem does not take, ...
             raise RunError(redact(f"{self.uri}: cannot open ({type(exc).__name__}: {exc})", self.storage_options)) from None
-        self.root = root.rstrip("/")
+        try:
+            self.root = normalised_path(self.fs, root)  # `..`, `.`, trailing `/`: one folder, one spelling
+        except ValueError as exc:
+            raise RunError(f"{self.uri}: {exc}") from None
         try:
             raw = self.fs.cat_file(f"{self.root}/run.json")
         except FileNotFoundError:

@@ -21,7 +21,7 @@ from .models import SamWeights, WeightsError, resolve_detector_weights, resolve_
 from .cluster import actor_plan, actors_timed_out, check_device, connect_ray, describe, sam_device_type
 from .runstate import Progress, RunFolder, ShardTracker, fingerprint
 from .sam_batch import resolve_dtype
-from .sink import STAGING_DIR, OutputWriteError, ShardCommits, Totals
+from .sink import OutputWriteError, ShardCommits, Totals
 from .sources import (
     ShardListing, SourceError, WorkItem, input_format, iter_image_uris, iter_manifest, iter_tar_uris, merge_repeated_uris,
     no_images, root_of, write_shards,
@@ -295,7 +295,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     attempt = {"started_at": _now(), "shards_done_before": 0}
     if previous is None:
         manifest = {
-            "status": "listing", "started_at": attempt["started_at"], "finished_at": None,
+            "status": "listing", **folder.new_identity(), "started_at": attempt["started_at"], "finished_at": None,
             "config": redacted_config(cfg), "fingerprint": identity, "random_weights": random_weights, "qa": cfg.qa.model_dump(),
             "versions": _versions(), "models": models, "class_names": class_names, "attempts": [attempt],
         }
@@ -315,7 +315,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     shard_ids = folder.shard_ids()
     pending = [s for s in shard_ids if s not in done]
     if previous is not None:
-        removed = folder.clean_unfinished(set(pending))
+        removed = folder.clean_unfinished(manifest, set(pending))
         log.info("resuming %s: %d of %d shards already done (%d images); %d to do%s", folder.run_uri, len(done), len(shard_ids),
                  sum(d["images"] for d in done.values()), len(pending), f" (removed {removed} unfinished files)" if removed else "")
     totals = Totals()
@@ -437,8 +437,7 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
     manifest["timings"] = timings.as_dict()
     # "stage:uri" -> worker deaths while it was in flight (recovered ones too), for the record.
     manifest["worker_deaths"] = ray.get(ledger.crashed.remote())
-    if folder.fs.exists(folder.path_to(STAGING_DIR)):
-        folder.fs.rm(folder.path_to(STAGING_DIR), recursive=True)
+    folder.clean_staging(manifest)
 
 
 def _check_actor_dtypes(timings: Timings, planned: str) -> None:

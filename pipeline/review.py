@@ -11,7 +11,9 @@ task showed, one decision, relative to the run's own mask (the Parquet):
 - ``added``: a region the person drew (a new object, with a new ``object_id`` of that image).
 
 Decisions go to ``RUN/review/import-<UTC time>.parquet`` (and a JSON log to ``RUN/review/_logs/``); the run's
-committed shards are never touched. A task's objects are matched by the region ids the export gave
+committed shards are never touched. Each decision carries the ``run_id`` of the run it was made on:
+``run --overwrite`` removes them with the run, and decisions of another run are ignored (with a
+warning) rather than applied to objects that merely share an ``object_id``. A task's objects are matched by the region ids the export gave
 them (``o<object_id>``, listed in the task's ``data.autolabel.objects``), or, where Label Studio gave
 a region a new id, by a bit-identical mask. Of a task's annotations the newest one not cancelled
 (skipped) counts; tasks without one are left unreviewed.
@@ -65,6 +67,7 @@ DECISION_SCHEMA = pa.schema([
     ("export_id", pa.string()),  # the labelstudio export the task came from
     ("annotator", pa.string()),
     ("reviewed_at", pa.string()),  # the annotation's updated_at (or created_at)
+    ("run_id", pa.string()),  # the run the decision was made on (run.json's run_id; null: a run made before runs had ids)
 ])
 
 
@@ -88,15 +91,29 @@ class Review:
 
     @classmethod
     def load(cls, run: RunData) -> "Review":
-        files = run.review_files()
-        tables, logs = [], []
-        for path in files:
-            tables.append(pq.read_table(path, filesystem=run.arrow_fs(), schema=DECISION_SCHEMA))
+        """The decisions made on this run (their ``run_id`` is run.json's); those of another run (an
+        earlier run in the same folder, or files copied here) are ignored, with a warning."""
+        run_id = run.manifest.get("run_id")
+        tables, logs, ignored, ignored_files = [], [], 0, 0
+        for path in run.review_files():
+            table = pq.read_table(path, filesystem=run.arrow_fs(), schema=DECISION_SCHEMA)
             try:
                 folder, name = path.rsplit("/", 1)
-                logs.append(json.loads(run.fs.cat_file(f"{folder}/{LOG_FOLDER}/{name[: -len('.parquet')]}.json")))
+                entry = json.loads(run.fs.cat_file(f"{folder}/{LOG_FOLDER}/{name[: -len('.parquet')]}.json"))
             except (OSError, ValueError):
-                logs.append({"import_id": path.rsplit("/", 1)[-1][: -len(".parquet")]})
+                entry = {"import_id": path.rsplit("/", 1)[-1][: -len(".parquet")]}
+            ids = table.column("run_id")
+            mine = table.filter(pc.is_null(ids) if run_id is None else pc.fill_null(pc.equal(ids, run_id), False))
+            if mine.num_rows < table.num_rows or (not table.num_rows and entry.get("run_id") != run_id):
+                ignored += table.num_rows - mine.num_rows
+                ignored_files += 1
+            if mine.num_rows or (not table.num_rows and entry.get("run_id") == run_id):
+                tables.append(mine)
+                logs.append(entry)
+        if ignored_files:
+            log.warning("review: ignoring %d decisions (%d import files in %s) made on another run than this one (run_id %s): "
+                        "an earlier run in this folder, or files copied here; they do not apply to this run's objects",
+                        ignored, ignored_files, run.url("review"), run_id)
         table = pa.concat_tables(tables) if tables else DECISION_SCHEMA.empty_table()
         return cls(table, logs)
 
@@ -336,7 +353,8 @@ def import_review(run_uri: str, file_uri: str, storage_options: Optional[dict] =
             continue
         result.reviewed_tasks += 1
         common = {
-            "import_id": import_id, "image_id": image["image_id"], "uri": image["uri"], "ls_task_id": task.get("id"),
+            "import_id": import_id, "run_id": run.manifest.get("run_id"), "image_id": image["image_id"], "uri": image["uri"],
+            "ls_task_id": task.get("id"),
             "ls_annotation_id": annotation.get("id"), "export_id": meta.get("export_id"), "annotator": _annotator(annotation),
             "reviewed_at": str(annotation.get("updated_at") or annotation.get("created_at") or "") or None,
         }
@@ -352,7 +370,8 @@ def import_review(run_uri: str, file_uri: str, storage_options: Optional[dict] =
     for r in rows:
         result.decisions[r["decision"]] += 1
     _write(run, import_id, rows, {
-        "import_id": import_id, "file": file_uri, "imported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "import_id": import_id, "run_id": run.manifest.get("run_id"), "run": run.url(), "file": file_uri,
+        "imported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "tasks": result.tasks, "reviewed_tasks": result.reviewed_tasks, "unreviewed_tasks": result.unreviewed_tasks,
         "decisions": result.decisions, "ignored_results": result.ignored_results, "matched_by_mask": result.matched_by_mask,
         "export_ids": sorted({str(t["data"][ls.DATA_KEY].get("export_id")) for t in tasks}),

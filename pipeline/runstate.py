@@ -12,19 +12,24 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from typing import Optional
 
 from fsspec.core import url_to_fs
 
-from .config import ConfigError, RunConfig, redacted_config
+from .config import ConfigError, RunConfig, redact_uri, redacted_config
+from .ownership import RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
 from .sink import DONE_DIR, STAGING_DIR, OutputWriteError, Totals, atomic_write
-from .sources import SHARDS_DIR
+from .sources import SHARDS_DIR, normalise_uri
 
 log = logging.getLogger("autolabel")
 
-RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report", "exports")
-# Keys that change speed or memory but not a single output row; they may differ on a resume.
+RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report", "exports", "review")
+# Keys that change speed or memory but not a single output row; they may differ on a resume. (The
+# output, ray and report sections are not in the fingerprint at all.)
 PERFORMANCE_ONLY = ("input.storage_options", "detector.batch_size", "sam.batch_size", "sam.box_chunk", "sam.compile")
+# URIs compared as the places they name: ``photos/``, ``photos`` and ``./photos`` are one input.
+NORMALISED_URIS = (("input", "uri"), ("prompts", "manifest"))
 
 
 def fingerprint(cfg: RunConfig, models: dict, dtype: Optional[str] = None) -> dict:
@@ -44,6 +49,7 @@ def fingerprint(cfg: RunConfig, models: dict, dtype: Optional[str] = None) -> di
     config["sam"].pop("dtype", None)
     if dtype:
         config["sam"]["dtype"] = dtype
+    config = _normalised_uris(config)
     weights = {name: m["sha256"] or f"random:{m.get('weights') or m.get('config')}" for name, m in models.items()}
     return _sealed(config, weights)
 
@@ -53,11 +59,27 @@ def _sealed(config: dict, weights: dict) -> dict:
     return {"sha256": digest, "config": config, "models": weights}
 
 
-def without_dtype(fp: dict) -> dict:
-    """A fingerprint with the dtype left out, to compare with one made before Ray was asked."""
-    config = {section: dict(values) for section, values in fp.get("config", {}).items()}
-    config.get("sam", {}).pop("dtype", None)
+def _normalised_uris(config: dict) -> dict:
+    """The input and manifest URIs with ``..``, ``.`` and trailing ``/`` resolved (a fingerprint's config)."""
+    config = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    for section, key in NORMALISED_URIS:
+        value = (config.get(section) or {}).get(key)
+        if isinstance(value, str) and value:
+            config[section][key] = normalise_uri(value)
+    return config
+
+
+def comparable(fp: dict, dtype: bool = True) -> dict:
+    """A fingerprint as it is compared: URIs normalised (also in run.json files written before they
+    were), and without the dtype (``dtype=False``) to compare with one made before Ray was asked."""
+    config = _normalised_uris(fp.get("config", {}))
+    if not dtype:
+        config.get("sam", {}).pop("dtype", None)
     return _sealed(config, fp.get("models", {}))
+
+
+def without_dtype(fp: dict) -> dict:
+    return comparable(fp, dtype=False)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -99,9 +121,18 @@ class RunFolder:
 
     def __init__(self, cfg: RunConfig):
         self.uri = cfg.output.uri
-        self.fs, self.path = url_to_fs(cfg.output.uri, **cfg.output.storage_options)
-        self.path = self.path.rstrip("/")
+        self.fs, path = url_to_fs(cfg.output.uri, **cfg.output.storage_options)
+        try:
+            self.path = normalised_path(self.fs, path)  # `..`, `.`, trailing `/`: one folder, one spelling
+        except ValueError as exc:
+            raise ConfigError(f"output.uri {self.uri}: {exc}") from None
         self.run_uri = self.fs.unstrip_protocol(self.path)
+        self.location = redact_uri(self.run_uri)  # what run.json binds the run to
+
+    def new_identity(self) -> dict:
+        """run.json's binding of a new run to this folder: a run id and the folder's normalised URI.
+        A run.json copied or moved elsewhere names another place, so it proves nothing there."""
+        return {"run_id": uuid.uuid4().hex, "location": self.location}
 
     def path_to(self, *parts: str) -> str:
         return "/".join([self.path, *parts])
@@ -147,7 +178,8 @@ class RunFolder:
         """The run.json of a run already in the folder (None when the folder is new or empty, or when
         overwriting a run). Checked before any work: a folder that holds anything else (files and no
         run.json, or a run.json that is not an autolabel run's) is refused, even with ``overwrite``,
-        because starting clean would have to delete what is not the run's."""
+        because starting clean would have to delete what is not the run's; so is a run whose run.json
+        was written for another place, or whose own folders hold something it did not write."""
         manifest = self.read_run()
         if manifest is None:
             others = self.entries()
@@ -161,7 +193,39 @@ class RunFolder:
                     "autolabel run there; --overwrite never clears other files. Choose another output.uri (a new folder)"
                 )
             return None
+        self.inventory(manifest, everything=overwrite)
         return None if overwrite else manifest
+
+    def inventory(self, manifest: dict, everything: bool = True) -> Inventory:
+        """The folder's files sorted into the run's own and the rest (ownership.run_inventory), after
+        checking that run.json was written here; ConfigError (nothing touched) when something the
+        run did not write is in the way."""
+        self._check_bound(manifest)
+        try:
+            inventory = run_inventory(self.fs, self.path, manifest, everything)
+        except OSError as exc:
+            raise ConfigError(f"output.uri {self.uri} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+        if inventory.foreign:
+            raise ConfigError(
+                f"output.uri {self.uri} holds an autolabel run, but also {inventory.shown_foreign()}, which the run did not "
+                f"write (its own folders {', '.join(RUN_DATA)} may hold only its files, and symlinks are never followed), "
+                "so the run is neither resumed nor replaced (--overwrite included) and nothing was touched: move "
+                "those away, or choose another output.uri"
+            )
+        return inventory
+
+    def _check_bound(self, manifest: dict) -> None:
+        """run.json names the place it was written to; a copy (or a moved folder) is not that run."""
+        where = manifest.get("location")
+        if where is None:
+            return  # written before runs were bound to their folder: their files are recognised by name alone
+        if where != self.location or not manifest.get("run_id"):
+            raise ConfigError(
+                f"output.uri {self.uri} holds a run.json written for {redact_uri(str(where))}, not for {self.location}: "
+                "the folder is a copy, or was moved, so nothing in it is known to be that run's, and it is neither "
+                "resumed nor replaced (--overwrite included); nothing was touched. Choose another output.uri, or "
+                "remove the folder yourself"
+            )
 
     def check_resumable(self, previous: dict, now: dict) -> None:
         before = previous.get("fingerprint")
@@ -177,8 +241,8 @@ class RunFolder:
         """Once the dtype SAM will run in is known: the shards done so far must have used the same
         (a run resumed on other hardware would otherwise mix float32 and bfloat16 masks)."""
         before = previous.get("fingerprint") or {}
-        if "dtype" in before.get("config", {}).get("sam", {}) and before["sha256"] != now["sha256"]:
-            self._refuse(differences(before, now), hint="The shards done so far were segmented in another dtype: resume on "
+        if "dtype" in before.get("config", {}).get("sam", {}) and comparable(before)["sha256"] != comparable(now)["sha256"]:
+            self._refuse(differences(comparable(before), comparable(now)), hint="The shards done so far were segmented in another dtype: resume on "
                          "hardware like the first attempt's, or pass sam.dtype=<that dtype> to force it (bfloat16 needs CUDA); ")
 
     def _refuse(self, lines: list[str], hint: str = "") -> None:
@@ -190,50 +254,20 @@ class RunFolder:
         )
 
     def clear(self) -> None:
-        """Remove the run in the folder, and only what is the run's: its run.json, its own folders
-        (images, objects, _shards, _staging, _done), the report's files and the exports it made
-        (folders with the export marker). Anything else there stays. Checked again here: a folder
-        without an autolabel run.json is cleared only when it is empty."""
-        if self.read_run() is None:
+        """Remove the run in the folder, and exactly the run's own files (ownership.run_inventory):
+        the listing, staged parts, committed shard files, done markers, the report's three files, the
+        exports in ``exports/`` bound to their folder and this run's review decisions; then those
+        folders once empty; run.json last. Anything else stays; something else inside the run's own
+        folders refuses it (checked again here). A folder without run.json is cleared only when empty."""
+        manifest = self.read_run()
+        if manifest is None:
             if self.entries():
                 raise ConfigError(f"output.uri {self.uri} is not empty and holds no autolabel run (no run.json); it is not cleared")
             return
-        for name in (SHARDS_DIR, STAGING_DIR, DONE_DIR, "images", "objects"):
-            if self.fs.exists(self.path_to(name)):
-                self.fs.rm(self.path_to(name), recursive=True)
-        self._clear_report()
-        self._clear_exports()
-        self.fs.rm(self.path_to("run.json"))
-
-    def _clear_report(self) -> None:
-        """The report's own files in RUN/report (the folder goes too if nothing else is left)."""
-        folder = self.path_to("report")
-        if not self.fs.exists(folder):
-            return
-        for name in ("report.html", "counts.csv", "summary.json"):
-            if self.fs.exists(f"{folder}/{name}"):
-                self.fs.rm(f"{folder}/{name}")
-        self._remove_if_empty(folder)
-
-    def _clear_exports(self) -> None:
-        """RUN/exports/*: the exports (folders with the export marker: their own files); anything else stays."""
-        from .export import remove_export
-
-        folder = self.path_to("exports")
-        if not self.fs.exists(folder):
-            return
-        for entry in self.fs.ls(folder, detail=True):
-            if entry.get("type") == "directory" and entry["name"].rstrip("/") != folder:
-                remove_export(self.fs, entry["name"])
-        self._remove_if_empty(folder)
-
-    def _remove_if_empty(self, folder: str) -> None:
-        self.fs.invalidate_cache(folder)
-        if self.fs.exists(folder) and not self.fs.ls(folder, detail=False):
-            try:
-                self.fs.rmdir(folder)
-            except OSError:  # object stores have no empty folders to remove
-                pass
+        inventory = self.inventory(manifest)
+        inventory.files.sort(key=lambda rel: rel == "run.json")  # an interrupted clear-up leaves a run.json to retry with
+        removed = inventory.remove(self.fs)
+        log.info("removed the earlier run in %s: %d files", self.run_uri, removed)
 
     def prepare(self, manifest: dict) -> None:
         """Start clean: remove a previous run (every check has passed by now; ``clear`` removes only
@@ -263,23 +297,26 @@ class RunFolder:
         markers = [json.loads(data) for data in self.fs.cat(paths).values()] if paths else []
         return {marker["shard_id"]: marker for marker in markers}
 
-    def clean_unfinished(self, pending: set[str]) -> int:
+    def clean_unfinished(self, manifest: dict, pending: set[str]) -> int:
         """Before a resume: drop staged parts, half-committed shard files and temporary files, so
-        what is redone cannot meet what was left. Returns how many files were removed."""
-        removed = 0
-        if self.fs.exists(self.path_to(STAGING_DIR)):
-            removed += len(self.fs.find(self.path_to(STAGING_DIR)))
-            self.fs.rm(self.path_to(STAGING_DIR), recursive=True)
-        for folder in ("images", "objects", DONE_DIR):
-            if not self.fs.exists(self.path_to(folder)):
-                continue
-            for path in self.fs.ls(self.path_to(folder), detail=False):
-                name = path.rsplit("/", 1)[-1]
-                shard = name.removeprefix("shard-").rsplit(".", 1)[0]
-                if name.startswith(".tmp-") or (name.startswith("shard-") and shard in pending):
-                    self.fs.rm(path)
-                    removed += 1
-        return removed
+        what is redone cannot meet what was left. Only the run's own files (``inventory``); returns
+        how many were removed."""
+        inventory = self.inventory(manifest, everything=False)
+        unfinished = Inventory(self.path, folders=[f for f in inventory.folders if f.split("/")[0] == STAGING_DIR])
+        for rel in inventory.files:
+            folder, _, name = rel.rpartition("/")
+            if folder.split("/")[0] == STAGING_DIR or name.startswith(".tmp-"):
+                unfinished.files.append(rel)
+            elif folder in RUN_FILE_NAMES and folder != SHARDS_DIR and RUN_FILE_NAMES[folder].fullmatch(name)["shard"] in pending:
+                unfinished.files.append(rel)
+        return unfinished.remove(self.fs)
+
+    def clean_staging(self, manifest: dict) -> None:
+        """After the last commit: the staging area's leftovers (only the run's own parts and folders;
+        anything else there stays, and the next resume or --overwrite names it)."""
+        inventory = run_inventory(self.fs, self.path, manifest, everything=False)
+        staged = [rel for rel in inventory.files if rel.split("/")[0] == STAGING_DIR]
+        Inventory(self.path, staged, [f for f in inventory.folders if f.split("/")[0] == STAGING_DIR]).remove(self.fs)
 
 
 class ShardTracker:

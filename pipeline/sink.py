@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import time
 import uuid
 from collections import Counter
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from .decode import IMAGE_COLUMNS
+from .ownership import STAGED_PART, is_local
 from .segment import OBJECT_TYPE
 from .sources import protocols_of
 from .timings import PREFIX as TIMING_PREFIX, StageClock
@@ -278,9 +280,12 @@ def commit_shard(fs, root: str, shard_id: str, meta_columns: list[str] = ()) -> 
     totals.add_flags(objects)
     marker = {"shard_id": shard_id, **totals.as_dict()}
     atomic_write(fs, marker_path, json.dumps(marker).encode())
-    if names:
+    staged = [n for n in names if STAGED_PART.fullmatch(n.rsplit("/", 1)[-1])]  # the parts it merged: nothing else
+    if staged:
         try:
-            fs.rm(folder, recursive=True)
+            fs.rm(staged)
+            if is_local(fs):
+                os.rmdir(folder)
         except OSError:
             pass  # the shard is committed; the end of the run (or a resume) removes _staging
     return marker

@@ -271,7 +271,7 @@ def write_synthetic_run(
     for start in range(0, num_images, images_per_part):
         count = min(images_per_part, num_images - start)
         images, objects = _part_tables(start, count, n_objects, sizes, uris, errors, rng, qa_rng)
-        name = f"part-s{start:08d}.parquet"
+        name = f"shard-{start // images_per_part:06d}.parquet"  # the sink's names (run --overwrite recognises them)
         if legacy:
             objects = objects.drop_columns([f.name for f in QA_OBJECT_FIELDS if f.name in objects.column_names])
             images = images.drop_columns([c for c in ("num_flagged",) if c in images.column_names])

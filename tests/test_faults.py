@@ -215,7 +215,7 @@ def test_overwrite_starts_clean(ray_local, checkpoints, fault_images, clean, tmp
     out = tmp_path / "out"
     overrides = fault_overrides(fault_images, out, checkpoints)
     (out / "_staging" / "shard-000003").mkdir(parents=True)
-    (out / "_staging" / "shard-000003" / "images-stale.parquet").write_bytes(b"left by a crash")
+    (out / "_staging" / "shard-000003" / "images-0123456789abcdef.parquet").write_bytes(b"left by a crash")
     (out / "run.json").write_text(json.dumps({"status": "running", "fingerprint": {"sha256": "another run"}}))
     with pytest.raises(Exception, match="different configuration"):
         run(load_config(None, overrides))

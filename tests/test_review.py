@@ -511,3 +511,45 @@ def test_review_import_refuses_what_it_cannot_place(qa_run, tmp_path, capsys):
         code, out, err = _cli(capsys, "review", "import", str(run), str(tmp_path / name))
         assert code == 2 and message in err, (name, err)
     assert not (run / "review").exists() or not list((run / "review").iterdir())
+
+
+def _coco_objects(run: Path, out: Path) -> set[tuple[str, int]]:
+    export(str(run), "coco", str(out), progress=False)
+    coco = json.loads((out / "instances.json").read_text())
+    image_ids = {i["id"]: i["autolabel_image_id"] for i in coco["images"]}
+    shutil.rmtree(out)
+    return {(image_ids[a["image_id"]], a["object_id"]) for a in coco["annotations"]}
+
+
+def test_decisions_of_another_run_are_ignored_with_a_warning(qa_run, tmp_path, caplog):
+    """Issue 16: decisions carry the run_id of the run they were made on. Today they carried none, so
+    a later run in the same folder lost its object 0 to a rejection made on an earlier run's object 0."""
+    import logging
+
+    from pipeline.review import import_review
+
+    run = _fresh_copy(qa_run, tmp_path)
+    manifest = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**manifest, "run_id": "a" * 32}))
+    export(str(run), "labelstudio", str(tmp_path / "ls"), progress=False)
+    task = next(t for t in _tasks(tmp_path / "ls") if t["data"]["autolabel"]["objects"])
+    gone_region, gone_id = next(iter(task["data"]["autolabel"]["objects"].items()))
+    reviewed = [{"id": 1, "data": task["data"], "predictions": [], "annotations": [
+        {"id": 1, "completed_by": 1, "was_cancelled": False, "created_at": "2026-02-02T10:00:00Z",
+         "result": [r for r in task["predictions"][0]["result"] if r["id"] != gone_region]}]}]
+    (tmp_path / "reviewed.json").write_text(json.dumps(reviewed))
+    everything = _coco_objects(run, tmp_path / "c")
+    gone = (task["data"]["autolabel"]["image_id"], gone_id)
+    assert gone in everything
+
+    assert import_review(str(run), str(tmp_path / "reviewed.json")).decisions["rejected"] == 1
+    assert _coco_objects(run, tmp_path / "c") == everything - {gone}
+
+    # Another run in the same folder (as the previous version's --overwrite left it): the decisions do not apply.
+    (run / "run.json").write_text(json.dumps({**manifest, "run_id": "b" * 32}))
+    with caplog.at_level(logging.WARNING, logger="autolabel.review"):
+        assert _coco_objects(run, tmp_path / "c") == everything
+    decisions = pq.read_table(run / "review")
+    assert f"ignoring {decisions.num_rows} decisions (1 import files in file://{run}/review)" in caplog.text
+    assert set(decisions.column("run_id").to_pylist()) == {"a" * 32}
+    assert json.loads(next((run / "review" / "_logs").glob("import-*.json")).read_text())["run_id"] == "a" * 32
