@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from fsspec.callbacks import Callback
 
-from .config import redact_text, redact_uri
+from .credentials import redact, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def copy_url(url: str, dest: Path, storage_options: Optional[dict] = None, what:
     except FileNotFoundError:
         raise WeightsError(f"{what} not found: {shown}") from None
     except Exception as exc:  # noqa: BLE001 - storage back-ends raise many classes; all mean "cannot read it"
-        raise WeightsError(redact_text(f"cannot read {what} {url}: {type(exc).__name__}: {exc}")) from None
+        raise WeightsError(redact(redact_text(f"cannot read {what} {url}: {type(exc).__name__}: {exc}"), storage_options)) from None
 
 
 def cached_path(url: str) -> Path:

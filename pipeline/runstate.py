@@ -23,8 +23,10 @@ from .sources import SHARDS_DIR
 log = logging.getLogger("autolabel")
 
 RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report", "exports")
-# Keys that change speed or memory but not a single output row; they may differ on a resume.
-PERFORMANCE_ONLY = ("input.storage_options", "detector.batch_size", "sam.batch_size", "sam.box_chunk", "sam.compile")
+# Keys that change speed or memory (or how storage is reached: credentials, endpoints) but not a
+# single output row; they may differ on a resume.
+PERFORMANCE_ONLY = ("input.storage_options", "detector.storage_options", "sam.storage_options", "detector.batch_size",
+                    "sam.batch_size", "sam.box_chunk", "sam.compile")
 
 
 def fingerprint(cfg: RunConfig, models: dict, dtype: Optional[str] = None) -> dict:

@@ -12,18 +12,21 @@ import hashlib
 import io
 import json
 import math
+import os
 import posixpath
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+
+from .credentials import redact_uri, stored_uri_problem
 
 SHARDS_DIR = "_shards"
 SHARD_SCHEMA = pa.schema(
@@ -294,15 +297,55 @@ def root_of(uri: str, storage_options: dict | None = None) -> str:
 
 
 def is_within(uri: str, roots: Iterable[str], storage_options: dict | None = None) -> bool:
-    """True when ``uri`` (after resolving ``..``) lies under one of ``roots`` on the same storage."""
-    fs, path = url_to_fs(normalise_uri(uri), **(storage_options or {}))
-    protocols = protocols_of(fs)
+    """True when ``uri`` lies under one of ``roots`` on the same storage, however it is spelled.
+
+    What is compared is what the storage would open: ``..`` resolved; for URLs also after decoding
+    percent-escapes (yarl and many servers read ``%2E%2E`` as ``..``; some decode twice), every
+    decoding checked, with ``\\`` as ``/`` too; for local paths after resolving symlinks (a link in
+    the manifest's folder that points elsewhere is outside). ``storage_options``: unused (nothing
+    is opened)."""
+    where, spellings = _locations(uri)
     for root in roots:
-        root_fs, root_path = url_to_fs(normalise_uri(root), **(storage_options or {}))
-        root_path = root_path.rstrip("/")
-        if protocols & protocols_of(root_fs) and (path == root_path or path.startswith(root_path + "/") or not root_path):
+        root_where, root_spellings = _locations(root)
+        if where == root_where and all(
+            _under(path, root_spellings[min(level, len(root_spellings) - 1)][variant])
+            for level, paths in enumerate(spellings) for variant, path in enumerate(paths)
+        ):
             return True
     return False
+
+
+def _under(path: str, root: str) -> bool:
+    root = root.rstrip("/")
+    return not root or path == root or path.startswith(root + "/")
+
+
+def _locations(uri: str) -> tuple[tuple, list[tuple[str, ...]]]:
+    """For ``is_within``: (the storage: family of protocols, and the host for http), and the path
+    at each level of percent-decoding (as written first), each normalised as is and with ``\\``
+    read as ``/``; one level for local paths: the real path, symlinks resolved."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower() if len(parts.scheme) > 1 else ""  # one letter: a Windows drive
+    if scheme in ("", "file", "local"):
+        path = os.path.realpath(os.path.abspath(uri.split("://", 1)[1] if scheme else uri))
+        return ("file",), [(path,)]
+    if "::" in uri:  # a chained URL (simplecache::s3://...): compared as written, normalised
+        return ("chained",), [(normalise_uri(uri),) * 2]
+    try:
+        family = tuple(sorted(protocols_of(fsspec.get_filesystem_class(scheme))))
+    except (ImportError, ValueError):
+        family = (scheme,)
+    http = scheme in ("http", "https")
+    where = (family, parts.netloc.lower()) if http else (family,)
+    path = parts.path if http else f"{parts.netloc}{parts.path}"  # object stores: the bucket leads
+    levels = []
+    for _ in range(4):  # as written, then decoded again while that changes it (%252E -> %2E -> .)
+        levels.append((posixpath.normpath("/" + path), posixpath.normpath("/" + path.replace("\\", "/"))))
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    return where, levels
 
 
 def resolve_relative(ref: str, base_uri: Optional[str]) -> str:
@@ -310,6 +353,19 @@ def resolve_relative(ref: str, base_uri: Optional[str]) -> str:
     if "://" in ref or ref.startswith("/") or base_uri is None:
         return normalise_uri(ref)
     return normalise_uri(f"{base_uri.rstrip('/')}/{ref}")
+
+
+def _refuse_credentials(key: str, number: int, written: str, uri: str, objects: list) -> None:
+    """A manifest line whose image URI or mask path carries credentials is refused: the URI would be
+    stored in the tables (and the mask path in the shard files) with them."""
+    masks = [o["mask"] for o in objects if isinstance(o, dict) and isinstance(o.get("mask"), str)]
+    for what, shown, full in [("uri", written, uri), *(("mask", m, m) for m in masks)]:
+        problem = stored_uri_problem(full)
+        if problem:
+            raise SourceError(
+                f"{key} line {number}: {what} {redact_uri(shown)} {problem}; stored URIs never carry credentials: "
+                "give them in input.storage_options (the manifest and what it names are read with those)"
+            )
 
 
 def normalise_object(obj):
@@ -386,9 +442,8 @@ def iter_manifest(manifest_uri: str, storage_options: dict | None = None, key: s
         if clash:
             raise SourceError(f"{key} line {number}: keys {clash} clash with images-table columns; rename them")
         uri = resolve_relative(row["uri"], base)
+        _refuse_credentials(key, number, row["uri"], uri, objects)
         if allowed is not None and not is_within(uri, allowed, storage_options):
-            from .config import redact_uri
-
             raise SourceError(
                 f"{key} line {number}: uri {redact_uri(row['uri'])} is outside the manifest's folder {redact_uri(base)}"
                 f"{' and ' + ', '.join(redact_uri(r) for r in roots) if roots else ''}; "
@@ -447,8 +502,6 @@ def merge_repeated_uris(items: Iterable[WorkItem], key: str = "prompts.manifest"
 
 def _merged(uri: str, lines: list[int], prompts: list[Optional[str]], metas: list[Optional[str]], base: Optional[str],
             key: str) -> WorkItem:
-    from .config import redact_uri
-
     objects: list = []
     key_line: dict[str, int] = {}
     for line, text in zip(lines, prompts):
