@@ -293,7 +293,7 @@ def root_of(uri: str, storage_options: dict | None = None) -> str:
         path = head.rsplit("/", 1)[0]
     elif re.search(r"\.[A-Za-z0-9]{1,5}$", path.rsplit("/", 1)[-1]):
         path = path.rsplit("/", 1)[0] if "/" in path else ""
-    return fs.unstrip_protocol(_normalised(path))
+    return fs.unstrip_protocol(normalise_uri(path))  # an http(s) path is the whole URL: normpath would eat its '//'
 
 
 def is_within(uri: str, roots: Iterable[str], storage_options: dict | None = None) -> bool:

@@ -132,3 +132,14 @@ def test_a_value_refused_by_validation_is_not_echoed_when_it_may_be_a_credential
         load_config(None, [f"input.storage_options={SECRETS['slash']}"])  # a bare secret where a mapping belongs
     assert "input.storage_options" in str(err.value)
     assert_hidden(str(err.value), SECRETS["slash"])
+
+
+def test_weights_urls_that_differ_only_in_their_query_keep_apart_in_the_node_cache():
+    """The query moved into ``params``; the cache must still tell ``?v=1`` from ``?v=2`` (and key a
+    URL as it did when the query was part of it)."""
+    from pipeline import models
+
+    one, two = (load_config(None, [f"sam.checkpoint=https://127.0.0.1/w.pt?v={v}&sig=s%2B1"]).sam for v in (1, 2))
+    assert one.checkpoint == two.checkpoint == "https://127.0.0.1/w.pt"
+    paths = [models.cached_path(c.checkpoint, c.storage_options["params"]) for c in (one, two)]
+    assert paths[0] != paths[1] and paths[0] == models.cached_path("https://127.0.0.1/w.pt?v=1&sig=s%2B1")

@@ -437,6 +437,7 @@ def test_percent_escapes_cannot_lead_out_of_an_http_manifests_folder(tmp_path, e
     (tmp_path / "srv" / "data" / "img").mkdir(parents=True)
     (tmp_path / "srv" / "private").mkdir()
     (tmp_path / "srv" / "private" / "x.jpg").write_bytes(b"private")
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "srv" / "data" / "ok.png")
     lines = [{"uri": "img/a.jpg"}, {"uri": escape}]
     (tmp_path / "srv" / "data" / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     with FolderServer(tmp_path / "srv") as server:
@@ -444,10 +445,14 @@ def test_percent_escapes_cannot_lead_out_of_an_http_manifests_folder(tmp_path, e
         with pytest.raises(SourceError, match=r"line 2: uri .* is outside the manifest's folder"):
             _listed(tmp_path, None, *cfg)
         assert not any("/private" in path for _, path, _ in server.requests)
-        # a mask path in a manifest line is checked the same way (that object's error row)
-        mask = json.dumps([{"mask": escape.replace("x.jpg", "m.png")}])
-        (error,) = [p.error for p in manifest_prompts(mask, server.url("data"), 4, 4, {}, roots=[server.url("data")])]
-        assert "is outside the manifest's folder" in error
+        # a mask path in a manifest line is checked the same way, against the job's roots (that object's error row)
+        from pipeline.job import manifest_roots
+
+        roots = manifest_roots(load_config(None, cfg))
+        assert roots == [server.url("data/img"), server.url("data")]
+        masks = json.dumps([{"mask": "ok.png"}, {"mask": escape.replace("x.jpg", "m.png")}])
+        inside, outside = [p.error for p in manifest_prompts(masks, server.url("data"), 4, 4, {}, roots=roots)]
+        assert inside is None and "is outside the manifest's folder" in outside
 
 
 @pytest.mark.parametrize("uri, inside", [
