@@ -6,13 +6,13 @@ dotted key and what is allowed. The pydantic models are the single source of def
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .credentials import (  # noqa: F401 - redact_uri, redact_text, REDACTED: imported from here by other modules
+from .credentials import (  # noqa: F401 - redact and redact_uri: other modules import them from here
     REDACTED, CredentialError, merge_options, redact, redact_text, redact_uri, split_credentials,
 )
 

@@ -33,7 +33,7 @@ _HOST = re.compile(r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-
 _NOT_IN_USER = set("/?#[]")
 # Where a URI ends inside free text (log lines, error messages, JSON).
 _URI_IN_TEXT = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<rest>[^\s\"'<>`]*)")
-_QUERY_VALUE = re.compile(r"(?P<before>\?)(?P<query>[^#]+)")
+_QUERY = re.compile(r"\?(?P<query>[^#]+)")
 
 
 class CredentialError(ValueError):
@@ -187,7 +187,7 @@ def redact_text(text: str) -> str:
             pairs = [part.split("=", 1)[0] + ("=" + REDACTED if "=" in part else "") for part in q["query"].split("&")]
             return "?" + "&".join(pairs)
 
-        return m["scheme"] + _QUERY_VALUE.sub(query, rest, count=1)
+        return m["scheme"] + _QUERY.sub(query, rest, count=1)
 
     return _URI_IN_TEXT.sub(one, text)
 
@@ -212,13 +212,14 @@ def _secret_values(options, key: str = "") -> list[str]:
         return []
     text = str(options)
     values = [text] if len(text) >= 4 else []
-    if text.startswith("Basic "):  # the base64 token alone, and what it encodes
+    if text.startswith("Basic "):  # the base64 token alone, and the password it encodes
         token = text[len("Basic "):]
         values.append(token)
         try:
-            values += [part for part in base64.b64decode(token).decode().split(":", 1) if len(part) >= 4]
+            password = base64.b64decode(token).decode().partition(":")[2]
         except ValueError:
-            pass
+            password = ""
+        values += [password] if len(password) >= 4 else []
     return values
 
 

@@ -143,3 +143,15 @@ def test_weights_urls_that_differ_only_in_their_query_keep_apart_in_the_node_cac
     assert one.checkpoint == two.checkpoint == "https://127.0.0.1/w.pt"
     paths = [models.cached_path(c.checkpoint, c.storage_options["params"]) for c in (one, two)]
     assert paths[0] != paths[1] and paths[0] == models.cached_path("https://127.0.0.1/w.pt?v=1&sig=s%2B1")
+
+
+def test_option_values_are_masked_in_messages_down_to_a_basic_auth_password_and_signed_params():
+    """What the command line applies to its logs, errors and tracebacks once the config is read."""
+    from pipeline.config import storage_option_sets
+    from pipeline.credentials import redact
+
+    cfg = load_config(None, [f"sam.checkpoint=https://{USER}:{typed(PASSWORD)}@127.0.0.1/w.pt?X-Amz-Signature=sIgA1b2c3",
+                             f"input.uri=s3://{KEY}:{typed(SECRETS['all'])}@data/photos"])
+    token = basic(USER, PASSWORD)["Authorization"]
+    text = f"{KEY} {SECRETS['all']} {PASSWORD} {token} {token.split()[1]} sIgA1b2c3 X-Amz-Signature"
+    assert redact(text, *storage_option_sets(cfg)) == "*** *** *** *** *** *** X-Amz-Signature"
