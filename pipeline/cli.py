@@ -9,9 +9,10 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import Optional
 
-from .config import ConfigError, allowed_keys, load_config, redact_text
+from .config import ConfigError, allowed_keys, load_config, redact, redact_text, storage_option_sets
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 
@@ -140,21 +141,36 @@ def _setup_logging() -> None:
     """Our own messages at INFO; libraries (sam2 logs every set_image at INFO) at WARNING."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())
+        handler.addFilter(REDACTING_FILTER)
     level = os.environ.get("AUTOLABEL_LOG_LEVEL", "INFO")
     for name in ("autolabel", "pipeline"):
         logging.getLogger(name).setLevel(level)
 
 
 class RedactingFilter(logging.Filter):
-    """Credentials inside URIs (``user:password@``, signed query strings) never reach the log."""
+    """Credentials never reach the log: those inside URIs (``user:password@``, signed query strings)
+    and, once the config is read, the values of its storage options (``option_sets``), also inside
+    a traceback."""
+
+    def __init__(self):
+        super().__init__()
+        self.option_sets: list[dict] = []
+
+    def clean(self, text: str) -> str:
+        return redact(redact_text(text), *self.option_sets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = redact_text(message)
+        redacted = self.clean(message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info:
+            record.exc_text = self.clean(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
         return True
+
+
+REDACTING_FILTER = RedactingFilter()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -181,15 +197,20 @@ def _predict(args) -> int:
 def _run(args) -> int:
     from .job import JobFailed, format_summary, run
 
+    clean = REDACTING_FILTER.clean
     try:
         cfg = load_config(args.config, args.overrides)
+        REDACTING_FILTER.option_sets = storage_option_sets(cfg)
         manifest = run(cfg, overwrite=args.overwrite)
     except ConfigError as exc:
-        print(f"autolabel: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"autolabel: error: {clean(str(exc))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except JobFailed as exc:
-        print(f"autolabel: error: the job failed: {redact_text(str(exc))}\n  finished shards are kept; rerun the same command to resume",
+        print(f"autolabel: error: the job failed: {clean(str(exc))}\n  finished shards are kept; rerun the same command to resume",
               file=sys.stderr)
+        return EXIT_FAILED
+    except Exception:  # a bug or a library's own error: its traceback, without credentials
+        print(f"autolabel: error: unexpected failure\n{clean(traceback.format_exc())}", file=sys.stderr)
         return EXIT_FAILED
     print(format_summary(manifest))
     return EXIT_OK if manifest["status"] == "finished" else EXIT_FAILED

@@ -6,14 +6,15 @@ dotted key and what is allowed. The pydantic models are the single source of def
 """
 from __future__ import annotations
 
-import base64
-import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .credentials import (  # noqa: F401 - redact and redact_uri: other modules import them from here
+    REDACTED, CredentialError, merge_options, redact, redact_text, redact_uri, split_credentials,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
@@ -27,54 +28,34 @@ class _Section(BaseModel):
 
 
 # ------------------------------------------------------------------ credentials inside URIs
-
-REDACTED = "***"
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s\"']+)@")
-_QUERY_VALUE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'?#]*\?)(?P<query>[^\s\"'#]+)")
+# (pipeline/credentials.py): moved into storage options while the config is validated, so nothing
+# after this point, workers included, ever sees a URI that carries them.
 
 
-def redact_uri(uri: Optional[str]) -> Optional[str]:
-    """A URI fit for run.json, logs and reports: ``user:password@`` becomes ``***@`` and every
-    query value ``***`` (signed URLs carry their signature and key id there)."""
-    if not isinstance(uri, str):
-        return uri
-    return redact_text(uri)
+def _move_credentials(section: "_Section", field: str = "uri", query_to_params: bool = False, what: str = "") -> dict:
+    """Take the credentials out of ``section.<field>`` into its ``storage_options``; returns them."""
+    value = getattr(section, field)
+    if not isinstance(value, str):
+        return {}
+    try:
+        clean, moved = split_credentials(value, what or field, query_to_params)
+    except CredentialError as exc:
+        raise ValueError(str(exc)) from None
+    if moved:
+        object.__setattr__(section, field, clean)
+        object.__setattr__(section, "storage_options", merge_options(moved, section.storage_options))
+    return moved
 
 
-def redact_text(text: str) -> str:
-    """Every URI inside ``text`` redacted as by ``redact_uri`` (for log lines and error messages)."""
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
-
-    def query(m: re.Match) -> str:
-        pairs = [part.split("=", 1)[0] + ("=" + REDACTED if "=" in part else "") for part in m["query"].split("&")]
-        return m["scheme"] + "&".join(pairs)
-
-    return _QUERY_VALUE.sub(query, text)
-
-
-def split_uri_credentials(uri: str) -> tuple[str, dict]:
-    """``s3://KEY:SECRET@bucket/x`` -> (``s3://bucket/x``, {key, secret}); ``https://user:pw@host/x``
-    -> (``https://host/x``, a basic-auth header). The credentials then travel as storage options,
-    which are never written or logged, instead of inside every image URI."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc or parts.scheme not in ("s3", "s3a", "http", "https"):
-        return uri, {}
-    userinfo, host = parts.netloc.rsplit("@", 1)
-    user, _, password = userinfo.partition(":")
-    user, password = unquote(user), unquote(password)
-    clean = urlunsplit(parts._replace(netloc=host))
-    if parts.scheme.startswith("s3"):
-        return clean, {"key": user, "secret": password}
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return clean, {"headers": {"Authorization": f"Basic {token}"}}
-
-
-def _move_credentials(section: "_Section") -> None:
-    clean, options = split_uri_credentials(section.uri)
-    if options:
-        merged = {**options, **section.storage_options}  # options given explicitly win
-        object.__setattr__(section, "uri", clean)
-        object.__setattr__(section, "storage_options", merged)
+def _clashing(moved: dict, given: dict) -> list[str]:
+    """Option names (never values) that ``moved`` and ``given`` both set, to different values."""
+    out = []
+    for name, value in moved.items():
+        if name == "headers" and isinstance(given.get("headers"), dict):
+            out += [f"headers.{h}" for h, v in value.items() if h in given["headers"] and given["headers"][h] != v]
+        elif name in given and given[name] != value:
+            out.append(name)
+    return out
 
 
 class InputConfig(_Section):
@@ -96,9 +77,11 @@ class InputConfig(_Section):
             raise ValueError("must name at least one suffix, e.g. [.jpg, .png]")
         return [("." + s.lstrip(".")).lower() for s in value]
 
+    _uri_credentials: dict = PrivateAttr(default_factory=dict)  # what input.uri carried (to check prompts.manifest's against)
+
     @model_validator(mode="after")
     def _credentials_to_storage_options(self) -> "InputConfig":
-        _move_credentials(self)
+        self._uri_credentials = _move_credentials(self, what="input.uri")
         return self
 
 
@@ -119,7 +102,7 @@ class OutputConfig(_Section):
 
     @model_validator(mode="after")
     def _credentials_to_storage_options(self) -> "OutputConfig":
-        _move_credentials(self)
+        _move_credentials(self, what="output.uri")
         return self
 
 
@@ -136,6 +119,9 @@ class DetectorConfig(_Section):
     imgsz: int = Field(640, gt=0)
     batch_size: int = Field(8, gt=0, description="Images per detector call.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for weights given as a URL (credentials inside the URL move here)."
+    )
 
     @field_validator("classes")
     @classmethod
@@ -150,6 +136,11 @@ class DetectorConfig(_Section):
         if value % 32:
             raise ValueError(f"must be a multiple of 32 (YOLO's stride), e.g. {max(32, value // 32 * 32)}")
         return value
+
+    @model_validator(mode="after")
+    def _credentials_to_storage_options(self) -> "DetectorConfig":
+        _move_credentials(self, "weights", query_to_params=True, what="detector.weights")
+        return self
 
 
 class SamConfig(_Section):
@@ -169,6 +160,9 @@ class SamConfig(_Section):
     box_chunk: int = Field(64, gt=0, description="Prompts per mask-decoder call, gathered across the images of a batch (bounds memory).")
     compile: bool = Field(False, description="torch.compile the image encoder (max-autotune; minutes at start, faster after).")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for a checkpoint given as a URL (credentials inside the URL move here)."
+    )
 
     @field_validator("image_size")
     @classmethod
@@ -176,6 +170,11 @@ class SamConfig(_Section):
         if value % 64:
             raise ValueError("must be a multiple of 64 (SAM 2's backbone strides), e.g. 256, 512, 1024")
         return value
+
+    @model_validator(mode="after")
+    def _credentials_to_storage_options(self) -> "SamConfig":
+        _move_credentials(self, "checkpoint", query_to_params=True, what="sam.checkpoint")
+        return self
 
 
 class PromptsConfig(_Section):
@@ -256,9 +255,44 @@ class RunConfig(_Section):
             raise ValueError("prompts.manifest is set but prompts.source=detector ignores it; set prompts.source=manifest or both")
         return self
 
+    @model_validator(mode="after")
+    def _manifest_credentials_to_input_options(self) -> "RunConfig":
+        """The manifest, and the images and masks it names, are read with ``input.storage_options``:
+        credentials inside ``prompts.manifest`` move there (never into the image URIs resolved
+        against it). Credentials that disagree with those already there are refused."""
+        if not self.prompts.manifest:
+            return self
+        try:
+            clean, moved = split_credentials(self.prompts.manifest, "prompts.manifest")
+        except CredentialError as exc:
+            raise ValueError(str(exc)) from None
+        if not moved:
+            return self
+        given = self.input.storage_options
+        clash = _clashing(moved, given)
+        other_kind = self.input._uri_credentials and set(self.input._uri_credentials) != set(moved)
+        if clash or other_kind:
+            raise ValueError(
+                "prompts.manifest carries credentials that differ from input.uri's or input.storage_options' "
+                f"({', '.join(clash) or 'another kind of storage'}); the manifest and the images are read with one set of "
+                "input.storage_options: give the credentials once, there"
+            )
+        object.__setattr__(self.prompts, "manifest", clean)
+        object.__setattr__(self.input, "storage_options", merge_options(moved, given))
+        return self
+
     @property
     def uses_detector(self) -> bool:
         return self.prompts.source in ("detector", "both")
+
+
+URI_KEYS = ("input.uri", "output.uri", "prompts.manifest", "sam.checkpoint", "detector.weights")
+STORAGE_OPTION_KEYS = ("input.storage_options", "output.storage_options", "sam.storage_options", "detector.storage_options")
+
+
+def storage_option_sets(cfg: RunConfig) -> list[dict]:
+    """Every set of storage options of a config (their values are what ``redact`` hides)."""
+    return [cfg.input.storage_options, cfg.output.storage_options, cfg.sam.storage_options, cfg.detector.storage_options]
 
 
 def _allowed_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -294,14 +328,16 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{item}' is not key=value (e.g. detector.conf=0.4)")
     key, raw = item.split("=", 1)
     key = key.strip()
-    if key not in allowed_keys() and not any(key.startswith(k + ".") for k in ("input.storage_options", "output.storage_options")):
+    if key not in allowed_keys() and not any(key.startswith(k + ".") for k in STORAGE_OPTION_KEYS):
         raise ConfigError(_unknown_key_message(key))
+    if key in URI_KEYS:  # exactly as typed: YAML would turn a password holding ": " or " #" into something else
+        return key, None if raw.strip() in ("null", "~") else raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         if ".storage_options" in key:  # a credential: never echoed
             raise ConfigError(f"{key}: cannot parse the value (not shown: storage options may hold credentials)") from None
-        raise ConfigError(f"{key}: cannot parse value '{redact_text(raw)}': {exc}") from None
+        raise ConfigError(redact_text(f"{key}: cannot parse value '{raw}': {exc}")) from None
     if isinstance(value, (dict, list)) or value is None or isinstance(value, (int, float, bool)):
         return key, value
     return key, raw  # keep strings exactly as typed (e.g. a URL with ':' in it)
@@ -322,9 +358,12 @@ def _format_validation_error(exc: ValidationError) -> str:
             lines.append(_unknown_key_message(key))
             continue
         given = err.get("input")
-        shown = "" if isinstance(given, (dict, BaseModel)) else f" (got {given!r})"
+        # a storage option's value is never shown; any other value without the credentials of URIs in it
+        hidden = isinstance(given, (dict, BaseModel)) or "storage_options" in key
+        shown = "" if hidden else f" (got {redact_text(repr(given))})"
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{key}: {msg}{shown}" if key else msg)
+        named = not key or msg.startswith(f"{key}.")  # a section's check that names its key itself
+        lines.append(f"{msg}{shown}" if named else f"{key}: {msg}{shown}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -351,14 +390,13 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
         raise ConfigError(_format_validation_error(exc)) from None
 
 
-URI_KEYS = ("input.uri", "output.uri", "prompts.manifest", "sam.checkpoint", "detector.weights")
-
-
 def redacted_config(cfg: RunConfig) -> dict:
     """The config as run, fit for run.json, logs and reports: storage options' values replaced and
-    credentials inside URIs (``user:password@``, signed query strings) removed."""
+    credentials inside URIs (``user:password@``, signed query strings) removed (they were moved
+    into the storage options when the config was read; this is the second line of defence)."""
     data = cfg.model_dump(mode="json")
-    for section in ("input", "output"):
+    for dotted in STORAGE_OPTION_KEYS:
+        section = dotted.split(".")[0]
         data[section]["storage_options"] = {k: REDACTED for k in data[section]["storage_options"]}
     for dotted in URI_KEYS:
         section, name = dotted.split(".")

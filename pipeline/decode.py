@@ -55,9 +55,9 @@ def read_bytes(uri: str, storage_options: Optional[dict] = None) -> bytes:
     except FileNotFoundError:
         raise ImageError("not_found", "file disappeared or does not exist") from None
     except PermissionError as exc:
-        raise ImageError("permission_denied", _short(exc) or "permission denied") from None
+        raise ImageError("permission_denied", _short(exc, storage_options) or "permission denied") from None
     except Exception as exc:  # noqa: BLE001 - OSError, and what storage back-ends raise besides (botocore's NoCredentialsError)
-        raise ImageError("read_error", f"{type(exc).__name__}: {_short(exc)}") from None
+        raise ImageError("read_error", f"{type(exc).__name__}: {_short(exc, storage_options)}") from None
 
 
 def read_image_bytes(uri: str, storage_options: Optional[dict] = None) -> bytes:
@@ -365,10 +365,10 @@ def iter_tar_members(
         yield tar_uri, ImageError("not_found", "tar shard disappeared or does not exist")
         return
     except PermissionError as exc:
-        yield tar_uri, ImageError("permission_denied", _short(exc) or "permission denied")
+        yield tar_uri, ImageError("permission_denied", _short(exc, storage_options) or "permission denied")
         return
     except Exception as exc:  # noqa: BLE001 - as in read_bytes
-        yield tar_uri, ImageError("read_error", f"{type(exc).__name__}: {_short(exc)}")
+        yield tar_uri, ImageError("read_error", f"{type(exc).__name__}: {_short(exc, storage_options)}")
         return
     current = None
     yielded = 0
@@ -390,9 +390,9 @@ def iter_tar_members(
     except FileNotFoundError:
         yield tar_uri, ImageError("not_found", "tar shard disappeared or does not exist")
     except PermissionError as exc:
-        yield tar_uri, ImageError("permission_denied", _short(exc) or "permission denied")
+        yield tar_uri, ImageError("permission_denied", _short(exc, storage_options) or "permission denied")
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        reason = f"{'ReadError' if isinstance(exc, tarfile.ReadError) else type(exc).__name__}: {_short(exc)}"
+        reason = f"{'ReadError' if isinstance(exc, tarfile.ReadError) else type(exc).__name__}: {_short(exc, storage_options)}"
         if current is not None:
             yield current, ImageError("read_error", f"tar member cut short ({reason})")
         else:
@@ -400,11 +400,12 @@ def iter_tar_members(
             yield tar_uri, ImageError("read_error", f"tar shard unreadable{where} ({reason})")
 
 
-def _short(exc: BaseException) -> str:
-    """An exception's text for an error row: the first 300 characters, URIs' credentials redacted."""
-    from .config import redact_text
+def _short(exc: BaseException, storage_options: Optional[dict] = None) -> str:
+    """An exception's text for an error row: the first 300 characters, without credentials (those
+    inside URIs, and the values of the storage options the read used)."""
+    from .credentials import redact, redact_text
 
-    return redact_text(str(exc))[:300]
+    return redact(redact_text(str(exc)), storage_options)[:300]
 
 
 def read_tar_batch(

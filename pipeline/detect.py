@@ -46,7 +46,8 @@ class Detector:
 
         self.cfg = cfg
         self.device = pick_device(cfg.device)
-        weights_path = resolve_detector_weights(cfg.weights, expected_sha256)  # per node, checked against the driver's copy
+        # per node, checked against the driver's copy; storage_options: credentials of a weights URL
+        weights_path = resolve_detector_weights(cfg.weights, expected_sha256, cfg.storage_options)
         self.model = load_yolo(weights_path, self.device)
         self.kwargs = dict(predict_kwargs(cfg), device=self.device)
         self.guard = CrashGuard(ledger, "detect", max_image_crashes)

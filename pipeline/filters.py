@@ -25,6 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
+from .credentials import redact  # noqa: F401 - report, export and the CLI import it from here
 from .ownership import normalised_path
 
 
@@ -214,28 +215,7 @@ def read_rgb(uri: str, storage_options: Optional[dict] = None):
     return decode_rgb(read_image(uri, storage_options))
 
 
-# Option keys whose values may be shown in messages (they locate storage, they do not unlock it).
-NOT_SECRET = frozenset({"endpoint_url", "region_name", "anon", "use_ssl", "requester_pays", "default_block_size"})
 CREDENTIAL_KEY = re.compile(r"key|secret|token|pass|cred|auth|sas|sig|session", re.IGNORECASE)
-
-
-def _secret_values(options, key: str = "") -> list[str]:
-    if isinstance(options, dict):
-        return [v for k, sub in options.items() for v in _secret_values(sub, str(k))]
-    if isinstance(options, (list, tuple)):
-        return [v for item in options for v in _secret_values(item, key)]
-    if key in NOT_SECRET or isinstance(options, bool) or options is None:
-        return []
-    text = str(options)
-    return [text] if len(text) >= 4 else []
-
-
-def redact(text: str, *option_sets: Optional[dict]) -> str:
-    """``text`` with every storage-option value that may be a credential replaced by ``***``."""
-    values = sorted({v for opts in option_sets if opts for v in _secret_values(opts)}, key=len, reverse=True)
-    for value in values:
-        text = text.replace(value, "***")
-    return text
 
 
 class OptionError(ValueError):

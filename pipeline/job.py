@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 from fsspec.core import url_to_fs
 
-from .config import ConfigError, RunConfig, redact_text, redact_uri, redacted_config, uses_random_weights
+from .config import ConfigError, RunConfig, redact, redact_text, redact_uri, redacted_config, uses_random_weights
 from .models import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
 from .cluster import actor_plan, actors_timed_out, check_device, connect_ray, describe, sam_device_type
 from .runstate import Progress, RunFolder, ShardTracker, fingerprint
@@ -97,11 +97,15 @@ def preflight(cfg: RunConfig) -> tuple[SamWeights, Optional[str], dict[int, str]
             fs, path = url_to_fs(first.uri, **cfg.input.storage_options)
             if not fs.exists(path):
                 raise SourceError(f"input.uri: the first tar shard {first.uri} does not exist")
-    except (SourceError, OSError) as exc:
-        raise ConfigError(str(exc) if isinstance(exc, SourceError) else f"input: cannot list {cfg.input.uri} ({exc})") from None
+    except SourceError as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - OSError, and what storage back-ends raise besides (botocore's ParamValidationError)
+        where = cfg.prompts.manifest if cfg.prompts.source != "detector" else cfg.input.uri
+        raise ConfigError(redact(redact_text(f"input: cannot list {where} ({type(exc).__name__}: {exc})"),
+                                 cfg.input.storage_options)) from None
     try:
-        sam = resolve_sam_checkpoint(cfg.sam.size, cfg.sam.checkpoint)
-        det_path = resolve_detector_weights(cfg.detector.weights) if cfg.uses_detector else None
+        sam = resolve_sam_checkpoint(cfg.sam.size, cfg.sam.checkpoint, storage_options=cfg.sam.storage_options)
+        det_path = resolve_detector_weights(cfg.detector.weights, storage_options=cfg.detector.storage_options) if cfg.uses_detector else None
     except WeightsError as exc:
         raise ConfigError(str(exc)) from None
     if det_path is None:

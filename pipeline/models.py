@@ -28,11 +28,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from fsspec.callbacks import Callback
 
-from .config import redact_text, redact_uri
+from .credentials import redact, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,15 @@ def copy_url(url: str, dest: Path, storage_options: Optional[dict] = None, what:
     except FileNotFoundError:
         raise WeightsError(f"{what} not found: {shown}") from None
     except Exception as exc:  # noqa: BLE001 - storage back-ends raise many classes; all mean "cannot read it"
-        raise WeightsError(redact_text(f"cannot read {what} {url}: {type(exc).__name__}: {exc}")) from None
+        raise WeightsError(redact(redact_text(f"cannot read {what} {url}: {type(exc).__name__}: {exc}"), storage_options)) from None
 
 
-def cached_path(url: str) -> Path:
-    """Where ``fetch_once`` keeps its copy of ``url`` on this node (keyed by the whole URL)."""
-    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+def cached_path(url: str, params: Optional[list] = None) -> Path:
+    """Where ``fetch_once`` keeps its copy of ``url`` on this node, keyed by the whole URL: the
+    query string too, which the config moved into the storage options' ``params`` (only a digest
+    of it is in the path)."""
+    whole = url if not params else f"{url}?{urlencode([tuple(p) for p in params])}"
+    key = hashlib.sha256(whole.encode()).hexdigest()[:16]
     name = Path(urlsplit(url).path).name or "weights"
     return cache_dir() / "checkpoints" / key / name
 
@@ -209,7 +212,7 @@ def fetch_once(url: str, expected_sha256: Optional[str] = None, storage_options:
     digest is not ``expected_sha256`` is refused with both digests and is not kept.
     """
     expected = normal_digest(expected_sha256, what)
-    dest = cached_path(url)
+    dest = cached_path(url, (storage_options or {}).get("params"))
     shown = redact_uri(url)
     with node_lock(Path(f"{dest}.lock"), shown):
         problem = None

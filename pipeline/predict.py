@@ -137,7 +137,7 @@ def predict_command(args) -> int:
 
     from PIL import Image
 
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, redact_text
     from .decode import ImageError
     from .models import WeightsError
 
@@ -153,7 +153,7 @@ def predict_command(args) -> int:
         build_prompt(image, coords, labels, box, args.mask)  # fail fast, before loading the model
         predictor = Predictor(cfg.sam)
     except (ConfigError, PromptError, ImageError, WeightsError) as exc:
-        print(f"autolabel: error: {exc}", file=sys.stderr)
+        print(f"autolabel: error: {redact_text(str(exc))}", file=sys.stderr)  # IMAGE may be a URL with user info
         return 2
     result = predictor.predict(image, points=coords, point_labels=labels, box=box, mask=args.mask, multimask=args.multimask)
     out = Path(args.out)

@@ -109,7 +109,7 @@ def load_mask(spec: Any, base_uri: Optional[str] = None, storage_options: Option
     ``roots``: folders a mask path must lie under (the manifest's folder, ``input.uri``); None
     allows any path (``prompts.allow_any_uri``, and the Python API)."""
     from . import masks as mask_codec
-    from .sources import is_within, resolve_relative
+    from .locations import is_within, resolve_relative
 
     if isinstance(spec, dict):
         try:

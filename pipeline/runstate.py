@@ -25,9 +25,11 @@ from .sources import SHARDS_DIR, normalise_uri
 log = logging.getLogger("autolabel")
 
 RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report", "exports", "review")
-# Keys that change speed or memory but not a single output row; they may differ on a resume. (The
-# output, ray and report sections are not in the fingerprint at all.)
-PERFORMANCE_ONLY = ("input.storage_options", "detector.batch_size", "sam.batch_size", "sam.box_chunk", "sam.compile")
+# Keys that change speed or memory (or how storage is reached: credentials, endpoints) but not a
+# single output row; they may differ on a resume. (The output, ray and report sections are not in
+# the fingerprint at all.)
+PERFORMANCE_ONLY = ("input.storage_options", "detector.storage_options", "sam.storage_options", "detector.batch_size",
+                    "sam.batch_size", "sam.box_chunk", "sam.compile")
 # URIs compared as the places they name: ``photos/``, ``photos`` and ``./photos`` are one input.
 NORMALISED_URIS = (("input", "uri"), ("prompts", "manifest"))
 

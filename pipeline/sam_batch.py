@@ -148,7 +148,7 @@ class SamModel:
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
         _warn_if_ray_gpu_is_not_visible(self.device)
         # expected_sha256: the driver's copy's digest, so every node runs the very same weights
-        self.weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint, expected_sha256)
+        self.weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint, expected_sha256, cfg.storage_options)
         self.model = build_sam_model(self.weights, cfg.image_size, self.device, compile_encoder=cfg.compile)
         self.qa = qa  # quality metrics and clean-up of every mask (None: masks only)
         self.size = cfg.image_size

@@ -12,18 +12,19 @@ import hashlib
 import io
 import json
 import math
-import posixpath
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+
+from .credentials import redact_uri, stored_uri_problem
+from .locations import is_within, normalise_uri, resolve_relative  # noqa: F401 - also imported from here
 
 SHARDS_DIR = "_shards"
 SHARD_SCHEMA = pa.schema(
@@ -268,19 +269,6 @@ class WorkItem:
     lines: tuple[int, ...] = ()  # the manifest lines it came from (several when lines repeat a URI)
 
 
-def _normalised(path: str) -> str:
-    return posixpath.normpath(path) if path else path
-
-
-def normalise_uri(uri: str) -> str:
-    """``a/./b/../c.jpg`` -> ``a/c.jpg``, also inside URLs (``s3://b/x/../y``): one image, one URI
-    (and one image_id) however a manifest spells its path, and ``..`` cannot hide where it leads."""
-    parts = urlsplit(uri)
-    if len(parts.scheme) > 1:  # a URL (a one-letter scheme would be a Windows drive)
-        return urlunsplit(parts._replace(path=_normalised(parts.path))) if parts.path else uri
-    return _normalised(uri)
-
-
 def root_of(uri: str, storage_options: dict | None = None) -> str:
     """The folder a URI names or sits in, as a full URI: globs are cut at their first wildcard, a
     name with a file suffix gives its parent. Used as a root that manifest paths must stay under."""
@@ -290,26 +278,20 @@ def root_of(uri: str, storage_options: dict | None = None) -> str:
         path = head.rsplit("/", 1)[0]
     elif re.search(r"\.[A-Za-z0-9]{1,5}$", path.rsplit("/", 1)[-1]):
         path = path.rsplit("/", 1)[0] if "/" in path else ""
-    return fs.unstrip_protocol(_normalised(path))
+    return fs.unstrip_protocol(normalise_uri(path))  # an http(s) path is the whole URL: normpath would eat its '//'
 
 
-def is_within(uri: str, roots: Iterable[str], storage_options: dict | None = None) -> bool:
-    """True when ``uri`` (after resolving ``..``) lies under one of ``roots`` on the same storage."""
-    fs, path = url_to_fs(normalise_uri(uri), **(storage_options or {}))
-    protocols = protocols_of(fs)
-    for root in roots:
-        root_fs, root_path = url_to_fs(normalise_uri(root), **(storage_options or {}))
-        root_path = root_path.rstrip("/")
-        if protocols & protocols_of(root_fs) and (path == root_path or path.startswith(root_path + "/") or not root_path):
-            return True
-    return False
-
-
-def resolve_relative(ref: str, base_uri: Optional[str]) -> str:
-    """A manifest's ``uri`` or mask path: absolute (``/x``, ``s3://b/x``) as is, else under ``base_uri``."""
-    if "://" in ref or ref.startswith("/") or base_uri is None:
-        return normalise_uri(ref)
-    return normalise_uri(f"{base_uri.rstrip('/')}/{ref}")
+def _refuse_credentials(key: str, number: int, written: str, uri: str, objects: list) -> None:
+    """A manifest line whose image URI or mask path carries credentials is refused: the URI would be
+    stored in the tables (and the mask path in the shard files) with them."""
+    masks = [o["mask"] for o in objects if isinstance(o, dict) and isinstance(o.get("mask"), str)]
+    for what, shown, full in [("uri", written, uri), *(("mask", m, m) for m in masks)]:
+        problem = stored_uri_problem(full)
+        if problem:
+            raise SourceError(
+                f"{key} line {number}: {what} {redact_uri(shown)} {problem}; stored URIs never carry credentials: "
+                "give them in input.storage_options (the manifest and what it names are read with those)"
+            )
 
 
 def normalise_object(obj):
@@ -386,9 +368,8 @@ def iter_manifest(manifest_uri: str, storage_options: dict | None = None, key: s
         if clash:
             raise SourceError(f"{key} line {number}: keys {clash} clash with images-table columns; rename them")
         uri = resolve_relative(row["uri"], base)
+        _refuse_credentials(key, number, row["uri"], uri, objects)
         if allowed is not None and not is_within(uri, allowed, storage_options):
-            from .config import redact_uri
-
             raise SourceError(
                 f"{key} line {number}: uri {redact_uri(row['uri'])} is outside the manifest's folder {redact_uri(base)}"
                 f"{' and ' + ', '.join(redact_uri(r) for r in roots) if roots else ''}; "
@@ -447,8 +428,6 @@ def merge_repeated_uris(items: Iterable[WorkItem], key: str = "prompts.manifest"
 
 def _merged(uri: str, lines: list[int], prompts: list[Optional[str]], metas: list[Optional[str]], base: Optional[str],
             key: str) -> WorkItem:
-    from .config import redact_uri
-
     objects: list = []
     key_line: dict[str, int] = {}
     for line, text in zip(lines, prompts):

@@ -383,10 +383,11 @@ def _manifest(tmp_path, lines, name="m.jsonl"):
 
 
 def _listed(tmp_path, manifest, *extra):
+    """The work items of a manifest (``manifest`` None: ``extra`` names it and input.uri)."""
     from pipeline.job import work_items
 
-    return list(work_items(load_config(None, ["prompts.source=manifest", f"prompts.manifest={manifest}",
-                                              f"input.uri={tmp_path / 'images'}", *extra])))
+    named = [] if manifest is None else [f"prompts.manifest={manifest}", f"input.uri={tmp_path / 'images'}"]
+    return list(work_items(load_config(None, ["prompts.source=manifest", *named, *extra])))
 
 
 def test_manifest_uris_are_confined_to_its_folder_and_input_uri(tmp_path):
@@ -416,6 +417,99 @@ def test_mask_paths_are_confined_unless_allowed(tmp_path):
     assert [p.error for p in confined][0] is None
     assert all("is outside the manifest's folder" in p.error for p in confined[1:])
     assert all(p.error is None for p in manifest_prompts(objects, base, 4, 4, {}, roots=None))
+
+
+@pytest.mark.parametrize("escape", [
+    "%2E%2E/private/x.jpg",        # yarl (and many servers) read %2E%2E as ..
+    "%2e%2e/private/x.jpg",
+    ".%2E/private/x.jpg",
+    "%252E%252E/private/x.jpg",    # decoded twice by some proxies
+    "..%2Fprivate/x.jpg",          # an escaped '/' that a server decodes
+    "..%5Cprivate/x.jpg",          # an escaped '\\' that some servers read as '/'
+])
+def test_percent_escapes_cannot_lead_out_of_an_http_manifests_folder(tmp_path, escape):
+    """Issue 16 item 9: ``https://host/data/%2E%2E/private/x.jpg`` passed the check, then fsspec and
+    yarl fetched ``/private/x.jpg``. A real HTTP server: the manifest is refused, and no request
+    ever reaches /private."""
+    from http_server import FolderServer
+    from pipeline.sources import SourceError
+
+    (tmp_path / "srv" / "data" / "img").mkdir(parents=True)
+    (tmp_path / "srv" / "private").mkdir()
+    (tmp_path / "srv" / "private" / "x.jpg").write_bytes(b"private")
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "srv" / "data" / "ok.png")
+    lines = [{"uri": "img/a.jpg"}, {"uri": escape}]
+    (tmp_path / "srv" / "data" / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with FolderServer(tmp_path / "srv") as server:
+        cfg = ["prompts.source=manifest", f"prompts.manifest={server.url('data/m.jsonl')}", f"input.uri={server.url('data/img')}"]
+        with pytest.raises(SourceError, match=r"line 2: uri .* is outside the manifest's folder"):
+            _listed(tmp_path, None, *cfg)
+        assert not any("/private" in path for _, path, _ in server.requests)
+        # a mask path in a manifest line is checked the same way, against the job's roots (that object's error row)
+        from pipeline.job import manifest_roots
+
+        roots = manifest_roots(load_config(None, cfg))
+        assert roots == [server.url("data/img"), server.url("data")]
+        masks = json.dumps([{"mask": "ok.png"}, {"mask": escape.replace("x.jpg", "m.png")}])
+        inside, outside = [p.error for p in manifest_prompts(masks, server.url("data"), 4, 4, {}, roots=roots)]
+        assert inside is None and "is outside the manifest's folder" in outside
+
+
+@pytest.mark.parametrize("uri, inside", [
+    ("s3://bucket/data/a.jpg", True),
+    ("s3a://bucket/data/sub/a.jpg", True),
+    ("s3://bucket/data/%2E%2E/private/x.jpg", False),
+    ("s3://bucket/data/sub/%2E%2E/%2E%2E/private/x.jpg", False),
+    ("s3://bucket/data/..%2F..%2Fother/x.jpg", False),
+    ("s3://other/data/a.jpg", False),
+    ("https://host/data/sub/%2E%2E/a.jpg", True),
+    ("https://host/data/%2E%2E%2Fprivate/x.jpg", False),
+    ("https://evil/data/a.jpg", False),
+])
+def test_confinement_reads_object_store_and_http_paths_as_the_storage_does(uri, inside):
+    from pipeline.sources import is_within
+
+    roots = ["s3://bucket/data", "https://host/data"]
+    assert is_within(uri, roots) is inside
+
+
+def test_a_symlink_in_the_manifests_folder_does_not_lead_out_of_it(tmp_path):
+    """Local roots are compared with symlinks resolved: ``work/link -> /elsewhere`` is outside."""
+    from pipeline.sources import SourceError
+
+    for folder in ("images", "work", "elsewhere"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "work" / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "work" / "inner").symlink_to(tmp_path / "work" / "sub", target_is_directory=True)  # stays inside
+    bad = _manifest(tmp_path / "work", [{"uri": "a.jpg"}, {"uri": "link/secret.jpg"}], "bad.jsonl")
+    with pytest.raises(SourceError, match=r"line 2: uri link/secret.jpg is outside the manifest's folder"):
+        _listed(tmp_path, bad)
+    assert len(_listed(tmp_path, bad, "prompts.allow_any_uri=true")) == 2
+    assert len(_listed(tmp_path, _manifest(tmp_path / "work", [{"uri": "inner/b.jpg"}], "ok.jsonl"))) == 1
+    objects = json.dumps([{"mask": "link/m.png"}])
+    (error,) = [p.error for p in manifest_prompts(objects, str(tmp_path / "work"), 4, 4, {}, roots=[str(tmp_path / "work")])]
+    assert "is outside the manifest's folder" in error
+
+
+@pytest.mark.parametrize("written", [
+    "https://htUSERz9:htPWa1@{host}/data/a.jpg",
+    "https://{host}/data/a.jpg?X-Amz-Signature=sIgA1b2c3",
+    "s3://AKIAS3KEYID0TEST0001:s3SECa1@bucket/a.jpg",
+])
+def test_manifest_lines_whose_uri_carries_credentials_are_refused(tmp_path, written):
+    """Issue 16 item 7: stored URIs never carry user info or a signed query string; a manifest line
+    that has one would put it into the tables, so the manifest is refused (exit 2), masked."""
+    from pipeline.sources import SourceError
+
+    (tmp_path / "images").mkdir()
+    uri = written.format(host="127.0.0.1:9")
+    bad = _manifest(tmp_path, [{"uri": "a.jpg"}, {"uri": uri}, {"uri": "b.jpg", "objects": [{"mask": uri}]}])
+    with pytest.raises(SourceError, match=r"line 2: uri .* (carries user info|has a query string)") as err:
+        _listed(tmp_path, bad, "prompts.allow_any_uri=true")
+    assert not any(s in str(err.value) for s in ("htPWa1", "sIgA1b2c3", "s3SECa1", "AKIAS3KEYID0TEST0001"))
+    masked = _manifest(tmp_path, [{"uri": "a.jpg"}, {"uri": "b.jpg", "objects": [{"mask": uri}]}], "mask.jsonl")
+    with pytest.raises(SourceError, match=r"line 2: mask .* (carries user info|has a query string)"):
+        _listed(tmp_path, masked, "prompts.allow_any_uri=true")
 
 
 def test_lines_repeating_an_image_are_merged_in_file_order(tmp_path):

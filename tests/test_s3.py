@@ -19,7 +19,7 @@ from conftest import REPO, autolabel_cli, model_overrides
 from pipeline.decode import ImageError, iter_tar_members, read_bytes
 
 KEY = "AKIAAUTOLABELTEST7Q2X"
-SECRET = "autolabel-TEST-secret/9f3c1e7d+b04a6e52"
+SECRET = "s3SECa1/s3SECb2:s3SECc3@s3SECd4%s3SECe5+s3SECf6"  # '/', ':', '@', '%' and '+' inside
 PHOTOS = {"coffee.png": "coffee.png", "chelsea.jpg": "nested/chelsea.jpg"}
 
 
@@ -84,79 +84,127 @@ def test_missing_credentials_are_a_read_error_row_not_a_crash(s3, monkeypatch):
     assert gone[0] == "s3://data/shards/s-000000.tar" and gone[1].error_class == "read_error"
 
 
-HTTP_USER, HTTP_PASSWORD = "alice", "pa55-AUTOLABEL-http"
+# Secrets as users have them, with '/' (half of AWS secret keys), ':', '@' and '%' inside; every
+# part between those characters is distinctive, so a piece of a secret is found as well.
+HTTP_USER, HTTP_PASSWORD = "htUSERz9", "htPWa1/htPWb2:htPWc3@htPWd4%htPWe5"
 SIGNATURE, CREDENTIAL = "SIG0autolabel0f00d", "CRED0autolabel0beef"
 
 
-@pytest.fixture
+def typed(secret: str) -> str:
+    """A secret as a user pastes it into a URI: raw, but '%' (which starts an escape) as %25."""
+    return secret.replace("%", "%25")
+
+
+def signed_url(server, name: str) -> str:
+    """A weights URL with basic auth and a signed query string, as users paste them."""
+    return (f"http://{HTTP_USER}:{typed(HTTP_PASSWORD)}@{server.host}/{name}"
+            f"?X-Amz-Signature={SIGNATURE}&X-Amz-Credential={CREDENTIAL}")
+
+
+@pytest.fixture(scope="module")
 def weights_server(checkpoints):
-    """An HTTP server on loopback that serves the SAM checkpoint only with basic auth, at a
-    signed-looking URL (the credentials sit in the URL, as users paste them)."""
+    """HTTP on loopback serving the checkpoints only with basic auth and a signature in the query."""
+    from http_server import FolderServer
+
+    server = FolderServer(checkpoints["sam"].parent, HTTP_USER, HTTP_PASSWORD, signature=SIGNATURE)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def loopback_ray(tmp_path_factory):
+    """A one-node Ray cluster that outlives the jobs run on it, so its task and actor tables and its
+    logs can be searched afterwards. No AWS credentials of its own, and no metadata service to ask."""
+    from cluster_harness import LoopbackCluster
+
+    root = tmp_path_factory.mktemp("ray")
+    env = {**{k: None for k in os.environ if k.startswith("AWS_")}, "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_SHARED_CREDENTIALS_FILE": str(root / "none"), "AWS_CONFIG_FILE": str(root / "none"),
+           "AUTOLABEL_CACHE": str(root / "cache")}
+    cluster = LoopbackCluster.start(root, head_cpus=2, workers=(), env=env)
+    yield cluster
+    cluster.stop()
+
+
+# ------------------------------------------------------------------ the search for secrets
+
+
+def _secret_forms(secrets: list[str]) -> list[str]:
+    """Each secret, its percent-encoded forms, its parts between special characters, and the basic-auth
+    token of the HTTP user and password."""
     import base64
-    import http.server
-    import threading
+    import re
+    from urllib.parse import quote
 
-    data = checkpoints["sam"].read_bytes()
-    wanted = "Basic " + base64.b64encode(f"{HTTP_USER}:{HTTP_PASSWORD}".encode()).decode()
+    forms = {HTTP_USER, base64.b64encode(f"{HTTP_USER}:{HTTP_PASSWORD}".encode()).decode()}
+    for secret in secrets:
+        forms |= {secret, quote(secret, safe=""), typed(secret)}
+        forms |= {part for part in re.split(r"[/:@%+]", secret) if len(part) >= 5}
+    return sorted(forms)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self, body: bool) -> None:
-            if self.headers.get("Authorization") != wanted or SIGNATURE not in self.path:
-                self.send_response(401)
-                self.end_headers()
-                return
-            start, end = 0, len(data) - 1
-            ranged = self.headers.get("Range", "").removeprefix("bytes=")  # range requests, as object stores serve them
-            if ranged:
-                first, _, last = ranged.partition("-")
-                start, end = int(first or 0), min(int(last) if last else end, end)
-            self.send_response(206 if ranged else 200)
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(end - start + 1))
-            if ranged:
-                self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-            self.end_headers()
-            if body:
-                self.wfile.write(data[start:end + 1])
 
-        def do_GET(self):
-            self._answer(True)
+def decoded_files(fs, root: str) -> dict[str, str]:
+    """Every file under ``root`` as text: Parquet decoded (values compressed in a page would not
+    show in its bytes), everything else as its bytes."""
+    import io
 
-        def do_HEAD(self):
-            self._answer(False)
+    texts = {}
+    for path in fs.find(root):
+        data = fs.cat_file(path)
+        text = data.decode("utf-8", errors="replace")
+        if path.endswith(".parquet"):
+            text += json.dumps(pq.read_table(io.BytesIO(data)).to_pylist(), default=str)
+        texts[path] = text
+    return texts
 
-        def log_message(self, *args):
-            pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield (f"http://{HTTP_USER}:{HTTP_PASSWORD}@127.0.0.1:{server.server_port}/sam2.1_hiera_tiny.pt"
-           f"?X-Amz-Signature={SIGNATURE}&X-Amz-Credential={CREDENTIAL}")
-    server.shutdown()
+def ray_records(cluster) -> dict[str, str]:
+    """What the cluster keeps about the jobs: `ray list tasks/actors` in detail, and every log file
+    of every node's session."""
+    from pathlib import Path
+
+    texts = {}
+    for kind in ("tasks", "actors"):
+        proc = cluster.ray_cli("list", kind, "--address", cluster.dashboard, "--detail", "--format", "json", "--limit", "10000")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        texts[f"ray list {kind}"] = proc.stdout
+    for node in cluster.nodes:
+        for path in Path(node.temp_dir).glob("session_*/logs/**/*"):
+            if path.is_file():
+                texts[str(path)] = path.read_bytes().decode("utf-8", errors="replace")
+    assert json.loads(texts["ray list tasks"]) and json.loads(texts["ray list actors"])
+    assert any(name.endswith((".out", ".err", ".log")) for name in texts)  # the nodes' logs were found
+    return texts
+
+
+def assert_no_secret(secrets: list[str], texts: dict[str, str]) -> None:
+    found = [f"{form!r} in {where}" for where, text in texts.items() for form in _secret_forms(secrets) if form in text]
+    assert not found, "credentials leaked:\n  " + "\n  ".join(found[:20])
 
 
 @pytest.mark.slow
-def test_job_reads_from_and_writes_to_s3_without_leaking_credentials(s3, checkpoints, weights_server, tmp_path):
-    """Credentials given every way a user gives them: storage options, ``s3://KEY:SECRET@bucket``
-    in input.uri and output.uri, and a weights URL with ``user:password@`` and a signed query
-    string. None of them may reach stdout/stderr or any file the run writes."""
-    from urllib.parse import quote
-
+def test_job_reads_from_and_writes_to_s3_without_leaking_credentials(s3, checkpoints, weights_server, loopback_ray, tmp_path):
+    """Credentials given every way a user gives them: ``s3://KEY:SECRET@bucket`` in input.uri and
+    output.uri with the secret's '/', ':' and '@' as typed (issue 16 item 5: such a secret stayed in
+    the URI, in run.json, and preflight failed with botocore's raw error), weights URLs with
+    ``user:password@`` and a signed query string. The job runs on a Ray cluster that outlives it;
+    no credential may show in its output, any file it wrote (Parquet decoded), the exports, `ray
+    list tasks/actors` or the cluster's logs."""
     import s3fs
 
-    opts = json.dumps(s3["options"])
     endpoint_only = json.dumps({"endpoint_url": s3["endpoint"]})
-    in_url = f"s3://{KEY}:{quote(SECRET, safe='')}@data/photos"  # the secret percent-encoded, as URLs need
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env["AUTOLABEL_CACHE"] = str(tmp_path / "cache")
+    creds = f"{KEY}:{typed(SECRET)}@"
+    env = {k: v for k, v in loopback_ray.env.items() if not k.startswith("AWS_")}
     proc = subprocess.run(
-        [*autolabel_cli(), "run", f"input.uri={in_url}", "output.uri=s3://runs/r1",
-         f"input.storage_options={endpoint_only}", f"output.storage_options={opts}", "ray.num_cpus=2", "report.gallery=2",
-         *model_overrides(checkpoints), f"sam.checkpoint={weights_server}"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        [*autolabel_cli(), "run", f"input.uri=s3://{creds}data/photos", f"output.uri=s3://{creds}runs/r1",
+         f"input.storage_options={endpoint_only}", f"output.storage_options={endpoint_only}", f"ray.address={loopback_ray.address}",
+         "sam.device=cpu", "report.gallery=2", *model_overrides(checkpoints),
+         f"sam.checkpoint={signed_url(weights_server, checkpoints['sam'].name)}",
+         f"detector.weights={signed_url(weights_server, checkpoints['yolo'].name)}"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
-    logs = proc.stdout + proc.stderr
-    assert proc.returncode == 0, logs[-4000:]
+    logs = {"autolabel run": proc.stdout + proc.stderr}
+    assert proc.returncode == 0, logs["autolabel run"][-4000:]
     fs = s3fs.S3FileSystem(endpoint_url=s3["endpoint"], key=KEY, secret=SECRET)
     fs.invalidate_cache()
     run_json = json.loads(fs.cat_file("runs/r1/run.json"))
@@ -174,24 +222,112 @@ def test_job_reads_from_and_writes_to_s3_without_leaking_credentials(s3, checkpo
     objects = pq.read_table("runs/r1/objects", filesystem=fs).to_pandas()
     assert len(objects) == images["num_objects"].sum() > 0
 
-    assert run_json["config"]["input"]["uri"] == "s3://data/photos"  # the URI's credentials became storage options
-    assert run_json["config"]["sam"]["checkpoint"] == run_json["models"]["sam"]["checkpoint"] == (
-        weights_server.replace(f"{HTTP_USER}:{HTTP_PASSWORD}", "***").replace(SIGNATURE, "***").replace(CREDENTIAL, "***"))
+    # The URIs' credentials became storage options: the stored URIs are plain.
+    config = run_json["config"]
+    assert (config["input"]["uri"], config["output"]["uri"]) == ("s3://data/photos", "s3://runs/r1")
+    assert config["sam"]["checkpoint"] == run_json["models"]["sam"]["checkpoint"] == f"http://{weights_server.host}/{checkpoints['sam'].name}"
+    assert config["detector"]["weights"] == f"http://{weights_server.host}/{checkpoints['yolo'].name}"
+    assert config["sam"]["storage_options"] == config["detector"]["storage_options"] == {"headers": "***", "params": "***"}
+    fetched = [path for method, path, status in weights_server.requests if status == 200]
+    assert any(checkpoints["sam"].name in p and SIGNATURE in p for p in fetched)  # the signed query reached the server
+    assert any(checkpoints["yolo"].name in p for p in fetched)
 
-    written = fs.find("runs/r1")
+    options = [f"--storage-option={k}={v}" for k, v in {"endpoint_url": s3["endpoint"], "key": KEY, "secret": SECRET}.items()]
+    for fmt in ("labelstudio", "coco"):
+        exported = subprocess.run([*autolabel_cli(), "export", "s3://runs/r1", "--format", fmt, "--quiet", *options],
+                                  capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert exported.returncode == 0, exported.stderr[-3000:]
+        logs[f"autolabel export {fmt}"] = exported.stdout + exported.stderr
+    written = decoded_files(fs, "runs/r1")
     assert any(p.endswith("report/report.html") for p in written) and any("/_shards/" in p for p in written)
-    for secret in (KEY, SECRET, quote(SECRET, safe=""), HTTP_PASSWORD, SIGNATURE, CREDENTIAL):
-        assert secret not in logs, "a credential was printed"
-        for path in written:
-            assert secret.encode() not in fs.cat_file(path), f"a credential was written to {path}"
+    assert any(p.endswith("exports/labelstudio/tasks.json") for p in written)
+    assert_no_secret([KEY, SECRET, HTTP_PASSWORD, SIGNATURE, CREDENTIAL], {**logs, **written, **ray_records(loopback_ray)})
 
 
 def test_credentials_in_uris_are_redacted_in_errors_before_any_work(tmp_path):
     """A weights URL that cannot be read: the error names it without its credentials."""
+    url = f"http://{HTTP_USER}:{typed(HTTP_PASSWORD)}@127.0.0.1:9/none.pt?X-Amz-Signature={SIGNATURE}"
     proc = subprocess.run(
         [*autolabel_cli(), "run", f"input.uri={REPO / 'samples' / 'images'}", f"output.uri={tmp_path / 'out'}", "detector.weights=yolov8n.yaml",
-         f"sam.checkpoint=http://{HTTP_USER}:{HTTP_PASSWORD}@127.0.0.1:9/none.pt?X-Amz-Signature={SIGNATURE}"],
+         f"sam.checkpoint={url}"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
-    assert proc.returncode == 2 and "http://***@127.0.0.1:9/none.pt?X-Amz-Signature=***" in proc.stderr, proc.stderr[-2000:]
-    assert HTTP_PASSWORD not in proc.stdout + proc.stderr and SIGNATURE not in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "http://127.0.0.1:9/none.pt" in proc.stderr, proc.stderr[-2000:]
+    assert_no_secret([HTTP_PASSWORD, SIGNATURE], {"autolabel run": proc.stdout + proc.stderr})
+
+
+def test_a_listing_error_of_the_storage_library_is_exit_2_and_shows_no_credential(tmp_path):
+    """Issue 16 item 5: preflight let botocore's ParamValidationError through (exit 1, a traceback
+    showing the key id and the start of the secret). A bucket name S3 refuses, with credentials."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.run(
+        [*autolabel_cli(), "run", "input.uri=s3://Not:A:Bucket/photos", f"output.uri={tmp_path / 'out'}", "sam.checkpoint=random",
+         "detector.weights=yolov8n.yaml", "input.storage_options.endpoint_url=http://127.0.0.1:9", f"input.storage_options.key={KEY}",
+         f"input.storage_options.secret={SECRET}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == 2 and "input: cannot list s3://Not:A:Bucket/photos (ParamValidationError" in proc.stderr, proc.stderr[-3000:]
+    assert_no_secret([KEY, SECRET], {"autolabel run": proc.stdout + proc.stderr})
+
+
+@pytest.mark.slow
+def test_a_manifest_behind_basic_auth_labels_its_images_and_no_uri_carries_the_credentials(
+        photo_folder, checkpoints, weights_server, loopback_ray, tmp_path):
+    """Issue 16 item 6: credentials in ``prompts.manifest`` ended up in every image URI resolved
+    against it (tables, report, Label Studio tasks), and the run failed: aiohttp refuses a URL's user
+    info together with an auth header. A real HTTP server that serves the manifest, the images and a
+    prior mask only with basic auth (password with '/', ':', '@', '%'); detector and SAM weights
+    from a signed URL; the same search as above."""
+    import shutil
+
+    from PIL import Image
+
+    from http_server import FolderServer
+
+    data = tmp_path / "srv" / "data"
+    (data / "img").mkdir(parents=True)
+    (data / "masks").mkdir()
+    shutil.copy(photo_folder / "bus.jpg", data / "img" / "bus.jpg")
+    shutil.copy(photo_folder / "zidane.jpg", data / "img" / "zidane.jpg")
+    width, height = Image.open(data / "img" / "zidane.jpg").size
+    prior = Image.new("L", (width, height))
+    prior.paste(255, (width // 4, height // 4, width // 2, height // 2))
+    prior.save(data / "masks" / "zidane-1.png")
+    lines = [{"uri": "img/bus.jpg", "site": "north", "objects": [{"object_key": "b1", "box": [50, 200, 300, 700], "label": "person"}]},
+             {"uri": "img/zidane.jpg", "site": "south", "objects": [{"object_key": "z1", "mask": "masks/zidane-1.png", "label": "person"}]}]
+    (data / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    with FolderServer(tmp_path / "srv", HTTP_USER, HTTP_PASSWORD) as server:
+        proc = subprocess.run(
+            [*autolabel_cli(), "run", "prompts.source=both",
+             f"prompts.manifest=http://{HTTP_USER}:{typed(HTTP_PASSWORD)}@{server.host}/data/m.jsonl",
+             f"input.uri={server.url('data')}", f"output.uri={out}", f"ray.address={loopback_ray.address}", "sam.device=cpu",
+             "report.gallery=2", *model_overrides(checkpoints), f"sam.checkpoint={signed_url(weights_server, checkpoints['sam'].name)}",
+             f"detector.weights={signed_url(weights_server, checkpoints['yolo'].name)}"],
+            capture_output=True, text=True, timeout=600, env=loopback_ray.env, cwd=tmp_path,
+        )
+        logs = {"autolabel run": proc.stdout + proc.stderr}
+        assert proc.returncode == 0, logs["autolabel run"][-4000:]
+        assert not [r for r in server.requests if r[2] != 200]  # every request carried the credentials
+        assert any(path.endswith("zidane-1.png") for _, path, _ in server.requests)  # the prior mask was read over HTTP too
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["status"] == "finished" and run_json["totals"]["ok"] == 2, run_json.get("totals")
+    assert run_json["config"]["prompts"]["manifest"] == f"http://{server.host}/data/m.jsonl"
+    images = pq.read_table(out / "images").to_pandas()
+    assert sorted(images["uri"]) == [f"http://{server.host}/data/img/bus.jpg", f"http://{server.host}/data/img/zidane.jpg"]
+    objects = pq.read_table(out / "objects").to_pandas()
+    manifest_rows = objects[objects["source"] == "manifest"].set_index("object_key")
+    assert sorted(manifest_rows.index) == ["b1", "z1"] and (manifest_rows["status"] == "ok").all()
+    for fmt in ("labelstudio", "coco"):
+        exported = subprocess.run([*autolabel_cli(), "export", str(out), "--format", fmt, "--quiet"],
+                                  capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert exported.returncode == 0, exported.stderr[-3000:]
+        logs[f"autolabel export {fmt}"] = exported.stdout + exported.stderr
+    tasks = json.loads((out / "exports" / "labelstudio" / "tasks.json").read_text())
+    assert sorted(t["data"]["image"] for t in tasks) == sorted(images["uri"])
+
+    import fsspec
+
+    written = decoded_files(fsspec.filesystem("file"), str(out))
+    assert any(p.endswith("report/report.html") for p in written)
+    assert_no_secret([HTTP_PASSWORD, SIGNATURE, CREDENTIAL], {**logs, **written, **ray_records(loopback_ray)})
