@@ -6,14 +6,16 @@ Exit codes: 0 the run finished (some images may be error rows), 2 bad config or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import os
 import sys
 from typing import Optional
 
 from .config import ConfigError, allowed_keys, load_config, redact_text
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+
+log = logging.getLogger("autolabel")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,27 +138,6 @@ def _storage_arguments(parser: argparse.ArgumentParser, where: str, images: bool
                         "run.json does not keep their values); repeatable")
 
 
-def _setup_logging() -> None:
-    """Our own messages at INFO; libraries (sam2 logs every set_image at INFO) at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())
-    level = os.environ.get("AUTOLABEL_LOG_LEVEL", "INFO")
-    for name in ("autolabel", "pipeline"):
-        logging.getLogger(name).setLevel(level)
-
-
-class RedactingFilter(logging.Filter):
-    """Credentials inside URIs (``user:password@``, signed query strings) never reach the log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = redact_text(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = _parser()
     # key=value overrides may come after options (`predict IMG --out D sam.size=small`), which
@@ -168,8 +149,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(e.split('=', 1)[0] + '=...' if '=' in e and not e.startswith('-') else e for e in stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    _setup_logging()
-    return args.handler(args)
+    from . import console
+
+    log_file = console.new_log_file(args.command) if args.command == "run" else None
+    with console.configured(log_file):
+        return args.handler(args)
 
 
 def _predict(args) -> int:
@@ -179,20 +163,39 @@ def _predict(args) -> int:
 
 
 def _run(args) -> int:
+    from . import console
     from .job import JobFailed, format_summary, run
 
+    log_file = console.current_log_file()
     try:
         cfg = load_config(args.config, args.overrides)
-        manifest = run(cfg, overwrite=args.overwrite)
+        console.route_ray_logs()
+        log.info("log file (this run's messages, the libraries' too): %s", log_file)
+        with _stopping_the_ray_it_starts():
+            manifest = run(cfg, overwrite=args.overwrite)
     except ConfigError as exc:
         print(f"autolabel: error: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except JobFailed as exc:
-        print(f"autolabel: error: the job failed: {redact_text(str(exc))}\n  finished shards are kept; rerun the same command to resume",
-              file=sys.stderr)
+        print(f"autolabel: error: the job failed: {redact_text(str(exc))}\n  finished shards are kept; rerun the same command to resume"
+              f"\n  log: {log_file}", file=sys.stderr)
         return EXIT_FAILED
-    print(format_summary(manifest))
+    print(format_summary(manifest) + f"\n  log        {log_file}")
     return EXIT_OK if manifest["status"] == "finished" else EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _stopping_the_ray_it_starts():
+    """A Ray this command started (or connected to) is shut down before the command returns, so
+    its last messages still go to the log file and no worker outlives the command."""
+    import ray
+
+    already = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not already and ray.is_initialized():
+            ray.shutdown()
 
 
 def _storage_options(args) -> tuple[dict, dict]:
