@@ -1,0 +1,30 @@
+"""The session-end check finds the processes this session started, and only those."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from session_processes import SESSION_ENV, left_behind, started_by
+
+
+def test_a_process_with_this_session_s_marker_is_found_and_one_without_is_not(tmp_path):
+    session = os.environ[SESSION_ENV]
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    ours = subprocess.Popen(sleeper, start_new_session=True)  # inherits the marker, even in a session of its own
+    other = subprocess.Popen(sleeper, env={**os.environ, SESSION_ENV: str(tmp_path)})  # another session's
+    unmarked = subprocess.Popen(sleeper, env={k: v for k, v in os.environ.items() if k != SESSION_ENV})
+    try:
+        found = started_by(session)
+        assert ours.pid in found
+        assert other.pid not in found and unmarked.pid not in found
+        assert started_by(str(tmp_path)) == [other.pid]
+
+        described = left_behind(str(tmp_path), grace_s=0.5)  # other's session "ended" with it alive
+        assert len(described) == 1 and described[0].startswith(f"pid {other.pid}: {sys.executable} -c import time")
+        assert other.wait(timeout=10) == -9 and started_by(str(tmp_path)) == []
+    finally:
+        for proc in (ours, other, unmarked):
+            proc.kill()
+            proc.wait()
+    assert ours.pid not in started_by(session)  # reaped: nothing left for the session-end check
