@@ -50,6 +50,55 @@ WARNING ⚠️ imgsz=[330] must be multiple of max stride 32, updating to [352]
     assert alarming_lines_not_ours(before) == before.splitlines()[1:4] + [before.splitlines()[5]]
 
 
+def test_the_console_passes_our_lines_and_sends_the_workers_other_output_to_the_log(tmp_path):
+    """What Ray forwards from workers is recognised by its prefix; only our records pass."""
+    import io
+
+    from pipeline.console import _Console
+
+    shown = io.StringIO()
+    with open(tmp_path / "log", "wb") as log:
+        console = _Console(shown, native_fd=log.fileno())
+        console.write("\r  labeling:  50%")  # a progress bar: passes at once
+        assert shown.getvalue() == "\r  labeling:  50%"
+        ours = "2026-12-06 06:36:01,409 WARNING pipeline.faults: segment: x.jpg crashed its worker 3 times"
+        console.write("\x1b[2m\x1b[36m(MapWorker(MapBatches(Segmenter)) pid=7, ip=10.0.0.2)\x1b[0m ")  # print() writes
+        console.write(ours)  # the line and its end separately: held until the line is whole
+        assert shown.getvalue() == "\r  labeling:  50%"
+        console.write("\n")
+        console.write("\x1b[36m(CrashLedger pid=8)\x1b[0m [mutex.cc : 452] RAW: Lock blocking 0x55ded7e70a50\n")
+        console.write("(raylet) Spilled 300 MiB\n(autoscaler +2s) Tip: use `ray status`\n")
+        console.write("(not Ray's) a line of our own that starts with a bracket\n")
+        console.close()
+    assert shown.getvalue() == ("\r  labeling:  50%\x1b[2m\x1b[36m(MapWorker(MapBatches(Segmenter)) pid=7, ip=10.0.0.2)\x1b[0m "
+                                + ours + "\n(not Ray's) a line of our own that starts with a bracket\n")
+    assert (tmp_path / "log").read_text() == ("\x1b[36m(CrashLedger pid=8)\x1b[0m [mutex.cc : 452] RAW: Lock blocking 0x55ded7e70a50\n"
+                                              "(raylet) Spilled 300 MiB\n(autoscaler +2s) Tip: use `ray status`\n")
+
+
+def test_a_command_s_logging_is_undone_when_it_ends(tmp_path, capfd):
+    """In-process (the tests call cli.main): the log file gets the libraries' lines and what is
+    written to file descriptor 2; the console ours; afterwards everything is as it was."""
+    import logging
+    import sys
+
+    from pipeline import console
+
+    before = sys.stdout, sys.stderr, logging.getLogger().handlers[:], logging.getLogger().level
+    log_file = tmp_path / "run.log"
+    with console.configured(log_file):
+        logging.getLogger("autolabel").warning("ours")
+        logging.getLogger("ultralytics").info("a library's banner")  # via the filter set before any import
+        logging.getLogger("somelib").warning("a library's warning")
+        os.write(2, b"[2026-12-06 06:16:48,385 E 5718 5718] core_worker.cc:2465: from C++\n")
+    assert (sys.stdout, sys.stderr, logging.getLogger().handlers, logging.getLogger().level) == before
+    os.write(2, b"after\n")
+    err = capfd.readouterr().err
+    assert "WARNING autolabel: ours" in err and "library" not in err and "C++" not in err and err.endswith("after\n")
+    logged = log_file.read_text()
+    assert all(text in logged for text in ("ours", "a library's banner", "a library's warning", "from C++"))
+
+
 @pytest.fixture
 def few_photos(tmp_path) -> Path:
     folder = tmp_path / "photos"

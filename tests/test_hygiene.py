@@ -1,11 +1,30 @@
-"""The session-end check finds the processes this session started, and only those."""
+"""The test suite's own rules: a warning from our code fails its test, and the session-end check
+finds the processes this session started, and only those."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 
+from conftest import REPO
 from session_processes import SESSION_ENV, left_behind, started_by
+
+
+def test_a_warning_from_our_code_fails_its_test_and_a_library_s_only_shows(tmp_path):
+    (tmp_path / "test_w.py").write_text(
+        "import warnings\n"
+        "def test_ours():\n"
+        "    warnings.warn_explicit('new in our code', UserWarning, 'pipeline/sam_batch.py', 1, module='pipeline.sam_batch')\n"
+        "def test_a_library_s():\n"
+        "    warnings.warn_explicit('new in a library', UserWarning, 'somelib.py', 1, module='somelib')\n"
+        "def test_a_library_named_like_us():\n"
+        "    warnings.warn_explicit('not ours', UserWarning, 'pipelines.py', 1, module='pipelines')\n"
+    )
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-c", str(REPO / "pyproject.toml"), "--rootdir", str(tmp_path),
+                           "-p", "no:cacheprovider", "-q", str(tmp_path / "test_w.py")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "_ test_ours _" in proc.stdout and "E       UserWarning: new in our code" in proc.stdout, proc.stdout
+    assert "1 failed, 2 passed, 2 warnings" in proc.stdout, proc.stdout
 
 
 def test_a_process_with_this_session_s_marker_is_found_and_one_without_is_not(tmp_path):
