@@ -26,11 +26,38 @@ def started_by(session: str) -> list[int]:
         try:
             if needle not in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
                 continue
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        if state not in ("Z", "X"):
+        if alive(int(entry)):
             found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def using(folder: str) -> list[int]:
+    """Processes whose working folder, stdout or stderr lies under ``folder``: for a Ray node's
+    own ``--temp-dir``, its raylet and workers (their output goes to the session's log files) and
+    the jobs it runs (their working_dir is unpacked there), whichever session they are in."""
+    root = os.path.realpath(folder) + os.sep
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        for link in ("cwd", "fd/1", "fd/2"):
+            try:
+                target = os.readlink(f"/proc/{entry}/{link}")
+            except OSError:
+                continue
+            if target.startswith(root) and alive(int(entry)):
+                found.append(int(entry))
+                break
     return found
 
 

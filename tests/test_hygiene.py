@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from conftest import REPO
-from session_processes import SESSION_ENV, left_behind, started_by
+from session_processes import SESSION_ENV, left_behind, started_by, using
 
 
 def test_a_warning_from_our_code_fails_its_test_and_a_library_s_only_shows(tmp_path):
@@ -47,3 +47,19 @@ def test_a_process_with_this_session_s_marker_is_found_and_one_without_is_not(tm
             proc.kill()
             proc.wait()
     assert ours.pid not in started_by(session)  # reaped: nothing left for the session-end check
+
+
+def test_the_processes_working_in_a_folder_are_found_by_it(tmp_path):
+    """How the cluster harness finds a node's processes outside its session (a job's driver)."""
+    (tmp_path / "node").mkdir()
+    inside = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], cwd=tmp_path / "node", start_new_session=True)
+    with open(tmp_path / "node" / "worker.err", "wb") as err:
+        logging_there = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], stderr=err)
+    elsewhere = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], cwd=tmp_path)
+    try:
+        assert sorted(using(str(tmp_path / "node"))) == sorted([inside.pid, logging_there.pid])
+    finally:
+        for proc in (inside, logging_there, elsewhere):
+            proc.kill()
+            proc.wait()
+    assert using(str(tmp_path / "node")) == []
