@@ -45,7 +45,7 @@ def using(folder: str) -> list[int]:
     """Processes whose working folder, stdout or stderr lies under ``folder``: for a Ray node's
     own ``--temp-dir``, its raylet and workers (their output goes to the session's log files) and
     the jobs it runs (their working_dir is unpacked there), whichever session they are in."""
-    root = os.path.realpath(folder) + os.sep
+    root = os.path.realpath(folder)
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -55,7 +55,7 @@ def using(folder: str) -> list[int]:
                 target = os.readlink(f"/proc/{entry}/{link}")
             except OSError:
                 continue
-            if target.startswith(root) and alive(int(entry)):
+            if (target == root or target.startswith(root + os.sep)) and alive(int(entry)):
                 found.append(int(entry))
                 break
     return found
