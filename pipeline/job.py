@@ -178,8 +178,8 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     # #53727): Ray Data ray.put()s each operator's map transformer (the class and our
     # fn_constructor_kwargs, all small) and its DataContext, and passes the two refs to every
     # actor, whatever their size. The operator keeps both refs for as long as the dataset runs, so a
-    # restarted actor finds them (tests/test_faults.py kills actors of both pools mid-run); the
-    # line is not actionable, and the CLI sends it to the log file (console.py).
+    # restarted actor finds them (tests/test_faults.py kills an actor of each pool during a run);
+    # the line is not actionable, and the CLI sends it to the log file (console.py).
     actor_retries = {"max_restarts": -1, "max_task_retries": -1}
     # One block per shard file: read_parquet would make one block of many small files, and then
     # one actor of each pool would do all the work while the others wait.
