@@ -60,7 +60,8 @@ def real_photos() -> dict[str, "np.ndarray"]:
     import ultralytics
 
     assets = Path(ultralytics.__file__).parent / "assets"
-    photos = {name: np.asarray(Image.open(assets / f"{name}.jpg").convert("RGB")) for name in ("bus", "zidane")}
+    # np.array, not asarray: writable, as SAM 2's tutorial makes them (torch warns about read-only arrays)
+    photos = {name: np.array(Image.open(assets / f"{name}.jpg").convert("RGB")) for name in ("bus", "zidane")}
     for name in ("astronaut", "coffee", "chelsea"):
         photos[name] = skimage.data.__getattribute__(name)()
     return photos
