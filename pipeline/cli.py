@@ -6,15 +6,17 @@ Exit codes: 0 the run finished (some images may be error rows), 2 bad config or 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import os
 import sys
 import traceback
 from typing import Optional
 
-from .config import ConfigError, allowed_keys, load_config, redact, redact_text, storage_option_sets
+from .config import ConfigError, allowed_keys, load_config, storage_option_sets
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+
+log = logging.getLogger("autolabel")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,42 +139,6 @@ def _storage_arguments(parser: argparse.ArgumentParser, where: str, images: bool
                         "run.json does not keep their values); repeatable")
 
 
-def _setup_logging() -> None:
-    """Our own messages at INFO; libraries (sam2 logs every set_image at INFO) at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(REDACTING_FILTER)
-    level = os.environ.get("AUTOLABEL_LOG_LEVEL", "INFO")
-    for name in ("autolabel", "pipeline"):
-        logging.getLogger(name).setLevel(level)
-
-
-class RedactingFilter(logging.Filter):
-    """Credentials never reach the log: those inside URIs (``user:password@``, signed query strings)
-    and, once the config is read, the values of its storage options (``option_sets``), also inside
-    a traceback."""
-
-    def __init__(self):
-        super().__init__()
-        self.option_sets: list[dict] = []
-
-    def clean(self, text: str) -> str:
-        return redact(redact_text(text), *self.option_sets)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = self.clean(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        if record.exc_info:
-            record.exc_text = self.clean(logging.Formatter().formatException(record.exc_info))
-            record.exc_info = None
-        return True
-
-
-REDACTING_FILTER = RedactingFilter()
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = _parser()
     # key=value overrides may come after options (`predict IMG --out D sam.size=small`), which
@@ -184,8 +150,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(e.split('=', 1)[0] + '=...' if '=' in e and not e.startswith('-') else e for e in stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    _setup_logging()
-    return args.handler(args)
+    from . import console
+
+    log_file = console.new_log_file(args.command) if args.command == "run" else None
+    with console.configured(log_file):
+        return args.handler(args)
 
 
 def _predict(args) -> int:
@@ -195,25 +164,44 @@ def _predict(args) -> int:
 
 
 def _run(args) -> int:
+    from . import console
     from .job import JobFailed, format_summary, run
 
-    clean = REDACTING_FILTER.clean
+    clean = console.clean
+    log_file = console.current_log_file()
     try:
         cfg = load_config(args.config, args.overrides)
-        REDACTING_FILTER.option_sets = storage_option_sets(cfg)
-        manifest = run(cfg, overwrite=args.overwrite)
+        console.OPTION_SETS[:] = storage_option_sets(cfg)
+        console.route_ray_logs()
+        log.info("log file (this run's messages, the libraries' too): %s", log_file)
+        with _stopping_the_ray_it_starts():
+            manifest = run(cfg, overwrite=args.overwrite)
     except ConfigError as exc:
         print(f"autolabel: error: {clean(str(exc))}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except JobFailed as exc:
-        print(f"autolabel: error: the job failed: {clean(str(exc))}\n  finished shards are kept; rerun the same command to resume",
-              file=sys.stderr)
+        print(f"autolabel: error: the job failed: {clean(str(exc))}\n  finished shards are kept; rerun the same command to resume"
+              f"\n  log: {log_file}", file=sys.stderr)
         return EXIT_FAILED
     except Exception:  # a bug or a library's own error: its traceback, without credentials
-        print(f"autolabel: error: unexpected failure\n{clean(traceback.format_exc())}", file=sys.stderr)
+        print(f"autolabel: error: unexpected failure\n{clean(traceback.format_exc())}\n  log: {log_file}", file=sys.stderr)
         return EXIT_FAILED
-    print(format_summary(manifest))
+    print(format_summary(manifest) + f"\n  log        {log_file}")
     return EXIT_OK if manifest["status"] == "finished" else EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _stopping_the_ray_it_starts():
+    """A Ray this command started (or connected to) is shut down before the command returns, so
+    its last messages still go to the log file and no worker outlives the command."""
+    import ray
+
+    already = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not already and ray.is_initialized():
+            ray.shutdown()
 
 
 def _storage_options(args) -> tuple[dict, dict]:

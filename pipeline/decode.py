@@ -212,8 +212,10 @@ class _GuardedRead:
     again and again becomes a ``worker_crash`` row instead of failing the job."""
 
     def __init__(self, ledger, max_image_crashes: int):
+        from .console import worker_logging
         from .faults import CrashGuard, InjectedFaults
 
+        worker_logging()
         self.guard = CrashGuard(ledger, "decode", max_image_crashes)
         self.faults = InjectedFaults.from_env()
         self.whole = True

@@ -42,8 +42,10 @@ class Detector:
 
     def __init__(self, cfg: DetectorConfig, ledger=None, max_image_crashes: int = 3, max_pixels: Optional[int] = None,
                  decode_threads: int = 4, expected_sha256: Optional[str] = None):
+        from .console import worker_logging
         from .models import load_yolo, pick_device, resolve_detector_weights
 
+        worker_logging()
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         # per node, checked against the driver's copy; storage_options: credentials of a weights URL

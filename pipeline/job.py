@@ -31,10 +31,11 @@ from .timings import Timings
 log = logging.getLogger("autolabel")
 
 # Driver environment variables that actors need too (Ray does not forward the driver's env)...
-FORWARDED_ENV = ("YOLO_OFFLINE", "YOLO_CONFIG_DIR", "MPLCONFIGDIR", "HF_HUB_OFFLINE", "AUTOLABEL_TEST_FAULTS")
+FORWARDED_ENV = ("YOLO_OFFLINE", "MPLCONFIGDIR", "HF_HUB_OFFLINE", "AUTOLABEL_TEST_FAULTS")
 # ... and those that name places on the driver's machine: forwarded only to a Ray it started
-# itself (same machine); on a cluster each node keeps its own (e.g. the image's /app/checkpoints).
-LOCAL_ONLY_ENV = ("HF_HOME", "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE")
+# itself (same machine); on a cluster each node keeps its own (e.g. the image's /app/checkpoints,
+# and its YOLO_CONFIG_DIR, which the CLI otherwise sets to the driver's cache: console.py).
+LOCAL_ONLY_ENV = ("HF_HOME", "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE", "YOLO_CONFIG_DIR")
 ACTOR_START_TIMEOUT_S = 600  # CPU pools whose actors cannot start fail after this
 
 
@@ -176,6 +177,13 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     # Retry settings have no named map_batches parameter in Ray 2.60; they go through
     # ray_remote_args, which warns that it is deprecated (silenced where _process calls this).
     task_retries = {"max_retries": crashes + cfg.ray.task_retries}  # room for the ledger's deaths, then real retries
+    # Ray Data's own default, spelled out. Ray's core worker logs an ERROR for every such pool (once
+    # per process) because the actors' constructor arguments are in the object store (Ray issue
+    # #53727): Ray Data ray.put()s each operator's map transformer (the class and our
+    # fn_constructor_kwargs, all small) and its DataContext, and passes the two refs to every
+    # actor, whatever their size. The operator keeps both refs for as long as the dataset runs, so a
+    # restarted actor finds them (tests/test_faults.py kills an actor of each pool during a run);
+    # the line is not actionable, and the CLI sends it to the log file (console.py).
     actor_retries = {"max_restarts": -1, "max_task_retries": -1}
     # One block per shard file: read_parquet would make one block of many small files, and then
     # one actor of each pool would do all the work while the others wait.

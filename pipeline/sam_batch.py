@@ -271,7 +271,9 @@ class SamModel:
         import torch
         import torch.nn.functional as F
 
-        pixels = torch.from_numpy(np.ascontiguousarray(image))
+        # from_numpy shares the array's memory, and a decoded image is read-only (Pillow's buffer):
+        # torch warns about a tensor over memory it may not write, so such an image is copied.
+        pixels = torch.from_numpy(np.require(image, requirements=("C_CONTIGUOUS", "WRITEABLE")))
         if self.device.type == "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         x = pixels.permute(2, 0, 1).contiguous()[None].float() / 255.0  # contiguous, as ToTensor makes it: the same conv kernels

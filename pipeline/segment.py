@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from . import quality
 from .config import QaConfig, SamConfig
+from .console import worker_logging
 from .decode import ImageDecoder, ImageError, pixels_or_error, with_errors
 from .faults import CrashGuard
 from .prompts import Prompt, manifest_prompts
@@ -100,6 +101,7 @@ class Segmenter:
                  storage_options: Optional[dict] = None, ledger=None, max_image_crashes: int = 3,
                  manifest_roots: Optional[list[str]] = None, max_pixels: Optional[int] = None, decode_threads: int = 4,
                  qa: Optional[QaConfig] = None, expected_sha256: Optional[str] = None):
+        worker_logging()
         self.qa = qa
         self.sam = SamModel(cfg, cpu_threads, qa, expected_sha256)
         self.cfg = cfg

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from session_processes import alive, using
+
 RAY = str(Path(sys.executable).parent / "ray")
 OBJECT_STORE_BYTES = 300_000_000  # per node (Ray's default is 30% of the machine's memory, per node)
 
@@ -73,8 +75,10 @@ class Node:
     node_id: Optional[str] = None  # Ray's id, once it registered
 
     def pids(self) -> list[int]:
-        """Every process of this node: the ones `ray start` started, and their workers."""
-        return _session_pids(self.process.pid)
+        """Every process of this node: the ones `ray start` started and their workers (its
+        session), and anything else that works in or logs to its temp dir (a job's driver runs
+        in a session of its own)."""
+        return sorted(p for p in set(_session_pids(self.process.pid)) | set(using(self.temp_dir)) if alive(p))
 
     def raylet_pid(self) -> int:
         (pid,) = [p for p in self.pids() if _process_name(p) == "raylet"]
@@ -197,7 +201,8 @@ class LoopbackCluster:
 
     def stop(self) -> None:
         """Workers first, then the head: SIGTERM to each `ray start --block` (it stops what it
-        started), then SIGKILL to anything left in that node's session."""
+        started), then SIGKILL to anything of that node still there (``Node.pids``), until none
+        is left: a raylet still alive during one pass may start a worker the pass did not see."""
         for node in reversed(self.nodes):
             if node.process.poll() is None:
                 node.process.send_signal(signal.SIGTERM)
@@ -207,9 +212,15 @@ class LoopbackCluster:
                 node.process.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 pass
-            for pid in node.pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            for _ in range(40):
+                node.process.poll()  # reaps it once it died
+                pids = node.pids()
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.25)
             shutil.rmtree(node.temp_dir, ignore_errors=True)

@@ -11,18 +11,35 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 _TMP = Path(tempfile.mkdtemp(prefix="autolabel-tests-"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from session_processes import SESSION_ENV, left_behind  # noqa: E402
+
+# Every process the tests start inherits this marker; at the end none may still be alive.
+os.environ[SESSION_ENV] = str(_TMP)
 # Set before anything imports ultralytics (it does DNS look-ups and writes settings at import).
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", str(_TMP / "ultralytics"))
 os.environ.setdefault("MPLCONFIGDIR", str(_TMP / "matplotlib"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("AUTOLABEL_LOG_DIR", str(_TMP / "logs"))  # `autolabel run`'s log files
 
 from model_factory import make_sam_checkpoint, make_yolo_checkpoint  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 SAM_IMAGE_SIZE = 256  # lowered from 1024 so SAM runs in ~0.2 s per image on a CPU
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_session():
+    """Set up first, so torn down last: after every other fixture stopped what it started, no
+    process of this session (session_processes.py) may be left; any that is fails the suite,
+    named, and is killed."""
+    yield
+    leftovers = left_behind(str(_TMP))
+    if leftovers:
+        pytest.fail("processes started by the tests outlived the session (now killed):\n  " + "\n  ".join(leftovers), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +60,8 @@ def real_photos() -> dict[str, "np.ndarray"]:
     import ultralytics
 
     assets = Path(ultralytics.__file__).parent / "assets"
-    photos = {name: np.asarray(Image.open(assets / f"{name}.jpg").convert("RGB")) for name in ("bus", "zidane")}
+    # np.array, not asarray: writable, as SAM 2's tutorial makes them (torch warns about read-only arrays)
+    photos = {name: np.array(Image.open(assets / f"{name}.jpg").convert("RGB")) for name in ("bus", "zidane")}
     for name in ("astronaut", "coffee", "chelsea"):
         photos[name] = skimage.data.__getattribute__(name)()
     return photos

@@ -1,6 +1,7 @@
 """Config validation and the command line's behaviour on bad input (nothing may start)."""
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -79,8 +80,8 @@ def test_unknown_section_in_a_file(tmp_path):
         load_config(path)
 
 
-def _cli(*args, cwd=REPO):
-    return subprocess.run([*autolabel_cli(), "run", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+def _cli(*args, cwd=REPO, env=None):
+    return subprocess.run([*autolabel_cli(), "run", *args], capture_output=True, text=True, cwd=cwd, timeout=120, env=env)
 
 
 @pytest.mark.parametrize(
@@ -98,10 +99,12 @@ def _cli(*args, cwd=REPO):
 )
 def test_cli_rejects_bad_config_before_any_work(tmp_path, args, message):
     out = tmp_path / "out"
-    proc = _cli(*args, f"output.uri={out}")
+    proc = _cli(*args, f"output.uri={out}", env={**os.environ, "AUTOLABEL_LOG_DIR": str(tmp_path / "logs")})
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
-    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    logged = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))  # Ray's own lines go there
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout + logged
+    assert "actors:" not in proc.stderr
     assert not out.exists(), "nothing may be written for a rejected config"
 
 

@@ -67,7 +67,7 @@ def test_stability_equals_sam2_on_the_same_logits(checkpoints):
                        hydra_overrides_extra=[f"++model.image_size={s}"])
     predictor = SAM2ImagePredictor(model)
     predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
-    image = np.asarray(Image.open(REPO / "samples" / "images" / "bus.jpg").convert("RGB"))
+    image = np.array(Image.open(REPO / "samples" / "images" / "bus.jpg").convert("RGB"))  # writable, as the tutorial's
     with torch.inference_mode():
         predictor.set_image(image)
         sam_logits, _, _ = predictor.predict(box=np.array([[50, 400, 250, 900], [0, 0, 810, 1080]], np.float32),

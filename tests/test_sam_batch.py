@@ -94,6 +94,25 @@ def test_images_through_the_encoder_together_give_each_image_s_own_features(chec
                 assert torch.equal(mine[k:k + 1], theirs)
 
 
+def test_a_decoded_image_is_read_only_and_goes_to_torch_without_a_warning(checkpoints):
+    """Pillow's buffer is read-only; torch.from_numpy over it warned (issue 21). The image is
+    copied instead: no warning (any would be an error: pyproject's filterwarnings), same input."""
+    import io
+    import warnings
+
+    from pipeline.decode import decode_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(real_photos()["coffee"]).save(buffer, "PNG")
+    decoded, _ = decode_image(buffer.getvalue())
+    assert not decoded.flags.writeable
+    sam = SamModel(SamConfig(checkpoint=str(checkpoints["sam"]), image_size=SAM_IMAGE_SIZE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = sam._preprocess(decoded)
+    assert torch.equal(pixels, sam._preprocess(decoded.copy()))
+
+
 def test_one_image_per_decoder_call_equals_the_tutorial_bit_for_bit(checkpoints, tutorial, scenes):
     """With one image per batch (``sam.batch_size=1``) the decoder calls are the tutorial's (all
     boxes of the image together, its clicks together): every mask and score is the tutorial's,
