@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.decode import read_shards  # noqa: E402
-from pipeline.job import work_items  # noqa: E402
+from pipeline.run.job import work_items  # noqa: E402
 from pipeline.runstate import RunFolder, ShardTracker  # noqa: E402
-from pipeline.segment import OBJECT_TYPE  # noqa: E402
+from pipeline.stages.segment import OBJECT_TYPE  # noqa: E402
 from pipeline.sink import ShardCommits, Totals, write_batch  # noqa: E402
 from pipeline.sources import write_shards  # noqa: E402
 

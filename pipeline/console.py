@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .config import redact, redact_text
+from pipeline.config import redact, redact_text
 
 OUR_LOGGERS = ("autolabel", "pipeline")
 LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -86,7 +86,7 @@ class _ToRootHandlers(logging.Filter):
 def log_dir() -> Path:
     """Where ``autolabel run`` keeps its log files: ``AUTOLABEL_LOG_DIR``, else ``logs/`` in the
     node-local cache (``AUTOLABEL_CACHE``, ~/.cache/autolabel)."""
-    from .models import cache_dir
+    from pipeline.models.weights import cache_dir
 
     return Path(os.environ.get(LOG_DIR_ENV) or cache_dir() / "logs")
 
@@ -113,7 +113,7 @@ def current_log_file() -> Optional[Path]:
 def default_ultralytics_settings() -> None:
     """ultralytics writes its settings file at import (announcing it with a banner when the file
     is new): unless ``YOLO_CONFIG_DIR`` says where, it goes to our own cache, not ~/.config."""
-    from .models import cache_dir
+    from pipeline.models.weights import cache_dir
 
     os.environ.setdefault("YOLO_CONFIG_DIR", str(cache_dir() / "ultralytics"))
 

@@ -212,8 +212,8 @@ class _GuardedRead:
     again and again becomes a ``worker_crash`` row instead of failing the job."""
 
     def __init__(self, ledger, max_image_crashes: int):
-        from .console import worker_logging
-        from .faults import CrashGuard, InjectedFaults
+        from pipeline.console import worker_logging
+        from pipeline.faults import CrashGuard, InjectedFaults
 
         worker_logging()
         self.guard = CrashGuard(ledger, "decode", max_image_crashes)
@@ -257,7 +257,7 @@ def read_shards(batch: pa.Table, run_uri: str, run_storage_options: Optional[dic
     shard files are."""
     import pyarrow.parquet as pq
 
-    from .timings import StageClock
+    from pipeline.run.timings import StageClock
 
     def batches() -> Iterator[pa.Table]:
         fs, _ = url_to_fs(run_uri, **(run_storage_options or {}))
@@ -405,7 +405,7 @@ def iter_tar_members(
 def _short(exc: BaseException, storage_options: Optional[dict] = None) -> str:
     """An exception's text for an error row: the first 300 characters, without credentials (those
     inside URIs, and the values of the storage options the read used)."""
-    from .credentials import redact, redact_text
+    from pipeline.credentials import redact, redact_text
 
     return redact(redact_text(str(exc)), storage_options)[:300]
 
@@ -421,7 +421,7 @@ def read_tar_batch(
     the next one is full; the tar's last batch carries ``shard_rows`` (the count) on its rows,
     which tells the driver when the shard is complete.
     """
-    from .sources import image_id_for
+    from pipeline.sources import image_id_for
 
     names = [n for n in ("shard_id", "uri", "image_id", "prompts", "meta", "base_uri")]
     carried = batch.column("data").to_pylist() if "data" in batch.column_names else [None] * batch.num_rows

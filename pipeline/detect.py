@@ -8,10 +8,10 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from .config import DetectorConfig
-from .decode import ImageDecoder, ImageError, pixels_or_error, with_errors
-from .faults import CrashGuard, InjectedFaults
-from .timings import StageClock
+from pipeline.config import DetectorConfig
+from pipeline.decode import ImageDecoder, ImageError, pixels_or_error, with_errors
+from pipeline.faults import CrashGuard, InjectedFaults
+from pipeline.run.timings import StageClock
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ class Detector:
 
     def __init__(self, cfg: DetectorConfig, ledger=None, max_image_crashes: int = 3, max_pixels: Optional[int] = None,
                  decode_threads: int = 4, expected_sha256: Optional[str] = None):
-        from .console import worker_logging
-        from .models import load_yolo, pick_device, resolve_detector_weights
+        from pipeline.console import worker_logging
+        from pipeline.models.weights import load_yolo, pick_device, resolve_detector_weights
 
         worker_logging()
         self.cfg = cfg

@@ -17,10 +17,10 @@ from typing import Optional
 
 from fsspec.core import url_to_fs
 
-from .config import ConfigError, RunConfig, redact_uri, redacted_config
-from .ownership import RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
-from .sink import DONE_DIR, STAGING_DIR, OutputWriteError, Totals, atomic_write
-from .sources import SHARDS_DIR, normalise_uri
+from pipeline.config import ConfigError, RunConfig, redact_uri, redacted_config
+from pipeline.ownership import RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
+from pipeline.sink import DONE_DIR, STAGING_DIR, OutputWriteError, Totals, atomic_write
+from pipeline.sources import SHARDS_DIR, normalise_uri
 
 log = logging.getLogger("autolabel")
 

@@ -31,11 +31,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from .decode import IMAGE_COLUMNS
-from .ownership import STAGED_PART, is_local
-from .segment import OBJECT_TYPE
-from .sources import protocols_of
-from .timings import PREFIX as TIMING_PREFIX, StageClock
+from pipeline.decode import IMAGE_COLUMNS
+from pipeline.ownership import STAGED_PART, is_local
+from pipeline.stages.segment import OBJECT_TYPE
+from pipeline.sources import protocols_of
+from pipeline.run.timings import PREFIX as TIMING_PREFIX, StageClock
 
 CLASS_COUNT_TYPE = pa.struct([("class_id", pa.int32()), ("class_name", pa.string()), ("count", pa.int32())])
 

@@ -137,7 +137,7 @@ def test_a_value_refused_by_validation_is_not_echoed_when_it_may_be_a_credential
 def test_weights_urls_that_differ_only_in_their_query_keep_apart_in_the_node_cache():
     """The query moved into ``params``; the cache must still tell ``?v=1`` from ``?v=2`` (and key a
     URL as it did when the query was part of it)."""
-    from pipeline import models
+    from pipeline.models import weights as models
 
     one, two = (load_config(None, [f"sam.checkpoint=https://127.0.0.1/w.pt?v={v}&sig=s%2B1"]).sam for v in (1, 2))
     assert one.checkpoint == two.checkpoint == "https://127.0.0.1/w.pt"

@@ -288,7 +288,7 @@ def mixed_run(ray_local, checkpoints, photo_folder, tmp_path_factory) -> dict:
     with a label (bus) and a lone click without one (zidane). Manifest objects have a null det_score,
     the click a null class."""
     from pipeline.config import load_config
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     root = tmp_path_factory.mktemp("mixed")
     photos = root / "photos"

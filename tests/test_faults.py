@@ -26,7 +26,7 @@ from PIL import Image
 from conftest import autolabel_cli, real_photos, run_overrides
 from session_processes import SESSION_ENV, started_by
 from pipeline.config import load_config
-from pipeline.job import run
+from pipeline.run.job import run
 
 SEGMENTER_TITLE = "ray::MapWorker(MapBatches(Segmenter))"
 DETECTOR_TITLE = "ray::MapWorker(MapBatches(Detector))"
@@ -325,7 +325,7 @@ def test_disk_full_mid_run_fails_loudly_then_resumes_to_the_clean_output(checkpo
 # --- the pieces, without Ray -----------------------------------------------------------------
 
 def _stage(batch_rows: list[dict], run_dir: Path) -> None:
-    from pipeline.segment import OBJECT_TYPE
+    from pipeline.stages.segment import OBJECT_TYPE
     from pipeline.sink import write_batch
 
     objects = [[{"object_id": 0, "object_key": None, "source": "detector", "prompt": "box", "candidate": 0, "status": "ok",

@@ -24,7 +24,7 @@ from conftest import REPO, model_overrides
 from pipeline import masks as mask_codec
 from pipeline.config import ConfigError, load_config
 from pipeline.decode import ImageDecoder, ImageError, decode_image, iter_tar_members, pixels_or_error, read_batch, with_errors
-from pipeline.job import run, work_items
+from pipeline.run.job import run, work_items
 from pipeline.sources import SourceError, expand_braces, image_id_for, input_format, iter_manifest
 
 PHOTOS = {"photos/coffee.png": "coffee.png", "photos/chelsea.jpg": "nested/chelsea.jpg"}  # corpus name -> photo_folder name
@@ -150,7 +150,7 @@ def test_tar_members_stream_and_breaks_are_reported(tmp_path):
 
 
 def test_a_mistyped_brace_pattern_stops_before_any_work(tmp_path):
-    from pipeline.job import preflight
+    from pipeline.run.job import preflight
 
     (tmp_path / "s-000001.tar").write_bytes(b"")
     with pytest.raises(ConfigError, match="first tar shard .*s-000000.tar does not exist"):

@@ -241,7 +241,7 @@ def manifest_run(ray_local, checkpoints, voc, photo_folder, tmp_path_factory):
     manifest = folder / "prompts.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path_factory.mktemp("manifest-run") / "out"
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     cfg = load_config(None, [f"output.uri={out}", "prompts.source=both", f"prompts.manifest={manifest}", "sam.candidates=all",
                              f"input.uri={photo_folder}", "input.shard_size=1", "qa.dedup=iou",
@@ -354,7 +354,7 @@ def test_parquet_manifest_without_detector(ray_local, checkpoints, voc, tmp_path
     """prompts.source=manifest: no YOLO stage at all; a Parquet manifest works like JSON Lines."""
     import pyarrow as pa
 
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     objects = [{"object_key": "a", "box": voc["boxes"][0].tolist(), "label": "cat"},
                {"object_key": "b", "points": [_centroid(voc["masks"][9])], "point_labels": [1], "label": "dog"}]
@@ -384,7 +384,7 @@ def _manifest(tmp_path, lines, name="m.jsonl"):
 
 def _listed(tmp_path, manifest, *extra):
     """The work items of a manifest (``manifest`` None: ``extra`` names it and input.uri)."""
-    from pipeline.job import work_items
+    from pipeline.run.job import work_items
 
     named = [] if manifest is None else [f"prompts.manifest={manifest}", f"input.uri={tmp_path / 'images'}"]
     return list(work_items(load_config(None, ["prompts.source=manifest", *named, *extra])))
@@ -446,7 +446,7 @@ def test_percent_escapes_cannot_lead_out_of_an_http_manifests_folder(tmp_path, e
             _listed(tmp_path, None, *cfg)
         assert not any("/private" in path for _, path, _ in server.requests)
         # a mask path in a manifest line is checked the same way, against the job's roots (that object's error row)
-        from pipeline.job import manifest_roots
+        from pipeline.run.job import manifest_roots
 
         roots = manifest_roots(load_config(None, cfg))
         assert roots == [server.url("data/img"), server.url("data")]
@@ -535,7 +535,7 @@ def test_lines_repeating_an_image_are_merged_in_file_order(tmp_path):
 ])
 def test_conflicting_lines_for_one_image_stop_the_run_before_work(ray_local, tmp_path, lines, message):
     from pipeline.config import ConfigError
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     (tmp_path / "images").mkdir()
     manifest = _manifest(tmp_path, lines)

@@ -19,7 +19,7 @@ from conftest import REPO, SAM_IMAGE_SIZE, real_photos
 from pipeline import masks as mask_codec
 from pipeline.config import SamConfig
 from pipeline.prompts import Prompt
-from pipeline.sam_batch import SamModel
+from pipeline.sam.model import SamModel
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ from PIL import Image
 sys.path.insert(0, {str(REPO)!r})
 from pipeline.config import SamConfig
 from pipeline.prompts import Prompt
-from pipeline.sam_batch import SamModel
+from pipeline.sam.model import SamModel
 rng = np.random.default_rng(0)
 photo = np.asarray(Image.open({str(REPO / 'samples' / 'images' / 'bus.jpg')!r}).convert("RGB").resize((4000, 3000)))
 corner = rng.uniform(0, 3000, (300, 2))

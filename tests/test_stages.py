@@ -172,7 +172,7 @@ def test_rle_round_trip_matches_pycocotools():
 
 
 def test_split_tables_counts_per_class():
-    from pipeline.segment import OBJECT_TYPE
+    from pipeline.stages.segment import OBJECT_TYPE
 
     def obj(i, c, n, status="ok", candidate=0):
         return {"object_id": i, "object_key": None, "source": "detector", "prompt": "box", "candidate": candidate,
@@ -204,7 +204,7 @@ def test_split_tables_counts_per_class():
 def test_dtype_auto_is_float32_on_cpu_and_bfloat16_on_cuda():
     import torch
 
-    from pipeline.sam_batch import resolve_dtype
+    from pipeline.sam.model import resolve_dtype
 
     assert resolve_dtype("auto", torch.device("cpu")) == "float32"
     assert resolve_dtype("auto", torch.device("cuda")) == "bfloat16"
@@ -216,7 +216,7 @@ def test_segmenter_bfloat16_path_runs_under_autocast(checkpoints):
     import torch
 
     from pipeline.prompts import Prompt
-    from pipeline.sam_batch import SamModel
+    from pipeline.sam.model import SamModel
 
     image = np.asarray(Image.open(__file__.rsplit("/tests/", 1)[0] + "/samples/images/bus.jpg").convert("RGB"))
     boxes = np.array([[50, 400, 250, 900], [0, 200, 800, 800]], np.float32)
@@ -244,7 +244,7 @@ def test_bfloat16_masks_equal_float32_masks_per_object(checkpoints):
     random weights every mask is a large blob, and a bf16 mask compared with the fp32 mask of
     any *other* box must fall below the bound, or the check would not tell a wrong box apart."""
     from pipeline.prompts import Prompt
-    from pipeline.sam_batch import SamModel
+    from pipeline.sam.model import SamModel
 
     image = np.asarray(Image.open(__file__.rsplit("/tests/", 1)[0] + "/samples/images/bus.jpg").convert("RGB"))
     h, w = image.shape[:2]

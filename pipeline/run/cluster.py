@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Optional
 
-from .config import ConfigError, RunConfig
+from pipeline.config import ConfigError, RunConfig
 
 log = logging.getLogger("autolabel")
 

@@ -17,14 +17,14 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from . import quality
-from .config import QaConfig, SamConfig
-from .console import worker_logging
-from .decode import ImageDecoder, ImageError, pixels_or_error, with_errors
-from .faults import CrashGuard
-from .prompts import Prompt, manifest_prompts
-from .sam_batch import Candidates, SamModel, SegmentOOM
-from .timings import StageClock
+from pipeline import quality
+from pipeline.config import QaConfig, SamConfig
+from pipeline.console import worker_logging
+from pipeline.decode import ImageDecoder, ImageError, pixels_or_error, with_errors
+from pipeline.faults import CrashGuard
+from pipeline.prompts import Prompt, manifest_prompts
+from pipeline.sam.model import Candidates, SamModel, SegmentOOM
+from pipeline.run.timings import StageClock
 
 log = logging.getLogger(__name__)
 
