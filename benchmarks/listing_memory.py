@@ -36,12 +36,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.decode import read_shards  # noqa: E402
+from pipeline.io.decode import read_shards  # noqa: E402
 from pipeline.run.job import work_items  # noqa: E402
-from pipeline.runstate import RunFolder, ShardTracker  # noqa: E402
+from pipeline.run.folder import RunFolder, ShardTracker  # noqa: E402
 from pipeline.stages.segment import OBJECT_TYPE  # noqa: E402
-from pipeline.sink import ShardCommits, Totals, write_batch  # noqa: E402
-from pipeline.sources import write_shards  # noqa: E402
+from pipeline.run.sink import ShardCommits, Totals, write_batch  # noqa: E402
+from pipeline.io.listing import write_shards  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -137,7 +137,7 @@ def _s3_listing_once(endpoint: str, n: int, way: str, out: Path, shard_size: int
     """In this (fresh) process: list s3://bench/k{n} the job's way, or the old way (the control)."""
     from fsspec.core import url_to_fs
 
-    from pipeline.sources import WorkItem
+    from pipeline.io.listing import WorkItem
 
     options = {"endpoint_url": endpoint, "key": "bench", "secret": "bench"}
     cfg = load_config(None, [f"input.uri=s3://bench/k{n}", f"output.uri={out}", f"input.shard_size={shard_size}",

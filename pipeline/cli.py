@@ -150,7 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(e.split('=', 1)[0] + '=...' if '=' in e and not e.startswith('-') else e for e in stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from pipeline import console
+    from pipeline.run import console
 
     log_file = console.new_log_file(args.command) if args.command == "run" else None
     with console.configured(log_file):
@@ -164,7 +164,7 @@ def _predict(args) -> int:
 
 
 def _run(args) -> int:
-    from pipeline import console
+    from pipeline.run import console
     from pipeline.run.job import JobFailed, format_summary, run
 
     clean = console.clean
@@ -205,22 +205,22 @@ def _stopping_the_ray_it_starts():
 
 
 def _storage_options(args) -> tuple[dict, dict]:
-    from pipeline.filters import parse_storage_options
+    from pipeline.outputs.filters import parse_storage_options
 
     return (parse_storage_options(args.storage_option, "--storage-option"),
             parse_storage_options(getattr(args, "image_storage_option", []), "--image-storage-option"))
 
 
 def _object_filter(args):
-    from pipeline.filters import ObjectFilter
+    from pipeline.outputs.filters import ObjectFilter
 
     return ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes, flagged=args.flagged, unflagged=args.unflagged,
                               include_duplicates=args.include_duplicates)
 
 
 def _report(args) -> int:
-    from pipeline.filters import FilterError, OptionError, RunError, redact
-    from pipeline.report import UNREADABLE_HINT, ReportError, ReportOptions, write_report
+    from pipeline.outputs.filters import FilterError, OptionError, RunError, redact
+    from pipeline.outputs.report import UNREADABLE_HINT, ReportError, ReportOptions, write_report
 
     options = images = {}
     try:
@@ -256,8 +256,8 @@ def _report(args) -> int:
 
 
 def _export(args) -> int:
-    from pipeline.export import ExportError, export
-    from pipeline.filters import FilterError, OptionError, RunError, redact
+    from pipeline.outputs.export import ExportError, export
+    from pipeline.outputs.filters import FilterError, OptionError, RunError, redact
 
     options = images = {}
     try:
@@ -276,8 +276,8 @@ def _export(args) -> int:
 
 
 def _review_import(args) -> int:
-    from pipeline.filters import OptionError, RunError, redact
-    from pipeline.review import ReviewError, import_review
+    from pipeline.outputs.filters import OptionError, RunError, redact
+    from pipeline.outputs.review import ReviewError, import_review
 
     options = {}
     try:

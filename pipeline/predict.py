@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from pipeline.config import SamConfig
-from pipeline.prompts import Prompt, PromptError, as_points, check, load_mask
+from pipeline.sam.prompts import Prompt, PromptError, as_points, check, load_mask
 from pipeline.sam.model import Candidates
 
 ImageLike = Union[str, Path, np.ndarray, "PIL.Image.Image"]
@@ -21,7 +21,7 @@ def load_image(image: ImageLike, storage_options: Optional[dict] = None) -> np.n
     """A path, fsspec URL, PIL image or HxWx3 array -> RGB uint8 (EXIF orientation applied)."""
     from PIL import Image
 
-    from pipeline.decode import decode_rgb, oriented_rgb, read_bytes
+    from pipeline.io.decode import decode_rgb, oriented_rgb, read_bytes
 
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -138,7 +138,7 @@ def predict_command(args) -> int:
     from PIL import Image
 
     from pipeline.config import ConfigError, load_config, redact_text
-    from pipeline.decode import ImageError
+    from pipeline.io.decode import ImageError
     from pipeline.models.weights import WeightsError
 
     try:

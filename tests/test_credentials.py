@@ -1,4 +1,4 @@
-"""Credentials inside URIs (pipeline/credentials.py, config.py): taken out exactly, refused when the
+"""Credentials inside URIs (pipeline/io/credentials.py, config.py): taken out exactly, refused when the
 URI cannot be read safely, never shown. The end-to-end search of everything a run writes and logs
 is in test_s3.py (real S3 and HTTP servers on loopback)."""
 from __future__ import annotations
@@ -148,7 +148,7 @@ def test_weights_urls_that_differ_only_in_their_query_keep_apart_in_the_node_cac
 def test_option_values_are_masked_in_messages_down_to_a_basic_auth_password_and_signed_params():
     """What the command line applies to its logs, errors and tracebacks once the config is read."""
     from pipeline.config import storage_option_sets
-    from pipeline.credentials import redact
+    from pipeline.io.credentials import redact
 
     cfg = load_config(None, [f"sam.checkpoint=https://{USER}:{typed(PASSWORD)}@127.0.0.1/w.pt?X-Amz-Signature=sIgA1b2c3",
                              f"input.uri=s3://{KEY}:{typed(SECRETS['all'])}@data/photos"])

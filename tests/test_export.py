@@ -20,9 +20,9 @@ from PIL import Image
 from conftest import autolabel_cli, counted_objects, model_overrides
 from synthetic_run import write_synthetic_run
 
-from pipeline import masks as mask_codec
-from pipeline.export import ExportError, export, mask_polygons
-from pipeline.filters import ObjectFilter, read_rgb
+from pipeline.sam import masks as mask_codec
+from pipeline.outputs.export import ExportError, export, mask_polygons
+from pipeline.outputs.filters import ObjectFilter, read_rgb
 
 
 def _counted(objects: pd.DataFrame) -> pd.DataFrame:
@@ -391,7 +391,7 @@ def test_report_gallery_labels_manifest_objects(mixed_run, tmp_path, capsys):
 
 
 def test_labelstudio_export_is_replaced_by_overwrite_and_removed_by_run_overwrite(synthetic, tmp_path):
-    from pipeline.export import remove_export
+    from pipeline.outputs.export import remove_export
 
     out = tmp_path / "ls"
     first = export(str(synthetic["out"]), "labelstudio", str(out), progress=False)

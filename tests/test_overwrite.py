@@ -23,7 +23,7 @@ from conftest import autolabel_cli, model_overrides
 from synthetic_run import write_synthetic_run
 
 from pipeline.cli import main
-from pipeline.export import ExportError, export
+from pipeline.outputs.export import ExportError, export
 
 MARKER = ".autolabel-export.json"  # the documented name of the marker every export writes first
 
@@ -295,7 +295,7 @@ def _bound_run(fs, root: str, storage_options: Optional[dict] = None) -> dict:
 
 def _run_folder(uri: str, storage_options: Optional[dict] = None):
     from pipeline.config import load_config
-    from pipeline.runstate import RunFolder
+    from pipeline.run.folder import RunFolder
 
     options = [f"output.storage_options.{k}={v}" for k, v in (storage_options or {}).items()]
     return RunFolder(load_config(None, ["input.uri=photos", f"output.uri={uri}", *options]))
@@ -516,9 +516,9 @@ def test_run_overwrite_clears_the_runs_review_decisions(ray_local, checkpoints, 
     """Today review/ outlived `run --overwrite`: run A, object 0 rejected, overwritten by run B: B's
     object 0 was missing from every export and the report."""
     from pipeline.config import load_config
-    from pipeline.filters import RunData
+    from pipeline.outputs.filters import RunData
     from pipeline.run.job import run
-    from pipeline.review import import_review
+    from pipeline.outputs.review import import_review
 
     (tmp_path / "single").mkdir()
     shutil.copy(photo_folder / "zidane.jpg", tmp_path / "single" / "zidane.jpg")
@@ -564,7 +564,7 @@ def test_a_fingerprint_written_with_a_trailing_slash_still_resumes(real_run):
     import hashlib as _hashlib
 
     from pipeline.config import load_config
-    from pipeline.runstate import RunFolder, fingerprint
+    from pipeline.run.folder import RunFolder, fingerprint
 
     now = fingerprint(load_config(None, real_run["overrides"]), real_run["manifest"]["models"])
     config = json.loads(json.dumps(now["config"]))

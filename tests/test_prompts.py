@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, SAM_IMAGE_SIZE, autolabel_cli, model_overrides
-from pipeline import masks as mask_codec
+from pipeline.sam import masks as mask_codec
 from pipeline.config import load_config
 from pipeline.predict import Predictor
-from pipeline.prompts import Prompt, PromptError, manifest_prompts
+from pipeline.sam.prompts import Prompt, PromptError, manifest_prompts
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +392,7 @@ def _listed(tmp_path, manifest, *extra):
 
 def test_manifest_uris_are_confined_to_its_folder_and_input_uri(tmp_path):
     """A manifest from someone else must not read arbitrary files or make workers fetch URLs."""
-    from pipeline.sources import SourceError
+    from pipeline.io.listing import SourceError
 
     (tmp_path / "images").mkdir()
     (tmp_path / "work").mkdir()
@@ -432,7 +432,7 @@ def test_percent_escapes_cannot_lead_out_of_an_http_manifests_folder(tmp_path, e
     yarl fetched ``/private/x.jpg``. A real HTTP server: the manifest is refused, and no request
     ever reaches /private."""
     from http_server import FolderServer
-    from pipeline.sources import SourceError
+    from pipeline.io.listing import SourceError
 
     (tmp_path / "srv" / "data" / "img").mkdir(parents=True)
     (tmp_path / "srv" / "private").mkdir()
@@ -467,7 +467,7 @@ def test_percent_escapes_cannot_lead_out_of_an_http_manifests_folder(tmp_path, e
     ("https://evil/data/a.jpg", False),
 ])
 def test_confinement_reads_object_store_and_http_paths_as_the_storage_does(uri, inside):
-    from pipeline.sources import is_within
+    from pipeline.io.listing import is_within
 
     roots = ["s3://bucket/data", "https://host/data"]
     assert is_within(uri, roots) is inside
@@ -475,7 +475,7 @@ def test_confinement_reads_object_store_and_http_paths_as_the_storage_does(uri, 
 
 def test_a_symlink_in_the_manifests_folder_does_not_lead_out_of_it(tmp_path):
     """Local roots are compared with symlinks resolved: ``work/link -> /elsewhere`` is outside."""
-    from pipeline.sources import SourceError
+    from pipeline.io.listing import SourceError
 
     for folder in ("images", "work", "elsewhere"):
         (tmp_path / folder).mkdir()
@@ -499,7 +499,7 @@ def test_a_symlink_in_the_manifests_folder_does_not_lead_out_of_it(tmp_path):
 def test_manifest_lines_whose_uri_carries_credentials_are_refused(tmp_path, written):
     """Issue 16 item 7: stored URIs never carry user info or a signed query string; a manifest line
     that has one would put it into the tables, so the manifest is refused (exit 2), masked."""
-    from pipeline.sources import SourceError
+    from pipeline.io.listing import SourceError
 
     (tmp_path / "images").mkdir()
     uri = written.format(host="127.0.0.1:9")

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO, SAM_IMAGE_SIZE, real_photos
-from pipeline import masks as mask_codec
+from pipeline.sam import masks as mask_codec
 from pipeline.config import SamConfig
-from pipeline.prompts import Prompt
+from pipeline.sam.prompts import Prompt
 from pipeline.sam.model import SamModel
 
 
@@ -100,7 +100,7 @@ def test_a_decoded_image_is_read_only_and_goes_to_torch_without_a_warning(checkp
     import io
     import warnings
 
-    from pipeline.decode import decode_image
+    from pipeline.io.decode import decode_image
 
     buffer = io.BytesIO()
     Image.fromarray(real_photos()["coffee"]).save(buffer, "PNG")
@@ -192,7 +192,7 @@ import numpy as np
 from PIL import Image
 sys.path.insert(0, {str(REPO)!r})
 from pipeline.config import SamConfig
-from pipeline.prompts import Prompt
+from pipeline.sam.prompts import Prompt
 from pipeline.sam.model import SamModel
 rng = np.random.default_rng(0)
 photo = np.asarray(Image.open({str(REPO / 'samples' / 'images' / 'bus.jpg')!r}).convert("RGB").resize((4000, 3000)))

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from conftest import SAM_IMAGE_SIZE
-from pipeline import masks as mask_codec
+from pipeline.sam import masks as mask_codec
 from pipeline.config import IMAGE_EXTENSIONS, SamConfig
-from pipeline.decode import ImageError, decode_rgb, read_batch, read_bytes
-from pipeline.sink import split_tables
-from pipeline.sources import SourceError, WorkItem, image_id_for, iter_image_uris, write_shards
+from pipeline.io.decode import ImageError, decode_rgb, read_batch, read_bytes
+from pipeline.run.sink import split_tables
+from pipeline.io.listing import SourceError, WorkItem, image_id_for, iter_image_uris, write_shards
 
 
 def _jpeg(rgb: np.ndarray, **save) -> bytes:
@@ -140,7 +140,7 @@ def test_read_errors_are_named(tmp_path):
 def test_read_batch_keeps_one_row_per_input_and_carries_bytes_not_pixels(tmp_path):
     """The read stage passes the encoded file and its header's facts; pixels are decoded next to
     the model. A file broken past its header is found there, with the decoder's error class."""
-    from pipeline.decode import ImageDecoder, pixels_or_error, read_batch
+    from pipeline.io.decode import ImageDecoder, pixels_or_error, read_batch
 
     good, truncated = tmp_path / "good.jpg", tmp_path / "truncated.jpg"
     good.write_bytes(_jpeg(np.full((5, 7, 3), 128, np.uint8)))
@@ -215,7 +215,7 @@ def test_segmenter_bfloat16_path_runs_under_autocast(checkpoints):
     """The bf16 path for real: the mask decoder computes in bfloat16 (CPU autocast, small input)."""
     import torch
 
-    from pipeline.prompts import Prompt
+    from pipeline.sam.prompts import Prompt
     from pipeline.sam.model import SamModel
 
     image = np.asarray(Image.open(__file__.rsplit("/tests/", 1)[0] + "/samples/images/bus.jpg").convert("RGB"))
@@ -243,7 +243,7 @@ def test_bfloat16_masks_equal_float32_masks_per_object(checkpoints):
     (IoU >= BF16_MIN_IOU, score within 0.01). The control shows the bound can fail: on these
     random weights every mask is a large blob, and a bf16 mask compared with the fp32 mask of
     any *other* box must fall below the bound, or the check would not tell a wrong box apart."""
-    from pipeline.prompts import Prompt
+    from pipeline.sam.prompts import Prompt
     from pipeline.sam.model import SamModel
 
     image = np.asarray(Image.open(__file__.rsplit("/tests/", 1)[0] + "/samples/images/bus.jpg").convert("RGB"))
@@ -271,7 +271,7 @@ def test_detector_batches_of_same_shape_images_equal_per_image_predict(checkpoin
 
     from conftest import real_photos
     from pipeline.config import DetectorConfig
-    from pipeline.detect import Detector
+    from pipeline.stages.detect import Detector
 
     crops = [rgb[:360, :480] for rgb in real_photos().values()]  # five real photos, one shape
     paths = []

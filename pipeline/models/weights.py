@@ -32,7 +32,7 @@ from urllib.parse import urlencode, urlsplit
 
 from fsspec.callbacks import Callback
 
-from pipeline.credentials import redact, redact_text, redact_uri
+from pipeline.io.credentials import redact, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 

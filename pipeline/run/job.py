@@ -19,10 +19,10 @@ from fsspec.core import url_to_fs
 from pipeline.config import ConfigError, RunConfig, redact, redact_text, redact_uri, redacted_config, uses_random_weights
 from pipeline.models.weights import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
 from pipeline.run.cluster import actor_plan, actors_timed_out, check_device, connect_ray, describe, sam_device_type
-from pipeline.runstate import Progress, RunFolder, ShardTracker, fingerprint
+from pipeline.run.folder import Progress, RunFolder, ShardTracker, fingerprint
 from pipeline.sam.model import resolve_dtype
-from pipeline.sink import OutputWriteError, ShardCommits, Totals
-from pipeline.sources import (
+from pipeline.run.sink import OutputWriteError, ShardCommits, Totals
+from pipeline.io.listing import (
     ShardListing, SourceError, WorkItem, input_format, iter_image_uris, iter_manifest, iter_tar_uris, merge_repeated_uris,
     no_images, root_of, write_shards,
 )
@@ -154,10 +154,10 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     """
     import ray
 
-    from pipeline.decode import READ_ROWS, read_shards
-    from pipeline.detect import Detector
+    from pipeline.io.decode import READ_ROWS, read_shards
+    from pipeline.stages.detect import Detector
     from pipeline.stages.segment import Segmenter
-    from pipeline.sink import write_batch
+    from pipeline.run.sink import write_batch
 
     env = runtime_env(plan["local"])
     # A stage's own exception (a write failing with "No space left on device") must reach the
@@ -376,7 +376,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         manifest.update(status="failed", error=f"{listing.num_images} images listed but {totals.images} rows written")
     folder.write_manifest(manifest)
     if manifest["status"] == "finished" and cfg.report.enabled:
-        from pipeline.report import report_after_run
+        from pipeline.outputs.report import report_after_run
 
         manifest["report_uri"] = report_after_run(cfg, folder.run_uri)
     manifest["output_uri"] = folder.run_uri
@@ -403,7 +403,7 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
     images are staged (so a crash later keeps it), and the stragglers once the data is through."""
     import ray
 
-    from pipeline.faults import start_ledger
+    from pipeline.run.faults import start_ledger
 
     log.info(describe(plan, cfg.uses_detector))
     if plan["mode"] == "gpu" and plan["gpus"] == 0:

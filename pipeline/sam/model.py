@@ -22,10 +22,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline import masks as mask_codec
+from pipeline.sam import masks as mask_codec
 from pipeline.config import QaConfig, SamConfig
-from pipeline.decode import ImageError
-from pipeline.prompts import Prompt
+from pipeline.io.decode import ImageError
+from pipeline.sam.prompts import Prompt
 from pipeline.run.timings import StageClock
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class SamModel:
                  expected_sha256: Optional[str] = None):
         import torch
 
-        from pipeline.faults import InjectedFaults
+        from pipeline.run.faults import InjectedFaults
         from pipeline.models.weights import build_sam_model, pick_device, resolve_sam_checkpoint
 
         self.cfg = cfg
@@ -353,7 +353,7 @@ class SamModel:
         points = (torch.cat(coords, dim=1), torch.cat(labels, dim=1)) if coords else None
         masks = None
         if first.has_mask:
-            from pipeline.prompts import mask_to_logits
+            from pipeline.sam.prompts import mask_to_logits
 
             masks = torch.as_tensor(np.stack([mask_to_logits(j.prompt.mask, self.low_res) if j.prompt.mask is not None
                                               else j.prompt.mask_input[None] for j in jobs]), dtype=torch.float32, device=self.device)
@@ -454,7 +454,7 @@ class SamModel:
     def _crop_quality(self, mask, bbox, prompt_box, stability: float) -> dict:
         """A mask's shape metrics and the pixels inside its prompt box, from its bounding-box crop
         on the host; with clean-up on, the cleaned mask too (``cleaned``: RLE, area, box)."""
-        from pipeline import quality
+        from pipeline.sam import quality
 
         x0, y0, x1, y1 = (int(v) for v in bbox)
         crop = mask[y0:y1, x0:x1] if x1 > x0 else np.zeros((0, 0), bool)

@@ -17,12 +17,12 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from pipeline import quality
+from pipeline.sam import quality
 from pipeline.config import QaConfig, SamConfig
-from pipeline.console import worker_logging
-from pipeline.decode import ImageDecoder, ImageError, pixels_or_error, with_errors
-from pipeline.faults import CrashGuard
-from pipeline.prompts import Prompt, manifest_prompts
+from pipeline.run.console import worker_logging
+from pipeline.io.decode import ImageDecoder, ImageError, pixels_or_error, with_errors
+from pipeline.run.faults import CrashGuard
+from pipeline.sam.prompts import Prompt, manifest_prompts
 from pipeline.sam.model import Candidates, SamModel, SegmentOOM
 from pipeline.run.timings import StageClock
 

@@ -44,10 +44,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from pipeline import masks as mask_codec
-from pipeline import labelstudio as ls
-from pipeline.filters import UNLABELED, ObjectFilter, RunData, RunError, normalize_objects, read_image, read_rgb, redact
-from pipeline.ownership import EXPORT_MARKER, export_bound_elsewhere, export_inventory, normalised_path, read_export_marker
+from pipeline.sam import masks as mask_codec
+from pipeline.outputs import labelstudio as ls
+from pipeline.outputs.filters import UNLABELED, ObjectFilter, RunData, RunError, normalize_objects, read_image, read_rgb, redact
+from pipeline.run.ownership import EXPORT_MARKER, export_bound_elsewhere, export_inventory, normalised_path, read_export_marker
 
 log = logging.getLogger("autolabel.export")
 
@@ -371,7 +371,7 @@ class Destination:
         """After a failed export: remove what this export wrote (the files it recorded and the marker;
         the folder was new, empty, or held only the earlier export this one replaced), then the folders
         it created, if empty. Anything else in the folder is left alone."""
-        from pipeline.ownership import Inventory, is_local
+        from pipeline.run.ownership import Inventory, is_local
 
         try:
             inventory = Inventory(self.path, [rel for rel in sorted(self.written | {MARKER}) if self.fs.exists(self.full(rel))])
@@ -484,7 +484,7 @@ class YoloWriter:
 
     def _image_bytes(self, image: ImageLabels) -> tuple[bytes, str]:
         """The original file's bytes, unless its EXIF rotates it or YOLO cannot read its format: then a PNG of the pixels."""
-        from pipeline.decode import open_image
+        from pipeline.io.decode import open_image
 
         data = read_image(image.uri, self.image_storage_options)
         with open_image(data) as img:
@@ -609,7 +609,7 @@ class LabelStudioWriter:
     def __init__(self, dest: Destination, run: RunData, classes: dict[int, str], urls: ls.ImageUrls, every_image: bool):
         import uuid
 
-        from pipeline.report import class_color
+        from pipeline.outputs.report import class_color
 
         self.dest, self.run, self.urls, self.every_image = dest, run, urls, every_image
         self.export_id = f"{_now()}-{uuid.uuid4().hex[:8]}"
@@ -799,7 +799,7 @@ def _export_all(run: RunData, filt: ObjectFilter, classes: dict[int, str], write
                 result: ExportResult) -> None:
     from tqdm import tqdm
 
-    from pipeline.decode import ImageError
+    from pipeline.io.decode import ImageError
 
     with tqdm(total=total, unit="img", desc=f"export {fmt}", mininterval=1.0, disable=not progress) as bar:
         unlabeled_id = next((cid for cid, name in classes.items() if name == UNLABELED), None)

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.decode import ImageError
+from pipeline.io.decode import ImageError
 
 log = logging.getLogger(__name__)
 

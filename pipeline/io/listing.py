@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from pipeline.credentials import redact_uri, stored_uri_problem
-from pipeline.locations import is_within, normalise_uri, resolve_relative  # noqa: F401 - also imported from here
+from pipeline.io.credentials import redact_uri, stored_uri_problem
+from pipeline.io.locations import is_within, normalise_uri, resolve_relative  # noqa: F401 - also imported from here
 
 SHARDS_DIR = "_shards"
 SHARD_SCHEMA = pa.schema(

@@ -212,8 +212,8 @@ class _GuardedRead:
     again and again becomes a ``worker_crash`` row instead of failing the job."""
 
     def __init__(self, ledger, max_image_crashes: int):
-        from pipeline.console import worker_logging
-        from pipeline.faults import CrashGuard, InjectedFaults
+        from pipeline.run.console import worker_logging
+        from pipeline.run.faults import CrashGuard, InjectedFaults
 
         worker_logging()
         self.guard = CrashGuard(ledger, "decode", max_image_crashes)
@@ -405,7 +405,7 @@ def iter_tar_members(
 def _short(exc: BaseException, storage_options: Optional[dict] = None) -> str:
     """An exception's text for an error row: the first 300 characters, without credentials (those
     inside URIs, and the values of the storage options the read used)."""
-    from pipeline.credentials import redact, redact_text
+    from pipeline.io.credentials import redact, redact_text
 
     return redact(redact_text(str(exc)), storage_options)[:300]
 
@@ -421,7 +421,7 @@ def read_tar_batch(
     the next one is full; the tar's last batch carries ``shard_rows`` (the count) on its rows,
     which tells the driver when the shard is complete.
     """
-    from pipeline.sources import image_id_for
+    from pipeline.io.listing import image_id_for
 
     names = [n for n in ("shard_id", "uri", "image_id", "prompts", "meta", "base_uri")]
     carried = batch.column("data").to_pylist() if "data" in batch.column_names else [None] * batch.num_rows

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import DetectorConfig
-from pipeline.decode import ImageDecoder, ImageError, pixels_or_error, with_errors
-from pipeline.faults import CrashGuard, InjectedFaults
+from pipeline.io.decode import ImageDecoder, ImageError, pixels_or_error, with_errors
+from pipeline.run.faults import CrashGuard, InjectedFaults
 from pipeline.run.timings import StageClock
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Detector:
 
     def __init__(self, cfg: DetectorConfig, ledger=None, max_image_crashes: int = 3, max_pixels: Optional[int] = None,
                  decode_threads: int = 4, expected_sha256: Optional[str] = None):
-        from pipeline.console import worker_logging
+        from pipeline.run.console import worker_logging
         from pipeline.models.weights import load_yolo, pick_device, resolve_detector_weights
 
         worker_logging()

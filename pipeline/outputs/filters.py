@@ -25,8 +25,8 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
-from pipeline.credentials import redact  # noqa: F401 - report, export and the CLI import it from here
-from pipeline.ownership import normalised_path
+from pipeline.io.credentials import redact  # noqa: F401 - report, export and the CLI import it from here
+from pipeline.run.ownership import normalised_path
 
 
 class FilterError(ValueError):
@@ -126,7 +126,7 @@ class RunData:
         return self._datasets[table]
 
     def _open_dataset(self, table: str) -> pads.Dataset:
-        from pipeline.sink import IMAGES_SCHEMA, OBJECTS_SCHEMA
+        from pipeline.run.sink import IMAGES_SCHEMA, OBJECTS_SCHEMA
 
         files = self.image_files if table == "images" else self.object_files
         schema = IMAGES_SCHEMA if table == "images" else OBJECTS_SCHEMA
@@ -176,7 +176,7 @@ class RunData:
     def review(self):
         """The run's review decisions (``review.Review``), read once; empty when none were imported."""
         if not hasattr(self, "_review"):
-            from pipeline.review import Review
+            from pipeline.outputs.review import Review
 
             self._review = Review.load(self)
         return self._review
@@ -191,7 +191,7 @@ def read_image(uri: str, storage_options: Optional[dict] = None) -> bytes:
 
     Every failure is a ``decode.ImageError`` with its error class, also those fsspec back-ends raise
     outside ``OSError`` (botocore's ``NoCredentialsError``, ...); messages never hold the options' values."""
-    from pipeline.decode import ImageError, read_image_bytes
+    from pipeline.io.decode import ImageError, read_image_bytes
 
     try:
         return read_image_bytes(uri, storage_options)
@@ -210,7 +210,7 @@ def read_rgb(uri: str, storage_options: Optional[dict] = None):
 
     Same reader and decoder as the decode stage (tar members included); failures raise
     ``decode.ImageError`` with its error class."""
-    from pipeline.decode import decode_rgb
+    from pipeline.io.decode import decode_rgb
 
     return decode_rgb(read_image(uri, storage_options))
 

@@ -41,9 +41,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import labelstudio as ls
-from pipeline import masks as mask_codec
-from pipeline.filters import DUPLICATE, REVIEW_COLUMN, UNLABELED, RunData, normalize_objects
+from pipeline.outputs import labelstudio as ls
+from pipeline.sam import masks as mask_codec
+from pipeline.outputs.filters import DUPLICATE, REVIEW_COLUMN, UNLABELED, RunData, normalize_objects
 
 log = logging.getLogger("autolabel.review")
 
@@ -284,7 +284,7 @@ def _objects_of(run: RunData, image_ids: list[str]) -> dict[tuple[str, int], dic
 
 
 def _label_index(run: RunData) -> dict[str, Optional[int]]:
-    from pipeline.export import known_classes
+    from pipeline.outputs.export import known_classes
 
     index: dict[str, Optional[int]] = {}
     for cid, name in sorted(known_classes(run).items()):

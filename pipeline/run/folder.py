@@ -18,9 +18,9 @@ from typing import Optional
 from fsspec.core import url_to_fs
 
 from pipeline.config import ConfigError, RunConfig, redact_uri, redacted_config
-from pipeline.ownership import RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
-from pipeline.sink import DONE_DIR, STAGING_DIR, OutputWriteError, Totals, atomic_write
-from pipeline.sources import SHARDS_DIR, normalise_uri
+from pipeline.run.ownership import RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
+from pipeline.run.sink import DONE_DIR, STAGING_DIR, OutputWriteError, Totals, atomic_write
+from pipeline.io.listing import SHARDS_DIR, normalise_uri
 
 log = logging.getLogger("autolabel")
 

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import yaml
 
-from pipeline.filters import (FLAG_REASONS, QA_COLUMNS, UNLABELED, FilterError, ObjectFilter, RunData, RunError, normalize_objects,
+from pipeline.outputs.filters import (FLAG_REASONS, QA_COLUMNS, UNLABELED, FilterError, ObjectFilter, RunData, RunError, normalize_objects,
                       normalized_columns_sql, read_rgb, redact)
 
 log = logging.getLogger("autolabel.report")
@@ -95,7 +95,7 @@ class RunStats:
             self.con.register("objects_ds", run.dataset("objects"))
             schema = run.dataset("objects").schema
         else:  # a run where nothing was detected may have no objects parts at all
-            from pipeline.sink import OBJECTS_SCHEMA
+            from pipeline.run.sink import OBJECTS_SCHEMA
 
             self.con.register("objects_ds", OBJECTS_SCHEMA.empty_table())
             schema = OBJECTS_SCHEMA
@@ -448,8 +448,8 @@ def render_gallery_image(pick: dict, objects: list[dict], image_storage_options:
     reason) when the image could not be drawn on its own pixels (unreadable, or changed size)."""
     from PIL import Image
 
-    from pipeline import masks as mask_codec
-    from pipeline.decode import ImageError
+    from pipeline.sam import masks as mask_codec
+    from pipeline.io.decode import ImageError
 
     h, w = int(pick["height"]), int(pick["width"])
     note = None
@@ -551,7 +551,7 @@ def render_flagged_object(obj: dict, rgb: Optional[np.ndarray], size: tuple[int,
     class colour with its outline, the prompt box in yellow."""
     from PIL import Image, ImageDraw
 
-    from pipeline import masks as mask_codec
+    from pipeline.sam import masks as mask_codec
 
     h, w = size
     mask = mask_codec.decode(obj["mask"])
@@ -582,7 +582,7 @@ def render_flagged_object(obj: dict, rgb: Optional[np.ndarray], size: tuple[int,
 
 def draw_flagged(stats: "RunStats", picks: list[tuple[str, int]], image_storage_options: Optional[dict]) -> list[dict]:
     """The quality gallery: each picked flagged object drawn on its own image (read once per image)."""
-    from pipeline.decode import ImageError
+    from pipeline.io.decode import ImageError
 
     if not picks:
         return []

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from pipeline.sources import protocols_of
+from pipeline.io.listing import protocols_of
 
 SHARD = r"(?P<shard>\d{6,})"  # write_shards' ids: 000000, 000001, ...
 TMP = r"(?:\.tmp-[0-9a-f]{32}-)?"  # sink.atomic_write's temporary name on local disks

@@ -108,8 +108,8 @@ def load_mask(spec: Any, base_uri: Optional[str] = None, storage_options: Option
 
     ``roots``: folders a mask path must lie under (the manifest's folder, ``input.uri``); None
     allows any path (``prompts.allow_any_uri``, and the Python API)."""
-    from pipeline import masks as mask_codec
-    from pipeline.locations import is_within, resolve_relative
+    from pipeline.sam import masks as mask_codec
+    from pipeline.io.locations import is_within, resolve_relative
 
     if isinstance(spec, dict):
         try:
@@ -120,7 +120,7 @@ def load_mask(spec: Any, base_uri: Optional[str] = None, storage_options: Option
         raise PromptError(f"mask must be a file path or an RLE dict, got {type(spec).__name__}")
     import fsspec
 
-    from pipeline.decode import open_image
+    from pipeline.io.decode import open_image
 
     uri = resolve_relative(spec, base_uri)
     if roots is not None and not is_within(uri, roots, storage_options):

@@ -93,7 +93,7 @@ def overlaps(rles: list[dict], areas: list[int], mode: str) -> np.ndarray:
     """Pairwise overlap of masks given as COCO RLE: IoU, or intersection over the smaller mask."""
     from pycocotools import mask as mask_utils
 
-    from pipeline.masks import to_coco
+    from pipeline.sam.masks import to_coco
 
     coco = [to_coco(r) for r in rles]
     iou = np.asarray(mask_utils.iou(coco, coco, [0] * len(coco)), np.float64).reshape(len(coco), len(coco))
