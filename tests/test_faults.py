@@ -385,7 +385,7 @@ def test_a_commit_task_retried_after_it_finished_changes_nothing(ray_local, tmp_
 @pytest.mark.parametrize("members", [16, 17, 3])
 def test_tar_shard_rows_arrive_with_the_last_batch(tmp_path, members):
     """A tar's image count is known only after reading it; its last batch carries it."""
-    from pipeline.io.decode import read_tar_batch
+    from pipeline.stages.read import read_tar_batch
 
     tar_path = tmp_path / "shard.tar"
     with tarfile.open(tar_path, "w") as tf:

@@ -23,7 +23,9 @@ from bad_inputs import Expect, build_folder, corpus_files, write_tar
 from conftest import REPO, model_overrides
 from pipeline.sam import masks as mask_codec
 from pipeline.config import ConfigError, load_config
-from pipeline.io.decode import ImageDecoder, ImageError, decode_image, iter_tar_members, pixels_or_error, read_batch, with_errors
+from pipeline.errors import ImageError
+from pipeline.io.decode import ImageDecoder, decode_image, iter_tar_members, pixels_or_error, with_errors
+from pipeline.stages.read import read_batch
 from pipeline.run.job import run, work_items
 from pipeline.io.listing import SourceError, expand_braces, image_id_for, input_format, iter_manifest
 
@@ -161,7 +163,7 @@ def test_memory_tar_travels_in_the_shard_and_is_expanded_by_the_read_stage(tmp_p
     """memory:// lives in the driver only: the tar's bytes go into its shard row for the workers."""
     import fsspec
 
-    from pipeline.io.decode import read_tar_batch
+    from pipeline.stages.read import read_tar_batch
     from pipeline.io.listing import write_shards
 
     fs = fsspec.filesystem("memory")

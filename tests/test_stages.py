@@ -12,7 +12,9 @@ from PIL import Image
 from conftest import SAM_IMAGE_SIZE
 from pipeline.sam import masks as mask_codec
 from pipeline.config import IMAGE_EXTENSIONS, SamConfig
-from pipeline.io.decode import ImageError, decode_rgb, read_batch, read_bytes
+from pipeline.errors import ImageError
+from pipeline.io.decode import decode_rgb, read_bytes
+from pipeline.stages.read import read_batch
 from pipeline.run.sink import split_tables
 from pipeline.io.listing import SourceError, WorkItem, image_id_for, iter_image_uris, write_shards
 
@@ -140,7 +142,8 @@ def test_read_errors_are_named(tmp_path):
 def test_read_batch_keeps_one_row_per_input_and_carries_bytes_not_pixels(tmp_path):
     """The read stage passes the encoded file and its header's facts; pixels are decoded next to
     the model. A file broken past its header is found there, with the decoder's error class."""
-    from pipeline.io.decode import ImageDecoder, pixels_or_error, read_batch
+    from pipeline.io.decode import ImageDecoder, pixels_or_error
+    from pipeline.stages.read import read_batch
 
     good, truncated = tmp_path / "good.jpg", tmp_path / "truncated.jpg"
     good.write_bytes(_jpeg(np.full((5, 7, 3), 128, np.uint8)))

@@ -191,7 +191,8 @@ def read_image(uri: str, storage_options: Optional[dict] = None) -> bytes:
 
     Every failure is a ``decode.ImageError`` with its error class, also those fsspec back-ends raise
     outside ``OSError`` (botocore's ``NoCredentialsError``, ...); messages never hold the options' values."""
-    from pipeline.io.decode import ImageError, read_image_bytes
+    from pipeline.errors import ImageError
+    from pipeline.io.decode import read_image_bytes
 
     try:
         return read_image_bytes(uri, storage_options)

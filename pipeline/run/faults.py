@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.io.decode import ImageError
+from pipeline.errors import ImageError
 
 log = logging.getLogger(__name__)
 

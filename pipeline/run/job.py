@@ -154,7 +154,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     """
     import ray
 
-    from pipeline.io.decode import READ_ROWS, read_shards
+    from pipeline.stages.read import READ_ROWS, read_shards
     from pipeline.stages.detect import Detector
     from pipeline.stages.segment import Segmenter
     from pipeline.run.sink import write_batch

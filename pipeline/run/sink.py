@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from pipeline.io.decode import IMAGE_COLUMNS
+from pipeline.stages.read import IMAGE_COLUMNS
 from pipeline.run.ownership import STAGED_PART, is_local
 from pipeline.stages.segment import OBJECT_TYPE
 from pipeline.io.listing import protocols_of

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import DetectorConfig
-from pipeline.io.decode import ImageDecoder, ImageError, pixels_or_error, with_errors
+from pipeline.errors import ImageError
+from pipeline.io.decode import ImageDecoder, pixels_or_error, with_errors
 from pipeline.run.faults import CrashGuard, InjectedFaults
 from pipeline.run.timings import StageClock
 

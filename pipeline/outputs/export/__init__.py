@@ -799,7 +799,7 @@ def _export_all(run: RunData, filt: ObjectFilter, classes: dict[int, str], write
                 result: ExportResult) -> None:
     from tqdm import tqdm
 
-    from pipeline.io.decode import ImageError
+    from pipeline.errors import ImageError
 
     with tqdm(total=total, unit="img", desc=f"export {fmt}", mininterval=1.0, disable=not progress) as bar:
         unlabeled_id = next((cid for cid, name in classes.items() if name == UNLABELED), None)

@@ -449,7 +449,7 @@ def render_gallery_image(pick: dict, objects: list[dict], image_storage_options:
     from PIL import Image
 
     from pipeline.sam import masks as mask_codec
-    from pipeline.io.decode import ImageError
+    from pipeline.errors import ImageError
 
     h, w = int(pick["height"]), int(pick["width"])
     note = None
@@ -582,7 +582,7 @@ def render_flagged_object(obj: dict, rgb: Optional[np.ndarray], size: tuple[int,
 
 def draw_flagged(stats: "RunStats", picks: list[tuple[str, int]], image_storage_options: Optional[dict]) -> list[dict]:
     """The quality gallery: each picked flagged object drawn on its own image (read once per image)."""
-    from pipeline.io.decode import ImageError
+    from pipeline.errors import ImageError
 
     if not picks:
         return []
