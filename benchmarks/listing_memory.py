@@ -41,7 +41,7 @@ from pipeline.run.job import work_items  # noqa: E402
 from pipeline.run.folder import RunFolder, ShardTracker  # noqa: E402
 from pipeline.stages.segment import OBJECT_TYPE  # noqa: E402
 from pipeline.run.sink import ShardCommits, Totals, write_batch  # noqa: E402
-from pipeline.io.listing import write_shards  # noqa: E402
+from pipeline.io.shards import write_shards  # noqa: E402
 
 MB = 1024 * 1024
 

@@ -27,7 +27,8 @@ from pipeline.errors import ImageError
 from pipeline.io.decode import ImageDecoder, decode_image, iter_tar_members, pixels_or_error, with_errors
 from pipeline.stages.read import read_batch
 from pipeline.run.job import run, work_items
-from pipeline.io.listing import SourceError, expand_braces, image_id_for, input_format, iter_manifest
+from pipeline.io.listing import SourceError, expand_braces, image_id_for, input_format
+from pipeline.io.manifest import iter_manifest
 
 PHOTOS = {"photos/coffee.png": "coffee.png", "photos/chelsea.jpg": "nested/chelsea.jpg"}  # corpus name -> photo_folder name
 META = {"camera": ["cam-a", "cam-b"], "site": ["north", "south", "east"], "split": ["train", "val"]}
@@ -164,7 +165,7 @@ def test_memory_tar_travels_in_the_shard_and_is_expanded_by_the_read_stage(tmp_p
     import fsspec
 
     from pipeline.stages.read import read_tar_batch
-    from pipeline.io.listing import write_shards
+    from pipeline.io.shards import write_shards
 
     fs = fsspec.filesystem("memory")
     tar = tmp_path / "m.tar"

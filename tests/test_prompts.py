@@ -467,7 +467,7 @@ def test_percent_escapes_cannot_lead_out_of_an_http_manifests_folder(tmp_path, e
     ("https://evil/data/a.jpg", False),
 ])
 def test_confinement_reads_object_store_and_http_paths_as_the_storage_does(uri, inside):
-    from pipeline.io.listing import is_within
+    from pipeline.io.locations import is_within
 
     roots = ["s3://bucket/data", "https://host/data"]
     assert is_within(uri, roots) is inside

@@ -16,7 +16,8 @@ from pipeline.errors import ImageError
 from pipeline.io.decode import decode_rgb, read_bytes
 from pipeline.stages.read import read_batch
 from pipeline.run.sink import split_tables
-from pipeline.io.listing import SourceError, WorkItem, image_id_for, iter_image_uris, write_shards
+from pipeline.io.listing import SourceError, WorkItem, image_id_for, iter_image_uris
+from pipeline.io.shards import write_shards
 
 
 def _jpeg(rgb: np.ndarray, **save) -> bytes:

@@ -20,7 +20,8 @@ from fsspec.core import url_to_fs
 from pipeline.config import ConfigError, RunConfig, redact_uri, redacted_config
 from pipeline.run.ownership import RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
 from pipeline.run.sink import DONE_DIR, STAGING_DIR, OutputWriteError, Totals, atomic_write
-from pipeline.io.listing import SHARDS_DIR, normalise_uri
+from pipeline.io.locations import normalise_uri
+from pipeline.io.shards import SHARDS_DIR
 
 log = logging.getLogger("autolabel")
 

@@ -22,10 +22,9 @@ from pipeline.run.cluster import actor_plan, actors_timed_out, check_device, con
 from pipeline.run.folder import Progress, RunFolder, ShardTracker, fingerprint
 from pipeline.sam.model import resolve_dtype
 from pipeline.run.sink import OutputWriteError, ShardCommits, Totals
-from pipeline.io.listing import (
-    ShardListing, SourceError, WorkItem, input_format, iter_image_uris, iter_manifest, iter_tar_uris, merge_repeated_uris,
-    no_images, root_of, write_shards,
-)
+from pipeline.io.listing import SourceError, WorkItem, input_format, iter_image_uris, iter_tar_uris, no_images, root_of
+from pipeline.io.manifest import iter_manifest, merge_repeated_uris
+from pipeline.io.shards import ShardListing, write_shards
 from pipeline.run.timings import Timings
 
 log = logging.getLogger("autolabel")
