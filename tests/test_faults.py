@@ -403,7 +403,7 @@ def test_tar_shard_rows_arrive_with_the_last_batch(tmp_path, members):
 
 
 def test_tracker_completes_a_shard_once_all_its_images_are_staged():
-    from pipeline.run.folder import ShardTracker
+    from pipeline.run.progress import ShardTracker
 
     tracker = ShardTracker(["000000", "000001", "000002"])
     assert tracker.add([{"shard_id": "000000", "image_id": "a", "shard_rows": 2}]) == []

@@ -19,7 +19,8 @@ from fsspec.core import url_to_fs
 from pipeline.config import ConfigError, RunConfig, redact, redact_text, redact_uri, redacted_config, uses_random_weights
 from pipeline.models.weights import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
 from pipeline.run.cluster import actor_plan, actors_timed_out, check_device, connect_ray, describe, sam_device_type
-from pipeline.run.folder import Progress, RunFolder, ShardTracker, fingerprint
+from pipeline.run.folder import RunFolder, fingerprint
+from pipeline.run.progress import Progress, ShardTracker
 from pipeline.sam.model import resolve_dtype
 from pipeline.run.sink import OutputWriteError, ShardCommits, Totals
 from pipeline.io.listing import SourceError, WorkItem, input_format, iter_image_uris, iter_tar_uris, no_images, root_of
