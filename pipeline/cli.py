@@ -219,8 +219,10 @@ def _object_filter(args):
 
 
 def _report(args) -> int:
-    from pipeline.outputs.filters import FilterError, OptionError, RunError, redact
+    from pipeline.io.credentials import redact
+    from pipeline.outputs.filters import FilterError, OptionError
     from pipeline.outputs.report import UNREADABLE_HINT, ReportError, ReportOptions, write_report
+    from pipeline.outputs.rundata import RunError
 
     options = images = {}
     try:
@@ -256,8 +258,10 @@ def _report(args) -> int:
 
 
 def _export(args) -> int:
+    from pipeline.io.credentials import redact
     from pipeline.outputs.export import ExportError, export
-    from pipeline.outputs.filters import FilterError, OptionError, RunError, redact
+    from pipeline.outputs.filters import FilterError, OptionError
+    from pipeline.outputs.rundata import RunError
 
     options = images = {}
     try:
@@ -276,8 +280,10 @@ def _export(args) -> int:
 
 
 def _review_import(args) -> int:
-    from pipeline.outputs.filters import OptionError, RunError, redact
+    from pipeline.io.credentials import redact
+    from pipeline.outputs.filters import OptionError
     from pipeline.outputs.review import ReviewError, import_review
+    from pipeline.outputs.rundata import RunError
 
     options = {}
     try:

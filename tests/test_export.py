@@ -22,7 +22,8 @@ from synthetic_run import write_synthetic_run
 
 from pipeline.sam import masks as mask_codec
 from pipeline.outputs.export import ExportError, export, mask_polygons
-from pipeline.outputs.filters import ObjectFilter, read_rgb
+from pipeline.outputs.filters import ObjectFilter
+from pipeline.outputs.rundata import read_rgb
 
 
 def _counted(objects: pd.DataFrame) -> pd.DataFrame:

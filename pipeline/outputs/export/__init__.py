@@ -46,7 +46,11 @@ from fsspec.core import url_to_fs
 
 from pipeline.sam import masks as mask_codec
 from pipeline.outputs import labelstudio as ls
-from pipeline.outputs.filters import UNLABELED, ObjectFilter, RunData, RunError, normalize_objects, read_image, read_rgb, redact
+from pipeline.io.credentials import redact
+from pipeline.outputs.colors import class_color
+from pipeline.outputs.columns import UNLABELED, normalize_objects
+from pipeline.outputs.filters import ObjectFilter
+from pipeline.outputs.rundata import RunData, RunError, known_classes, read_image, read_rgb
 from pipeline.run.ownership import EXPORT_MARKER, export_bound_elsewhere, export_inventory, normalised_path, read_export_marker
 
 log = logging.getLogger("autolabel.export")
@@ -609,8 +613,6 @@ class LabelStudioWriter:
     def __init__(self, dest: Destination, run: RunData, classes: dict[int, str], urls: ls.ImageUrls, every_image: bool):
         import uuid
 
-        from pipeline.outputs.report import class_color
-
         self.dest, self.run, self.urls, self.every_image = dest, run, urls, every_image
         self.export_id = f"{_now()}-{uuid.uuid4().hex[:8]}"
         self.fingerprint = (run.manifest.get("fingerprint") or {}).get("sha256")  # which run: review import checks it
@@ -685,22 +687,6 @@ def _labelstudio_urls(run: RunData, image_root: Optional[str], image_root_url: O
 
 
 # ------------------------------------------------------------------------------------ driver
-
-
-def known_classes(run: RunData) -> dict[int, str]:
-    """Detector classes from run.json, plus any class found in the objects table (column scan only)."""
-    names = run.class_names()
-    unlabeled = False
-    if run.object_files:
-        seen = run.dataset("objects").to_table(columns=["class_id", "class_name"]).group_by(["class_id", "class_name"]).aggregate([])
-        for cid, cname in zip(seen.column("class_id").to_pylist(), seen.column("class_name").to_pylist()):
-            if cid is None:
-                unlabeled = True
-            else:
-                names.setdefault(int(cid), cname)
-    if unlabeled:
-        names[max(names, default=-1) + 1] = UNLABELED
-    return names
 
 
 def export(

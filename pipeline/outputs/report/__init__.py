@@ -24,8 +24,11 @@ from typing import Optional
 import numpy as np
 import yaml
 
-from pipeline.outputs.filters import (FLAG_REASONS, QA_COLUMNS, UNLABELED, FilterError, ObjectFilter, RunData, RunError, normalize_objects,
-                      normalized_columns_sql, read_rgb, redact)
+from pipeline.io.credentials import redact
+from pipeline.outputs.colors import class_color
+from pipeline.outputs.columns import FLAG_REASONS, QA_COLUMNS, UNLABELED, normalize_objects, normalized_columns_sql
+from pipeline.outputs.filters import FilterError, ObjectFilter
+from pipeline.outputs.rundata import RunData, RunError, read_rgb
 
 log = logging.getLogger("autolabel.report")
 
@@ -56,15 +59,6 @@ class ReportOptions:
     filter: ObjectFilter = ObjectFilter()
     seed: int = 0
     flagged_gallery: int = 12  # flagged objects drawn in the quality section
-
-
-def class_color(class_id: Optional[int]) -> tuple[float, float, float]:
-    """Stable colour per class (matplotlib's tab20), the same in charts and gallery; grey if unlabeled."""
-    from matplotlib import colormaps
-
-    if class_id is None:
-        return (0.55, 0.55, 0.55)
-    return tuple(colormaps["tab20"](int(class_id) % 20)[:3])
 
 
 def _hex(rgb) -> str:
