@@ -1,9 +1,9 @@
 """Driver memory while listing and streaming many images: does it grow with the number of images?
 
 Writes N tiny PNGs (8x8) into a local folder for each N, then in ONE driver process, on one local
-Ray, runs the job's own listing (``job.work_items`` + ``sources.write_shards``) and streams every
-image through the job's own read stage and sink (``decode.read_shards``, ``sink.write_batch``)
-while the driver tracks staged images and commits complete shards (``runstate.ShardTracker``,
+Ray, runs the job's own listing (``job.work_items`` + ``shards.write_shards``) and streams every
+image through the job's own read stage and sink (``stages.read.read_shards``, ``sink.write_batch``)
+while the driver tracks staged images and commits complete shards (``progress.ShardTracker``,
 ``sink.ShardCommits``: each complete shard's commit a Ray task), exactly as ``job.run`` does. Only detection and segmentation are left out: they are replaced by a stub stage named
 ``_TEST_ONLY_no_models`` (every image gets zero objects) so that tens of thousands of images fit in
 a CI minute. A thread samples the driver's RSS every 20 ms; the peak of each phase is reported.
@@ -13,7 +13,7 @@ a CI minute. A thread samples the driver's RSS every 20 ms; the peak of each pha
 ``--s3``: the listing phase only, over s3:// — a moto S3 server on loopback (tests/moto_server.py)
 holding N keys for each N, 1,000 per "folder". Each listing runs in a fresh process (RSS sampled
 as above; s3fs's listings cache counted after it): the job's listing (``job.work_items`` +
-``sources.write_shards``), and as a control what it did before (``fs.walk``, which s3fs caches).
+``shards.write_shards``), and as a control what it did before (``fs.walk``, which s3fs caches).
 
     python benchmarks/listing_memory.py --s3 --images 2000 20000
 """

@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _filter_arguments(parser: argparse.ArgumentParser) -> None:
-    """Object filters shared by report and export (pipeline/filters.py)."""
+    """Object filters shared by report and export (pipeline/outputs/filters.py)."""
     parser.add_argument("--min-mask-score", type=float, help="keep objects whose mask_score (SAM's predicted IoU) is at least this")
     parser.add_argument("--min-area", type=int, help="keep objects whose mask has at least this many pixels")
     parser.add_argument("--classes", help="keep these classes: names or ids, comma-separated (e.g. person,car or 0,2)")

@@ -1,4 +1,4 @@
-"""SAM 2.1 in batches (``pipeline.sam_batch``): faithful to the SAM 2 tutorial, image by image, and
+"""SAM 2.1 in batches (``pipeline.sam.model``): faithful to the SAM 2 tutorial, image by image, and
 bounded in memory however many objects an image holds.
 
 The reference is the tutorial's own ``SAM2ImagePredictor.set_image`` + ``predict`` on the same

@@ -268,7 +268,7 @@ def _log_run_id(fs, path: str, run_id: Optional[str]) -> bool:
 # ------------------------------------------------------------------------------------------ exports
 
 EXPORT_MARKER = ".autolabel-export.json"
-NAME = r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}"  # export.ImageLabels.name: the image's stem and its image_id
+NAME = r"[A-Za-z0-9._-]{1,80}-[0-9a-f]{16}"  # export.labels.ImageLabels.name: the image's stem and its image_id
 # The names each format writes (besides the marker), for an export that did not complete (its marker
 # lists no files) and for exports made before markers listed them.
 EXPORT_NAMES = {

@@ -47,7 +47,7 @@ IMAGES_SCHEMA = pa.schema(
         ("num_objects", pa.int32()),
         ("class_counts", pa.list_(CLASS_COUNT_TYPE)),
         ("num_prompt_errors", pa.int32()),
-        ("num_flagged", pa.int32()),  # objects needing review (quality.py's flags)
+        ("num_flagged", pa.int32()),  # objects needing review (sam/quality.py's flags)
         ("shard_id", pa.string()),
     ]
 )

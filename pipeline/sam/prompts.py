@@ -1,8 +1,8 @@
 """SAM prompts: what one object asks for (points, box, box+points, prior mask), checked.
 
 Both the Ray segment stage and ``autolabel predict`` / the Python API turn their inputs into
-``Prompt`` objects and hand them to ``sam_batch.SamModel``, so there is one implementation of
-how prompts reach SAM's decoder.
+``Prompt`` objects and hand them to ``SamModel`` (sam/model.py), so there is one implementation
+of how prompts reach SAM's decoder.
 """
 from __future__ import annotations
 

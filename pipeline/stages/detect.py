@@ -69,7 +69,7 @@ class Detector:
         ok = [i for i in range(n) if statuses[i] == "ok"]
         errors: dict[int, ImageError] = {}
         # Images are detected together; after a worker died on this batch, one at a time, so the
-        # crash ledger can find the image responsible (faults.py): then each is decoded only
+        # crash ledger can find the image responsible (run/faults.py): then each is decoded only
         # once it is announced, not ahead in the decode threads.
         one_by_one = bool(ok) and not self.guard.start_batch([uris[i] for i in ok])
         pending = {} if one_by_one else self.decoder.decode_rows(batch, ok)

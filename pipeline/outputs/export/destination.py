@@ -19,7 +19,7 @@ from pipeline.run.ownership import EXPORT_MARKER, export_bound_elsewhere, export
 
 log = logging.getLogger("autolabel.export")
 
-MARKER = EXPORT_MARKER  # written first into every export folder: its record (see ownership.py)
+MARKER = EXPORT_MARKER  # written first into every export folder: its record (see run/ownership.py)
 
 
 def remove_export(fs, path: str) -> bool:

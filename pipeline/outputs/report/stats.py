@@ -264,7 +264,7 @@ class RunStats:
         paths = [by_name[n] for n in sorted(parts) if n in by_name]
         if len(paths) < len(parts):  # not the sink's layout: filter the whole table instead
             paths = self.run.object_files
-        # The same rows the exports give: normalised, reviewed (pipeline/review.py), then the user's filters.
+        # The same rows the exports give: normalised, reviewed (outputs/decisions.py), then the user's filters.
         table = normalize_objects(pads.dataset(paths, schema=self.run.dataset("objects").schema, filesystem=self.run.arrow_fs(),
                                                format="parquet").to_table(filter=wanted))
         filt = self.options.filter
