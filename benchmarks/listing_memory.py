@@ -36,13 +36,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.stages.read import read_shards  # noqa: E402
-from pipeline.run.job import work_items  # noqa: E402
-from pipeline.run.folder import RunFolder  # noqa: E402
-from pipeline.run.progress import ShardTracker  # noqa: E402
-from pipeline.stages.segment import OBJECT_TYPE  # noqa: E402
-from pipeline.run.sink import ShardCommits, Totals, write_batch  # noqa: E402
 from pipeline.io.shards import write_shards  # noqa: E402
+from pipeline.run.folder import RunFolder  # noqa: E402
+from pipeline.run.job import work_items  # noqa: E402
+from pipeline.run.progress import ShardTracker  # noqa: E402
+from pipeline.run.sink import ShardCommits, Totals, write_batch  # noqa: E402
+from pipeline.stages.read import read_shards  # noqa: E402
+from pipeline.stages.segment import OBJECT_TYPE  # noqa: E402
 
 MB = 1024 * 1024
 

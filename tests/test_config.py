@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import REPO, autolabel_cli
-from pipeline.models import weights as models
 from pipeline.config import ConfigError, RunConfig, allowed_keys, load_config
+from pipeline.models import weights as models
 from pipeline.run.job import run
 
 

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from conftest import SAM_IMAGE_SIZE, model_overrides
-from pipeline.sam import masks as mask_codec
 from pipeline.config import load_config
-from pipeline.run.job import run
-from pipeline.models.weights import sha256_file
 from pipeline.io.listing import image_id_for
+from pipeline.models.weights import sha256_file
+from pipeline.run.job import run
+from pipeline.sam import masks as mask_codec
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,10 @@ from PIL import Image
 from conftest import autolabel_cli, counted_objects, model_overrides
 from synthetic_run import write_synthetic_run
 
-from pipeline.sam import masks as mask_codec
 from pipeline.outputs.export import ExportError, export, mask_polygons
 from pipeline.outputs.filters import ObjectFilter
 from pipeline.outputs.rundata import read_rgb
+from pipeline.sam import masks as mask_codec
 
 
 def _counted(objects: pd.DataFrame) -> pd.DataFrame:

@@ -325,8 +325,8 @@ def test_disk_full_mid_run_fails_loudly_then_resumes_to_the_clean_output(checkpo
 # --- the pieces, without Ray -----------------------------------------------------------------
 
 def _stage(batch_rows: list[dict], run_dir: Path) -> None:
-    from pipeline.stages.segment import OBJECT_TYPE
     from pipeline.run.sink import write_batch
+    from pipeline.stages.segment import OBJECT_TYPE
 
     objects = [[{"object_id": 0, "object_key": None, "source": "detector", "prompt": "box", "candidate": 0, "status": "ok",
                  "error": None, "class_id": 1, "class_name": "cat", "det_score": 0.5, "mask_score": 0.9,

@@ -21,14 +21,14 @@ import pytest
 
 from bad_inputs import Expect, build_folder, corpus_files, write_tar
 from conftest import REPO, model_overrides
-from pipeline.sam import masks as mask_codec
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import ImageError
 from pipeline.io.decode import ImageDecoder, decode_image, iter_tar_members, pixels_or_error, with_errors
-from pipeline.stages.read import read_batch
-from pipeline.run.job import run, work_items
 from pipeline.io.listing import SourceError, expand_braces, image_id_for, input_format
 from pipeline.io.manifest import iter_manifest
+from pipeline.run.job import run, work_items
+from pipeline.sam import masks as mask_codec
+from pipeline.stages.read import read_batch
 
 PHOTOS = {"photos/coffee.png": "coffee.png", "photos/chelsea.jpg": "nested/chelsea.jpg"}  # corpus name -> photo_folder name
 META = {"camera": ["cam-a", "cam-b"], "site": ["north", "south", "east"], "split": ["train", "val"]}
@@ -164,8 +164,8 @@ def test_memory_tar_travels_in_the_shard_and_is_expanded_by_the_read_stage(tmp_p
     """memory:// lives in the driver only: the tar's bytes go into its shard row for the workers."""
     import fsspec
 
-    from pipeline.stages.read import read_tar_batch
     from pipeline.io.shards import write_shards
+    from pipeline.stages.read import read_tar_batch
 
     fs = fsspec.filesystem("memory")
     tar = tmp_path / "m.tar"

@@ -516,9 +516,9 @@ def test_run_overwrite_clears_the_runs_review_decisions(ray_local, checkpoints, 
     """Today review/ outlived `run --overwrite`: run A, object 0 rejected, overwritten by run B: B's
     object 0 was missing from every export and the report."""
     from pipeline.config import load_config
+    from pipeline.outputs.review import import_review
     from pipeline.outputs.rundata import RunData
     from pipeline.run.job import run
-    from pipeline.outputs.review import import_review
 
     (tmp_path / "single").mkdir()
     shutil.copy(photo_folder / "zidane.jpg", tmp_path / "single" / "zidane.jpg")

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, SAM_IMAGE_SIZE, autolabel_cli, model_overrides
-from pipeline.sam import masks as mask_codec
 from pipeline.config import load_config
 from pipeline.predict import Predictor
+from pipeline.sam import masks as mask_codec
 from pipeline.sam.prompts import Prompt, PromptError, manifest_prompts
 
 

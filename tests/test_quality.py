@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import QaConfig
 from pipeline.sam import masks as mask_codec
 from pipeline.sam import quality
-from pipeline.config import QaConfig
 from pipeline.sam.model import stability_score
 
 

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO, SAM_IMAGE_SIZE, real_photos
-from pipeline.sam import masks as mask_codec
 from pipeline.config import SamConfig
-from pipeline.sam.prompts import Prompt
+from pipeline.sam import masks as mask_codec
 from pipeline.sam.model import SamModel
+from pipeline.sam.prompts import Prompt
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +192,8 @@ import numpy as np
 from PIL import Image
 sys.path.insert(0, {str(REPO)!r})
 from pipeline.config import SamConfig
-from pipeline.sam.prompts import Prompt
 from pipeline.sam.model import SamModel
+from pipeline.sam.prompts import Prompt
 rng = np.random.default_rng(0)
 photo = np.asarray(Image.open({str(REPO / 'samples' / 'images' / 'bus.jpg')!r}).convert("RGB").resize((4000, 3000)))
 corner = rng.uniform(0, 3000, (300, 2))

@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 
 from conftest import SAM_IMAGE_SIZE
-from pipeline.sam import masks as mask_codec
 from pipeline.config import IMAGE_EXTENSIONS, SamConfig
 from pipeline.errors import ImageError
 from pipeline.io.decode import decode_rgb, read_bytes
-from pipeline.stages.read import read_batch
-from pipeline.run.sink import split_tables
 from pipeline.io.listing import SourceError, WorkItem, image_id_for, iter_image_uris
 from pipeline.io.shards import write_shards
+from pipeline.run.sink import split_tables
+from pipeline.sam import masks as mask_codec
+from pipeline.stages.read import read_batch
 
 
 def _jpeg(rgb: np.ndarray, **save) -> bytes:
@@ -219,8 +219,8 @@ def test_segmenter_bfloat16_path_runs_under_autocast(checkpoints):
     """The bf16 path for real: the mask decoder computes in bfloat16 (CPU autocast, small input)."""
     import torch
 
-    from pipeline.sam.prompts import Prompt
     from pipeline.sam.model import SamModel
+    from pipeline.sam.prompts import Prompt
 
     image = np.asarray(Image.open(__file__.rsplit("/tests/", 1)[0] + "/samples/images/bus.jpg").convert("RGB"))
     boxes = np.array([[50, 400, 250, 900], [0, 200, 800, 800]], np.float32)
@@ -247,8 +247,8 @@ def test_bfloat16_masks_equal_float32_masks_per_object(checkpoints):
     (IoU >= BF16_MIN_IOU, score within 0.01). The control shows the bound can fail: on these
     random weights every mask is a large blob, and a bf16 mask compared with the fp32 mask of
     any *other* box must fall below the bound, or the check would not tell a wrong box apart."""
-    from pipeline.sam.prompts import Prompt
     from pipeline.sam.model import SamModel
+    from pipeline.sam.prompts import Prompt
 
     image = np.asarray(Image.open(__file__.rsplit("/tests/", 1)[0] + "/samples/images/bus.jpg").convert("RGB"))
     h, w = image.shape[:2]

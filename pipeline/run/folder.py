@@ -17,10 +17,10 @@ from typing import Optional
 from fsspec.core import url_to_fs
 
 from pipeline.config import ConfigError, RunConfig, redact_uri, redacted_config
-from pipeline.run.ownership import RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
-from pipeline.run.sink import DONE_DIR, STAGING_DIR, OutputWriteError, atomic_write
 from pipeline.io.locations import normalise_uri
 from pipeline.io.shards import SHARDS_DIR
+from pipeline.run.ownership import RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
+from pipeline.run.sink import DONE_DIR, STAGING_DIR, OutputWriteError, atomic_write
 
 log = logging.getLogger("autolabel")
 

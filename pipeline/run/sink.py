@@ -31,11 +31,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from pipeline.stages.read import IMAGE_COLUMNS
-from pipeline.run.ownership import STAGED_PART, is_local
-from pipeline.stages.segment import OBJECT_TYPE
 from pipeline.io.listing import protocols_of
+from pipeline.run.ownership import STAGED_PART, is_local
 from pipeline.run.timings import PREFIX as TIMING_PREFIX, StageClock
+from pipeline.stages.read import IMAGE_COLUMNS
+from pipeline.stages.segment import OBJECT_TYPE
 
 CLASS_COUNT_TYPE = pa.struct([("class_id", pa.int32()), ("class_name", pa.string()), ("count", pa.int32())])
 

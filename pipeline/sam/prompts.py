@@ -108,8 +108,8 @@ def load_mask(spec: Any, base_uri: Optional[str] = None, storage_options: Option
 
     ``roots``: folders a mask path must lie under (the manifest's folder, ``input.uri``); None
     allows any path (``prompts.allow_any_uri``, and the Python API)."""
-    from pipeline.sam import masks as mask_codec
     from pipeline.io.locations import is_within, resolve_relative
+    from pipeline.sam import masks as mask_codec
 
     if isinstance(spec, dict):
         try:

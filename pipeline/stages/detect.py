@@ -43,8 +43,8 @@ class Detector:
 
     def __init__(self, cfg: DetectorConfig, ledger=None, max_image_crashes: int = 3, max_pixels: Optional[int] = None,
                  decode_threads: int = 4, expected_sha256: Optional[str] = None):
-        from pipeline.run.console import worker_logging
         from pipeline.models.weights import load_yolo, pick_device, resolve_detector_weights
+        from pipeline.run.console import worker_logging
 
         worker_logging()
         self.cfg = cfg

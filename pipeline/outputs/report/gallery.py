@@ -31,8 +31,8 @@ def render_gallery_image(pick: dict, objects: list[dict], image_storage_options:
     reason) when the image could not be drawn on its own pixels (unreadable, or changed size)."""
     from PIL import Image
 
-    from pipeline.sam import masks as mask_codec
     from pipeline.errors import ImageError
+    from pipeline.sam import masks as mask_codec
 
     h, w = int(pick["height"]), int(pick["width"])
     note = None
