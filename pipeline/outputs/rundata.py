@@ -79,7 +79,7 @@ class RunData:
         return self._datasets[table]
 
     def _open_dataset(self, table: str) -> pads.Dataset:
-        from pipeline.run.sink import IMAGES_SCHEMA, OBJECTS_SCHEMA
+        from pipeline.run.tables import IMAGES_SCHEMA, OBJECTS_SCHEMA
 
         files = self.image_files if table == "images" else self.object_files
         schema = IMAGES_SCHEMA if table == "images" else OBJECTS_SCHEMA

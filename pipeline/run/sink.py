@@ -34,25 +34,7 @@ from fsspec.core import url_to_fs
 from pipeline.io.listing import protocols_of
 from pipeline.run.ownership import STAGED_PART, is_local
 from pipeline.run.timings import PREFIX as TIMING_PREFIX, StageClock
-from pipeline.stages.read import IMAGE_COLUMNS
-from pipeline.stages.segment import OBJECT_TYPE
-
-CLASS_COUNT_TYPE = pa.struct([("class_id", pa.int32()), ("class_name", pa.string()), ("count", pa.int32())])
-
-IMAGES_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("uri", pa.string()),
-        *IMAGE_COLUMNS,  # width ... note, as read
-        ("num_objects", pa.int32()),
-        ("class_counts", pa.list_(CLASS_COUNT_TYPE)),
-        ("num_prompt_errors", pa.int32()),
-        ("num_flagged", pa.int32()),  # objects needing review (sam/quality.py's flags)
-        ("shard_id", pa.string()),
-    ]
-)
-
-OBJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), *OBJECT_TYPE])
+from pipeline.run.tables import OBJECTS_SCHEMA, images_schema
 
 STAGING_DIR = "_staging"
 DONE_DIR = "_done"
@@ -134,11 +116,6 @@ def class_counts(objects: list[dict]) -> list[dict]:
         entry = counts.setdefault(key, {"class_id": obj["class_id"], "class_name": obj["class_name"], "count": 0})
         entry["count"] += 1
     return [counts[k] for k in sorted(counts)]
-
-
-def images_schema(meta_columns: list[str]) -> pa.Schema:
-    """Manifest metadata (site, camera, ...) becomes string columns after the fixed ones."""
-    return pa.schema([*IMAGES_SCHEMA, *(pa.field(name, pa.string()) for name in meta_columns)])
 
 
 def _meta_value(value) -> Optional[str]:

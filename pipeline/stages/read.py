@@ -12,17 +12,10 @@ from fsspec.core import url_to_fs
 
 from pipeline.errors import ImageError
 from pipeline.io.decode import error_text, inspect_image, iter_tar_members, read_bytes
+from pipeline.run.tables import IMAGE_COLUMNS
 
-# What the read stage adds to each row: plain Arrow, no tensor extension types. ``data`` holds
-# the encoded file (empty for an error row) and is dropped before the sink.
-IMAGE_COLUMNS = [
-    ("width", pa.int32()),  # after EXIF orientation
-    ("height", pa.int32()),
-    ("status", pa.string()),
-    ("error_class", pa.string()),
-    ("error", pa.string()),
-    ("note", pa.string()),
-]
+# The encoded file (empty for an error row), next to the images columns the read stage adds
+# (IMAGE_COLUMNS); dropped before the sink.
 DATA_COLUMN = ("data", pa.large_binary())
 
 

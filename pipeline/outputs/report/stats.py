@@ -58,7 +58,7 @@ class RunStats:
             self.con.register("objects_ds", run.dataset("objects"))
             schema = run.dataset("objects").schema
         else:  # a run where nothing was detected may have no objects parts at all
-            from pipeline.run.sink import OBJECTS_SCHEMA
+            from pipeline.run.tables import OBJECTS_SCHEMA
 
             self.con.register("objects_ds", OBJECTS_SCHEMA.empty_table())
             schema = OBJECTS_SCHEMA
