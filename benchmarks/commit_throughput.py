@@ -28,9 +28,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import masks as mask_codec  # noqa: E402
-from pipeline.segment import OBJECT_TYPE  # noqa: E402
-from pipeline.sink import ShardCommits, commit_shard, write_batch  # noqa: E402
+from pipeline.run.sink import ShardCommits, commit_shard, write_batch  # noqa: E402
+from pipeline.sam import masks as mask_codec  # noqa: E402
+from pipeline.stages.segment import OBJECT_TYPE  # noqa: E402
 
 MB = 1024 * 1024
 

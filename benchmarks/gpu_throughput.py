@@ -68,7 +68,7 @@ def make_images(folder: Path, n: int, width: int, height: int, boxes_per_image: 
 def checkpoint_for(size: str, folder: Path, checkpoint_dir):
     from model_factory import make_sam_checkpoint
 
-    from pipeline.models import SAM_MODELS
+    from pipeline.models.weights import SAM_MODELS
 
     name = SAM_MODELS[size][1]
     if checkpoint_dir and (Path(checkpoint_dir) / name).is_file():
@@ -90,7 +90,7 @@ def encoder_only(cfg, images, repeats: int) -> dict:
     """(a) ``SamModel._encode`` on decoded images, ``sam.batch_size`` per pass."""
     import torch
 
-    from pipeline.sam_batch import SamModel, autocast
+    from pipeline.sam.model import SamModel, autocast
 
     sam = SamModel(cfg)
     batch = cfg.batch_size
@@ -119,8 +119,8 @@ def tutorial_loop(cfg, paths, boxes) -> dict:
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    from pipeline.models import SAM_MODELS
-    from pipeline.sam_batch import autocast, resolve_dtype
+    from pipeline.models.weights import SAM_MODELS
+    from pipeline.sam.model import autocast, resolve_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     s = cfg.image_size
@@ -151,7 +151,7 @@ def pipeline_run(cfg, manifest: Path, out: Path, num_cpus, shard_size: int, qa: 
     """(c) ``autolabel run`` in this process (a local Ray), prompted by the manifest; ``qa``:
     quality control on (the tutorial loop computes none, so off compares the same work)."""
     from pipeline.config import load_config
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     overrides = [f"output.uri={out}", "prompts.source=manifest", f"prompts.manifest={manifest}", "report.enabled=false",
                  f"sam.size={cfg.size}", f"sam.checkpoint={cfg.checkpoint}", f"sam.image_size={cfg.image_size}",

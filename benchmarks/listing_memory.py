@@ -1,9 +1,9 @@
 """Driver memory while listing and streaming many images: does it grow with the number of images?
 
 Writes N tiny PNGs (8x8) into a local folder for each N, then in ONE driver process, on one local
-Ray, runs the job's own listing (``job.work_items`` + ``sources.write_shards``) and streams every
-image through the job's own read stage and sink (``decode.read_shards``, ``sink.write_batch``)
-while the driver tracks staged images and commits complete shards (``runstate.ShardTracker``,
+Ray, runs the job's own listing (``job.work_items`` + ``shards.write_shards``) and streams every
+image through the job's own read stage and sink (``stages.read.read_shards``, ``sink.write_batch``)
+while the driver tracks staged images and commits complete shards (``progress.ShardTracker``,
 ``sink.ShardCommits``: each complete shard's commit a Ray task), exactly as ``job.run`` does. Only detection and segmentation are left out: they are replaced by a stub stage named
 ``_TEST_ONLY_no_models`` (every image gets zero objects) so that tens of thousands of images fit in
 a CI minute. A thread samples the driver's RSS every 20 ms; the peak of each phase is reported.
@@ -13,7 +13,7 @@ a CI minute. A thread samples the driver's RSS every 20 ms; the peak of each pha
 ``--s3``: the listing phase only, over s3:// — a moto S3 server on loopback (tests/moto_server.py)
 holding N keys for each N, 1,000 per "folder". Each listing runs in a fresh process (RSS sampled
 as above; s3fs's listings cache counted after it): the job's listing (``job.work_items`` +
-``sources.write_shards``), and as a control what it did before (``fs.walk``, which s3fs caches).
+``shards.write_shards``), and as a control what it did before (``fs.walk``, which s3fs caches).
 
     python benchmarks/listing_memory.py --s3 --images 2000 20000
 """
@@ -36,12 +36,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.decode import read_shards  # noqa: E402
-from pipeline.job import work_items  # noqa: E402
-from pipeline.runstate import RunFolder, ShardTracker  # noqa: E402
-from pipeline.segment import OBJECT_TYPE  # noqa: E402
-from pipeline.sink import ShardCommits, Totals, write_batch  # noqa: E402
-from pipeline.sources import write_shards  # noqa: E402
+from pipeline.io.shards import write_shards  # noqa: E402
+from pipeline.run.folder import RunFolder  # noqa: E402
+from pipeline.run.job import work_items  # noqa: E402
+from pipeline.run.progress import ShardTracker  # noqa: E402
+from pipeline.run.sink import ShardCommits, Totals, write_batch  # noqa: E402
+from pipeline.stages.read import read_shards  # noqa: E402
+from pipeline.stages.segment import OBJECT_TYPE  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -137,7 +138,7 @@ def _s3_listing_once(endpoint: str, n: int, way: str, out: Path, shard_size: int
     """In this (fresh) process: list s3://bench/k{n} the job's way, or the old way (the control)."""
     from fsspec.core import url_to_fs
 
-    from pipeline.sources import WorkItem
+    from pipeline.io.listing import WorkItem
 
     options = {"endpoint_url": endpoint, "key": "bench", "secret": "bench"}
     cfg = load_config(None, [f"input.uri=s3://bench/k{n}", f"output.uri={out}", f"input.shard_size={shard_size}",

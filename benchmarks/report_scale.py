@@ -30,7 +30,7 @@ os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="mpl-"))
 CHILD = """
 import json, resource, sys, time
 t = time.perf_counter()
-from pipeline.report import ReportOptions, write_report
+from pipeline.outputs.report import ReportOptions, write_report
 result = write_report(sys.argv[1], None, ReportOptions(gallery=12))
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "objects": result["summary"]["totals"]["objects"]}))

@@ -49,7 +49,7 @@ def naive_loop(paths, sam_ckpt, det_weights, args) -> float:
     from sam2.sam2_image_predictor import SAM2ImagePredictor
     from ultralytics import YOLO
 
-    from pipeline.models import SAM_MODELS
+    from pipeline.models.weights import SAM_MODELS
 
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,7 +75,7 @@ def naive_loop(paths, sam_ckpt, det_weights, args) -> float:
 
 def pipeline_run(folder, out, sam_ckpt, det_weights, args) -> float:
     from pipeline.config import load_config
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     cfg = load_config(None, [
         f"input.uri={folder}", f"output.uri={out}", f"sam.checkpoint={sam_ckpt}", f"detector.weights={det_weights}",

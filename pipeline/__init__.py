@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """``from pipeline import Predictor`` without importing torch for every ``import pipeline``."""
     if name == "Predictor":
-        from .predict import Predictor
+        from pipeline.predict import Predictor
 
         return Predictor
     raise AttributeError(name)

@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Optional
 
-from .config import ConfigError, allowed_keys, load_config, storage_option_sets
+from pipeline.config import ConfigError, allowed_keys, load_config, storage_option_sets
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 
@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _filter_arguments(parser: argparse.ArgumentParser) -> None:
-    """Object filters shared by report and export (pipeline/filters.py)."""
+    """Object filters shared by report and export (pipeline/outputs/filters.py)."""
     parser.add_argument("--min-mask-score", type=float, help="keep objects whose mask_score (SAM's predicted IoU) is at least this")
     parser.add_argument("--min-area", type=int, help="keep objects whose mask has at least this many pixels")
     parser.add_argument("--classes", help="keep these classes: names or ids, comma-separated (e.g. person,car or 0,2)")
@@ -150,7 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(e.split('=', 1)[0] + '=...' if '=' in e and not e.startswith('-') else e for e in stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from . import console
+    from pipeline.run import console
 
     log_file = console.new_log_file(args.command) if args.command == "run" else None
     with console.configured(log_file):
@@ -158,14 +158,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _predict(args) -> int:
-    from .predict import predict_command
+    from pipeline.predict import predict_command
 
     return predict_command(args)
 
 
 def _run(args) -> int:
-    from . import console
-    from .job import JobFailed, format_summary, run
+    from pipeline.run import console
+    from pipeline.run.job import JobFailed, format_summary, run
 
     clean = console.clean
     log_file = console.current_log_file()
@@ -205,22 +205,24 @@ def _stopping_the_ray_it_starts():
 
 
 def _storage_options(args) -> tuple[dict, dict]:
-    from .filters import parse_storage_options
+    from pipeline.outputs.filters import parse_storage_options
 
     return (parse_storage_options(args.storage_option, "--storage-option"),
             parse_storage_options(getattr(args, "image_storage_option", []), "--image-storage-option"))
 
 
 def _object_filter(args):
-    from .filters import ObjectFilter
+    from pipeline.outputs.filters import ObjectFilter
 
     return ObjectFilter.parse(args.min_mask_score, args.min_area, args.classes, flagged=args.flagged, unflagged=args.unflagged,
                               include_duplicates=args.include_duplicates)
 
 
 def _report(args) -> int:
-    from .filters import FilterError, OptionError, RunError, redact
-    from .report import UNREADABLE_HINT, ReportError, ReportOptions, write_report
+    from pipeline.io.credentials import redact
+    from pipeline.outputs.filters import FilterError, OptionError
+    from pipeline.outputs.report import UNREADABLE_HINT, ReportError, ReportOptions, write_report
+    from pipeline.outputs.rundata import RunError
 
     options = images = {}
     try:
@@ -256,8 +258,10 @@ def _report(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import ExportError, export
-    from .filters import FilterError, OptionError, RunError, redact
+    from pipeline.io.credentials import redact
+    from pipeline.outputs.export import ExportError, export
+    from pipeline.outputs.filters import FilterError, OptionError
+    from pipeline.outputs.rundata import RunError
 
     options = images = {}
     try:
@@ -276,8 +280,10 @@ def _export(args) -> int:
 
 
 def _review_import(args) -> int:
-    from .filters import OptionError, RunError, redact
-    from .review import ReviewError, import_review
+    from pipeline.io.credentials import redact
+    from pipeline.outputs.filters import OptionError
+    from pipeline.outputs.review import ReviewError, import_review
+    from pipeline.outputs.rundata import RunError
 
     options = {}
     try:

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .credentials import (  # noqa: F401 - redact and redact_uri: other modules import them from here
+from pipeline.io.credentials import (  # noqa: F401 - redact and redact_uri: other modules import them from here
     REDACTED, CredentialError, merge_options, redact, redact_text, redact_uri, split_credentials,
 )
 

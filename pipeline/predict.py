@@ -10,9 +10,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .config import SamConfig
-from .prompts import Prompt, PromptError, as_points, check, load_mask
-from .sam_batch import Candidates
+from pipeline.config import SamConfig
+from pipeline.sam.prompts import Prompt, PromptError, as_points, check, load_mask
+from pipeline.sam.model import Candidates
 
 ImageLike = Union[str, Path, np.ndarray, "PIL.Image.Image"]
 
@@ -21,7 +21,7 @@ def load_image(image: ImageLike, storage_options: Optional[dict] = None) -> np.n
     """A path, fsspec URL, PIL image or HxWx3 array -> RGB uint8 (EXIF orientation applied)."""
     from PIL import Image
 
-    from .decode import decode_rgb, oriented_rgb, read_bytes
+    from pipeline.io.decode import decode_rgb, oriented_rgb, read_bytes
 
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -44,7 +44,7 @@ class Predictor:
     """
 
     def __init__(self, config: Optional[SamConfig] = None, **sam_keys: Any):
-        from .sam_batch import SamModel
+        from pipeline.sam.model import SamModel
 
         base = (config or SamConfig()).model_dump()
         self.config = SamConfig(**{**base, **sam_keys})
@@ -137,9 +137,9 @@ def predict_command(args) -> int:
 
     from PIL import Image
 
-    from .config import ConfigError, load_config, redact_text
-    from .decode import ImageError
-    from .models import WeightsError
+    from pipeline.config import ConfigError, load_config, redact_text
+    from pipeline.io.decode import ImageError
+    from pipeline.models.weights import WeightsError
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -99,7 +99,7 @@ def labeled(ray_local, checkpoints, photo_folder, tmp_path_factory):
     import pyarrow.parquet as pq
 
     from pipeline.config import load_config
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     out = tmp_path_factory.mktemp("run") / "out"
     overrides = run_overrides(photo_folder, out, checkpoints)

@@ -15,7 +15,7 @@ def make_sam_checkpoint(path: Path, size: str = "tiny", seed: int = 0) -> Path:
     """``{"model": state_dict}``, the layout of the official sam2.1_hiera_*.pt files."""
     from sam2.build_sam import build_sam2
 
-    from pipeline.models import SAM_MODELS
+    from pipeline.models.weights import SAM_MODELS
 
     torch.manual_seed(seed)
     model = build_sam2(SAM_MODELS[size][0], None, device="cpu", mode="eval")

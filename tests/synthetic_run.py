@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from pycocotools import mask as mask_utils
 
-from pipeline.sink import IMAGES_SCHEMA, OBJECTS_SCHEMA
-from pipeline.sources import image_id_for
+from pipeline.io.listing import image_id_for
+from pipeline.run.tables import IMAGES_SCHEMA, OBJECTS_SCHEMA
 
 CLASS_NAMES = {0: "person", 1: "bicycle", 2: "car", 3: "dog", 4: "cup", 5: "chair"}
 ERROR_CLASSES = ("decode_error", "not_found", "read_error")

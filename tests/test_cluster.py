@@ -10,7 +10,7 @@ import pytest
 
 from cluster_harness import LoopbackCluster
 from conftest import REPO, VENV_BIN, run_overrides
-from pipeline import masks as mask_codec
+from pipeline.sam import masks as mask_codec
 
 pytestmark = pytest.mark.slow
 

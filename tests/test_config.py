@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from conftest import REPO, autolabel_cli
-from pipeline import models
 from pipeline.config import ConfigError, RunConfig, allowed_keys, load_config
-from pipeline.job import run
+from pipeline.models import weights as models
+from pipeline.run.job import run
 
 
 def test_default_yaml_mirrors_the_typed_defaults():

@@ -54,7 +54,7 @@ def test_the_console_passes_our_lines_and_sends_the_workers_other_output_to_the_
     """What Ray forwards from workers is recognised by its prefix; only our records pass."""
     import io
 
-    from pipeline.console import _Console
+    from pipeline.run.console import _Console
 
     shown = io.StringIO()
     with open(tmp_path / "log", "wb") as log:
@@ -82,7 +82,7 @@ def test_a_command_s_logging_is_undone_when_it_ends(tmp_path, capfd):
     import logging
     import sys
 
-    from pipeline import console
+    from pipeline.run import console
 
     before = sys.stdout, sys.stderr, logging.getLogger().handlers[:], logging.getLogger().level
     log_file = tmp_path / "run.log"

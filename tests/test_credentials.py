@@ -1,4 +1,4 @@
-"""Credentials inside URIs (pipeline/credentials.py, config.py): taken out exactly, refused when the
+"""Credentials inside URIs (pipeline/io/credentials.py, config.py): taken out exactly, refused when the
 URI cannot be read safely, never shown. The end-to-end search of everything a run writes and logs
 is in test_s3.py (real S3 and HTTP servers on loopback)."""
 from __future__ import annotations
@@ -137,7 +137,7 @@ def test_a_value_refused_by_validation_is_not_echoed_when_it_may_be_a_credential
 def test_weights_urls_that_differ_only_in_their_query_keep_apart_in_the_node_cache():
     """The query moved into ``params``; the cache must still tell ``?v=1`` from ``?v=2`` (and key a
     URL as it did when the query was part of it)."""
-    from pipeline import models
+    from pipeline.models import weights as models
 
     one, two = (load_config(None, [f"sam.checkpoint=https://127.0.0.1/w.pt?v={v}&sig=s%2B1"]).sam for v in (1, 2))
     assert one.checkpoint == two.checkpoint == "https://127.0.0.1/w.pt"
@@ -148,7 +148,7 @@ def test_weights_urls_that_differ_only_in_their_query_keep_apart_in_the_node_cac
 def test_option_values_are_masked_in_messages_down_to_a_basic_auth_password_and_signed_params():
     """What the command line applies to its logs, errors and tracebacks once the config is read."""
     from pipeline.config import storage_option_sets
-    from pipeline.credentials import redact
+    from pipeline.io.credentials import redact
 
     cfg = load_config(None, [f"sam.checkpoint=https://{USER}:{typed(PASSWORD)}@127.0.0.1/w.pt?X-Amz-Signature=sIgA1b2c3",
                              f"input.uri=s3://{KEY}:{typed(SECRETS['all'])}@data/photos"])

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from conftest import SAM_IMAGE_SIZE, model_overrides
-from pipeline import masks as mask_codec
 from pipeline.config import load_config
-from pipeline.job import run
-from pipeline.models import sha256_file
-from pipeline.sources import image_id_for
+from pipeline.io.listing import image_id_for
+from pipeline.models.weights import sha256_file
+from pipeline.run.job import run
+from pipeline.sam import masks as mask_codec
 
 pytestmark = pytest.mark.slow
 
@@ -260,7 +260,7 @@ def test_progress_in_a_terminal_is_a_bar_and_in_logs_lines_with_rate_and_eta(che
 def test_quality_control_off_or_default_changes_no_mask(labeled, ray_local, tmp_path):
     """qa.enabled=false and the defaults (metrics and flags, no clean-up, no de-duplication) give
     the same rows; only the quality columns differ: null when off, filled by default."""
-    from pipeline.segment import QUALITY_FIELDS
+    from pipeline.stages.segment import QUALITY_FIELDS
 
     out = tmp_path / "qa-off"
     overrides = [o if not o.startswith("output.uri=") else f"output.uri={out}" for o in labeled["cfg_overrides"]]

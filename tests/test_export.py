@@ -20,9 +20,10 @@ from PIL import Image
 from conftest import autolabel_cli, counted_objects, model_overrides
 from synthetic_run import write_synthetic_run
 
-from pipeline import masks as mask_codec
-from pipeline.export import ExportError, export, mask_polygons
-from pipeline.filters import ObjectFilter, read_rgb
+from pipeline.outputs.export import ExportError, export, mask_polygons
+from pipeline.outputs.filters import ObjectFilter
+from pipeline.outputs.rundata import read_rgb
+from pipeline.sam import masks as mask_codec
 
 
 def _counted(objects: pd.DataFrame) -> pd.DataFrame:
@@ -288,7 +289,7 @@ def mixed_run(ray_local, checkpoints, photo_folder, tmp_path_factory) -> dict:
     with a label (bus) and a lone click without one (zidane). Manifest objects have a null det_score,
     the click a null class."""
     from pipeline.config import load_config
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     root = tmp_path_factory.mktemp("mixed")
     photos = root / "photos"
@@ -391,7 +392,7 @@ def test_report_gallery_labels_manifest_objects(mixed_run, tmp_path, capsys):
 
 
 def test_labelstudio_export_is_replaced_by_overwrite_and_removed_by_run_overwrite(synthetic, tmp_path):
-    from pipeline.export import remove_export
+    from pipeline.outputs.export import remove_export
 
     out = tmp_path / "ls"
     first = export(str(synthetic["out"]), "labelstudio", str(out), progress=False)

@@ -26,7 +26,7 @@ from PIL import Image
 from conftest import autolabel_cli, real_photos, run_overrides
 from session_processes import SESSION_ENV, started_by
 from pipeline.config import load_config
-from pipeline.job import run
+from pipeline.run.job import run
 
 SEGMENTER_TITLE = "ray::MapWorker(MapBatches(Segmenter))"
 DETECTOR_TITLE = "ray::MapWorker(MapBatches(Detector))"
@@ -325,8 +325,8 @@ def test_disk_full_mid_run_fails_loudly_then_resumes_to_the_clean_output(checkpo
 # --- the pieces, without Ray -----------------------------------------------------------------
 
 def _stage(batch_rows: list[dict], run_dir: Path) -> None:
-    from pipeline.segment import OBJECT_TYPE
-    from pipeline.sink import write_batch
+    from pipeline.run.sink import write_batch
+    from pipeline.stages.segment import OBJECT_TYPE
 
     objects = [[{"object_id": 0, "object_key": None, "source": "detector", "prompt": "box", "candidate": 0, "status": "ok",
                  "error": None, "class_id": 1, "class_name": "cat", "det_score": 0.5, "mask_score": 0.9,
@@ -346,7 +346,7 @@ def test_commit_keeps_each_image_once_when_a_retry_staged_it_again(tmp_path):
     images again, possibly batched differently: the shard file still has each image once."""
     import fsspec
 
-    from pipeline.sink import commit_shard
+    from pipeline.run.sink import commit_shard
 
     a = {"shard_id": "000007", "uri": "/x/a.jpg", "image_id": "a"}
     b = {"shard_id": "000007", "uri": "/x/b.jpg", "image_id": "b"}
@@ -368,7 +368,7 @@ def test_a_commit_task_retried_after_it_finished_changes_nothing(ray_local, tmp_
     """Commits run as Ray tasks (retried when their worker dies). One that had finished, and so
     removed the shard's staged parts, runs again: the committed shard is kept as it is, not
     rewritten from the (now empty) staging folder."""
-    from pipeline.sink import ShardCommits, commit_shard_task
+    from pipeline.run.sink import ShardCommits, commit_shard_task
 
     rows = [{"shard_id": "000003", "uri": f"/x/{n}.jpg", "image_id": n} for n in ("a", "b")]
     _stage(rows, tmp_path)
@@ -385,7 +385,7 @@ def test_a_commit_task_retried_after_it_finished_changes_nothing(ray_local, tmp_
 @pytest.mark.parametrize("members", [16, 17, 3])
 def test_tar_shard_rows_arrive_with_the_last_batch(tmp_path, members):
     """A tar's image count is known only after reading it; its last batch carries it."""
-    from pipeline.decode import read_tar_batch
+    from pipeline.stages.read import read_tar_batch
 
     tar_path = tmp_path / "shard.tar"
     with tarfile.open(tar_path, "w") as tf:
@@ -403,7 +403,7 @@ def test_tar_shard_rows_arrive_with_the_last_batch(tmp_path, members):
 
 
 def test_tracker_completes_a_shard_once_all_its_images_are_staged():
-    from pipeline.runstate import ShardTracker
+    from pipeline.run.progress import ShardTracker
 
     tracker = ShardTracker(["000000", "000001", "000002"])
     assert tracker.add([{"shard_id": "000000", "image_id": "a", "shard_rows": 2}]) == []

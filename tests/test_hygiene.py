@@ -14,7 +14,7 @@ def test_a_warning_from_our_code_fails_its_test_and_a_library_s_only_shows(tmp_p
     (tmp_path / "test_w.py").write_text(
         "import warnings\n"
         "def test_ours():\n"
-        "    warnings.warn_explicit('new in our code', UserWarning, 'pipeline/sam_batch.py', 1, module='pipeline.sam_batch')\n"
+        "    warnings.warn_explicit('new in our code', UserWarning, 'pipeline/sam/model.py', 1, module='pipeline.sam.model')\n"
         "def test_a_library_s():\n"
         "    warnings.warn_explicit('new in a library', UserWarning, 'somelib.py', 1, module='somelib')\n"
         "def test_a_library_named_like_us():\n"

@@ -21,11 +21,14 @@ import pytest
 
 from bad_inputs import Expect, build_folder, corpus_files, write_tar
 from conftest import REPO, model_overrides
-from pipeline import masks as mask_codec
 from pipeline.config import ConfigError, load_config
-from pipeline.decode import ImageDecoder, ImageError, decode_image, iter_tar_members, pixels_or_error, read_batch, with_errors
-from pipeline.job import run, work_items
-from pipeline.sources import SourceError, expand_braces, image_id_for, input_format, iter_manifest
+from pipeline.errors import ImageError
+from pipeline.io.decode import ImageDecoder, decode_image, iter_tar_members, pixels_or_error, with_errors
+from pipeline.io.listing import SourceError, expand_braces, image_id_for, input_format
+from pipeline.io.manifest import iter_manifest
+from pipeline.run.job import run, work_items
+from pipeline.sam import masks as mask_codec
+from pipeline.stages.read import read_batch
 
 PHOTOS = {"photos/coffee.png": "coffee.png", "photos/chelsea.jpg": "nested/chelsea.jpg"}  # corpus name -> photo_folder name
 META = {"camera": ["cam-a", "cam-b"], "site": ["north", "south", "east"], "split": ["train", "val"]}
@@ -150,7 +153,7 @@ def test_tar_members_stream_and_breaks_are_reported(tmp_path):
 
 
 def test_a_mistyped_brace_pattern_stops_before_any_work(tmp_path):
-    from pipeline.job import preflight
+    from pipeline.run.job import preflight
 
     (tmp_path / "s-000001.tar").write_bytes(b"")
     with pytest.raises(ConfigError, match="first tar shard .*s-000000.tar does not exist"):
@@ -161,8 +164,8 @@ def test_memory_tar_travels_in_the_shard_and_is_expanded_by_the_read_stage(tmp_p
     """memory:// lives in the driver only: the tar's bytes go into its shard row for the workers."""
     import fsspec
 
-    from pipeline.decode import read_tar_batch
-    from pipeline.sources import write_shards
+    from pipeline.io.shards import write_shards
+    from pipeline.stages.read import read_tar_batch
 
     fs = fsspec.filesystem("memory")
     tar = tmp_path / "m.tar"
@@ -384,7 +387,7 @@ def _check_row(name: str, row: dict, expect: Expect) -> None:
 
 def test_a_tar_member_uri_reads_back_its_bytes(tmp_path):
     """Reports and exports re-read images by their images-table uri, tar members included."""
-    from pipeline.decode import read_image_bytes
+    from pipeline.io.decode import read_image_bytes
 
     write_tar(tmp_path / "s.tar", {"a/one.png": b"first", "a/two.jpg": b"second", "a/two.json": b"{}"})
     assert read_image_bytes(f"file://{tmp_path}/s.tar#a/two.jpg") == b"second"

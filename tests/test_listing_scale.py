@@ -16,7 +16,7 @@ import pytest
 import s3fs
 
 from moto_server import start_moto
-from pipeline.sources import SourceError, iter_image_uris, iter_tar_uris
+from pipeline.io.listing import SourceError, iter_image_uris, iter_tar_uris
 
 EXT = [".jpg", ".png"]
 SMALL, LARGE = 2_000, 20_000

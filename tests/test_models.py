@@ -4,8 +4,8 @@ from __future__ import annotations
 import fsspec
 import pytest
 
-from pipeline import models
-from pipeline.models import WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
+from pipeline.models import weights as models
+from pipeline.models.weights import WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
 
 
 def test_random_is_explicit():
@@ -84,7 +84,7 @@ PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 RACER = r"""
 import json, sys, time
 from pathlib import Path
-from pipeline import models
+from pipeline.models import weights as models
 url, start, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 time.sleep(max(0.0, start - time.time()))
 if mode == "fetch_once":
@@ -213,7 +213,7 @@ def test_a_corrupt_cache_entry_is_fetched_again_and_a_wrong_digest_is_refused(sl
     # A corrupt entry (a disk error, a person editing it): noticed by its recorded digest, replaced.
     with open(first, "r+b") as fh:
         fh.write(b"\0" * 100)
-    with caplog.at_level("WARNING", logger="pipeline.models"):
+    with caplog.at_level("WARNING", logger="pipeline.models.weights"):
         again = models.fetch_once(slow_server.url)
     assert again == first and models.sha256_file(again) == PAYLOAD_SHA and slow_server.gets == 2
     assert "is corrupt" in caplog.text and PAYLOAD_SHA in caplog.text
@@ -293,7 +293,7 @@ import json, sys
 events = []
 sys.addaudithook(lambda name, args: events.append([name, repr(args)[:120]]) if name in ("socket.connect", "socket.getaddrinfo") else None)
 import torch
-from pipeline import models
+from pipeline.models import weights as models
 if sys.argv[1] == "baked":
     sam = models.resolve_sam_checkpoint("tiny", "auto")
     det = models.resolve_detector_weights("yolov8n.pt")
@@ -343,7 +343,7 @@ def test_a_hugging_face_copy_already_on_the_node_is_used_offline(checkpoints, tm
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
     script = r"""
 import sys
-from pipeline import models
+from pipeline.models import weights as models
 try:
     print(models.resolve_sam_checkpoint("tiny", "facebook/sam2.1-hiera-tiny", expected_sha256=sys.argv[1] or None).path)
 except models.WeightsError as exc:

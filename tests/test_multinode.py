@@ -31,7 +31,7 @@ from PIL import Image
 from cluster_harness import LoopbackCluster
 from conftest import autolabel_cli, run_overrides
 from moto_server import start_moto
-from pipeline import models
+from pipeline.models import weights as models
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from conftest import autolabel_cli, model_overrides
 from synthetic_run import write_synthetic_run
 
 from pipeline.cli import main
-from pipeline.export import ExportError, export
+from pipeline.outputs.export import ExportError, export
 
 MARKER = ".autolabel-export.json"  # the documented name of the marker every export writes first
 
@@ -186,7 +186,7 @@ def test_run_overwrite_refuses_a_folder_that_holds_no_run(photo_folder, tmp_path
 def test_run_overwrite_clears_only_the_runs_own_files(ray_local, checkpoints, photo_folder, tmp_path):
     """A real run over an earlier run's folder: the run's files are replaced; what else is there stays."""
     from pipeline.config import load_config
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     out = tmp_path / "out"
     write_synthetic_run(str(out), num_images=6, image_folder=tmp_path / "img", seed=8)
@@ -226,7 +226,7 @@ def test_run_overwrite_clears_only_the_runs_own_files(ray_local, checkpoints, ph
 def real_run(ray_local, checkpoints, photo_folder, tmp_path_factory) -> dict:
     """One real run (one photo), never changed by the tests that use it: its run.json is copied around."""
     from pipeline.config import load_config
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     root = tmp_path_factory.mktemp("real")
     (root / "single").mkdir()
@@ -295,7 +295,7 @@ def _bound_run(fs, root: str, storage_options: Optional[dict] = None) -> dict:
 
 def _run_folder(uri: str, storage_options: Optional[dict] = None):
     from pipeline.config import load_config
-    from pipeline.runstate import RunFolder
+    from pipeline.run.folder import RunFolder
 
     options = [f"output.storage_options.{k}={v}" for k, v in (storage_options or {}).items()]
     return RunFolder(load_config(None, ["input.uri=photos", f"output.uri={uri}", *options]))
@@ -516,9 +516,9 @@ def test_run_overwrite_clears_the_runs_review_decisions(ray_local, checkpoints, 
     """Today review/ outlived `run --overwrite`: run A, object 0 rejected, overwritten by run B: B's
     object 0 was missing from every export and the report."""
     from pipeline.config import load_config
-    from pipeline.filters import RunData
-    from pipeline.job import run
-    from pipeline.review import import_review
+    from pipeline.outputs.review import import_review
+    from pipeline.outputs.rundata import RunData
+    from pipeline.run.job import run
 
     (tmp_path / "single").mkdir()
     shutil.copy(photo_folder / "zidane.jpg", tmp_path / "single" / "zidane.jpg")
@@ -547,7 +547,7 @@ def test_resume_ignores_a_trailing_slash_and_performance_keys(real_run):
     """Today `input.uri=photos/` after `input.uri=photos` was refused as a different configuration.
     ray.* and sam.batch_size only change speed: they may differ between attempts."""
     from pipeline.config import load_config
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     single = real_run["root"] / "single"
     for extra in ([f"input.uri={single}/"], [f"input.uri={single}/./"], ["sam.batch_size=3", "ray.sam_actors=1", "ray.num_cpus=1"]):
@@ -564,7 +564,7 @@ def test_a_fingerprint_written_with_a_trailing_slash_still_resumes(real_run):
     import hashlib as _hashlib
 
     from pipeline.config import load_config
-    from pipeline.runstate import RunFolder, fingerprint
+    from pipeline.run.folder import RunFolder, fingerprint
 
     now = fingerprint(load_config(None, real_run["overrides"]), real_run["manifest"]["models"])
     config = json.loads(json.dumps(now["config"]))

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, SAM_IMAGE_SIZE, autolabel_cli, model_overrides
-from pipeline import masks as mask_codec
 from pipeline.config import load_config
 from pipeline.predict import Predictor
-from pipeline.prompts import Prompt, PromptError, manifest_prompts
+from pipeline.sam import masks as mask_codec
+from pipeline.sam.prompts import Prompt, PromptError, manifest_prompts
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def manifest_run(ray_local, checkpoints, voc, photo_folder, tmp_path_factory):
     manifest = folder / "prompts.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path_factory.mktemp("manifest-run") / "out"
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     cfg = load_config(None, [f"output.uri={out}", "prompts.source=both", f"prompts.manifest={manifest}", "sam.candidates=all",
                              f"input.uri={photo_folder}", "input.shard_size=1", "qa.dedup=iou",
@@ -354,7 +354,7 @@ def test_parquet_manifest_without_detector(ray_local, checkpoints, voc, tmp_path
     """prompts.source=manifest: no YOLO stage at all; a Parquet manifest works like JSON Lines."""
     import pyarrow as pa
 
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     objects = [{"object_key": "a", "box": voc["boxes"][0].tolist(), "label": "cat"},
                {"object_key": "b", "points": [_centroid(voc["masks"][9])], "point_labels": [1], "label": "dog"}]
@@ -384,7 +384,7 @@ def _manifest(tmp_path, lines, name="m.jsonl"):
 
 def _listed(tmp_path, manifest, *extra):
     """The work items of a manifest (``manifest`` None: ``extra`` names it and input.uri)."""
-    from pipeline.job import work_items
+    from pipeline.run.job import work_items
 
     named = [] if manifest is None else [f"prompts.manifest={manifest}", f"input.uri={tmp_path / 'images'}"]
     return list(work_items(load_config(None, ["prompts.source=manifest", *named, *extra])))
@@ -392,7 +392,7 @@ def _listed(tmp_path, manifest, *extra):
 
 def test_manifest_uris_are_confined_to_its_folder_and_input_uri(tmp_path):
     """A manifest from someone else must not read arbitrary files or make workers fetch URLs."""
-    from pipeline.sources import SourceError
+    from pipeline.io.listing import SourceError
 
     (tmp_path / "images").mkdir()
     (tmp_path / "work").mkdir()
@@ -432,7 +432,7 @@ def test_percent_escapes_cannot_lead_out_of_an_http_manifests_folder(tmp_path, e
     yarl fetched ``/private/x.jpg``. A real HTTP server: the manifest is refused, and no request
     ever reaches /private."""
     from http_server import FolderServer
-    from pipeline.sources import SourceError
+    from pipeline.io.listing import SourceError
 
     (tmp_path / "srv" / "data" / "img").mkdir(parents=True)
     (tmp_path / "srv" / "private").mkdir()
@@ -446,7 +446,7 @@ def test_percent_escapes_cannot_lead_out_of_an_http_manifests_folder(tmp_path, e
             _listed(tmp_path, None, *cfg)
         assert not any("/private" in path for _, path, _ in server.requests)
         # a mask path in a manifest line is checked the same way, against the job's roots (that object's error row)
-        from pipeline.job import manifest_roots
+        from pipeline.run.job import manifest_roots
 
         roots = manifest_roots(load_config(None, cfg))
         assert roots == [server.url("data/img"), server.url("data")]
@@ -467,7 +467,7 @@ def test_percent_escapes_cannot_lead_out_of_an_http_manifests_folder(tmp_path, e
     ("https://evil/data/a.jpg", False),
 ])
 def test_confinement_reads_object_store_and_http_paths_as_the_storage_does(uri, inside):
-    from pipeline.sources import is_within
+    from pipeline.io.locations import is_within
 
     roots = ["s3://bucket/data", "https://host/data"]
     assert is_within(uri, roots) is inside
@@ -475,7 +475,7 @@ def test_confinement_reads_object_store_and_http_paths_as_the_storage_does(uri, 
 
 def test_a_symlink_in_the_manifests_folder_does_not_lead_out_of_it(tmp_path):
     """Local roots are compared with symlinks resolved: ``work/link -> /elsewhere`` is outside."""
-    from pipeline.sources import SourceError
+    from pipeline.io.listing import SourceError
 
     for folder in ("images", "work", "elsewhere"):
         (tmp_path / folder).mkdir()
@@ -499,7 +499,7 @@ def test_a_symlink_in_the_manifests_folder_does_not_lead_out_of_it(tmp_path):
 def test_manifest_lines_whose_uri_carries_credentials_are_refused(tmp_path, written):
     """Issue 16 item 7: stored URIs never carry user info or a signed query string; a manifest line
     that has one would put it into the tables, so the manifest is refused (exit 2), masked."""
-    from pipeline.sources import SourceError
+    from pipeline.io.listing import SourceError
 
     (tmp_path / "images").mkdir()
     uri = written.format(host="127.0.0.1:9")
@@ -535,7 +535,7 @@ def test_lines_repeating_an_image_are_merged_in_file_order(tmp_path):
 ])
 def test_conflicting_lines_for_one_image_stop_the_run_before_work(ray_local, tmp_path, lines, message):
     from pipeline.config import ConfigError
-    from pipeline.job import run
+    from pipeline.run.job import run
 
     (tmp_path / "images").mkdir()
     manifest = _manifest(tmp_path, lines)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import masks as mask_codec
-from pipeline import quality
 from pipeline.config import QaConfig
-from pipeline.sam_batch import stability_score
+from pipeline.sam import masks as mask_codec
+from pipeline.sam import quality
+from pipeline.sam.model import stability_score
 
 
 def _ring() -> np.ndarray:

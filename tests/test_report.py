@@ -23,8 +23,8 @@ import pytest
 from conftest import REPO, autolabel_cli, counted_objects
 from synthetic_run import write_synthetic_run
 
-from pipeline.filters import ObjectFilter
-from pipeline.report import ReportError, ReportOptions, report_after_run, write_report
+from pipeline.outputs.filters import ObjectFilter
+from pipeline.outputs.report import ReportError, ReportOptions, report_after_run, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
@@ -363,7 +363,7 @@ def _gallery_differences(page: str, private_s3: dict, objects: pd.DataFrame, uri
 
     from PIL import Image
 
-    from pipeline import masks as mask_codec
+    from pipeline.sam import masks as mask_codec
 
     found = re.findall(r"<figure data-image-id='([0-9a-f]+)'[^>]*><img src='data:image/jpeg;base64,([^']+)'", page)
     out = {}
@@ -388,7 +388,7 @@ def test_report_and_exports_reread_private_images_with_image_storage_options(pri
     import s3fs
     from PIL import Image
 
-    from pipeline import masks as mask_codec
+    from pipeline.sam import masks as mask_codec
 
     fs: s3fs.S3FileSystem = private_s3["fs"]
     run_flags = _flags("--storage-option", private_s3["options"])
@@ -510,8 +510,8 @@ def test_storage_option_mistakes_are_refused_without_echoing_values(synthetic, t
 def qa_reviewed(tmp_path_factory) -> dict:
     """A synthetic run with the QA columns, and one review imported into it: the first task of the
     flagged objects' Label Studio export accepted as it is, one region of the second deleted."""
-    from pipeline.export import export
-    from pipeline.review import import_review
+    from pipeline.outputs.export import export
+    from pipeline.outputs.review import import_review
 
     root = tmp_path_factory.mktemp("qa-report")
     run = root / "run"

@@ -32,10 +32,10 @@ from pycocotools.coco import COCO
 from conftest import autolabel_cli  # noqa: F401 - the CLI is driven through main() below, in-process
 from synthetic_run import CLASS_NAMES, write_synthetic_run
 
-from pipeline import labelstudio as ls
-from pipeline.export import export
-from pipeline.filters import ObjectFilter
-from pipeline.report import ReportOptions, write_report
+from pipeline.outputs import labelstudio as ls
+from pipeline.outputs.export import export
+from pipeline.outputs.filters import ObjectFilter
+from pipeline.outputs.report import ReportOptions, write_report
 
 
 def _mask(rle: dict) -> np.ndarray:
@@ -526,7 +526,7 @@ def test_decisions_of_another_run_are_ignored_with_a_warning(qa_run, tmp_path, c
     a later run in the same folder lost its object 0 to a rejection made on an earlier run's object 0."""
     import logging
 
-    from pipeline.review import import_review
+    from pipeline.outputs.review import import_review
 
     run = _fresh_copy(qa_run, tmp_path)
     manifest = json.loads((run / "run.json").read_text())

@@ -16,7 +16,8 @@ import pytest
 
 from bad_inputs import write_tar
 from conftest import REPO, autolabel_cli, model_overrides
-from pipeline.decode import ImageError, iter_tar_members, read_bytes
+from pipeline.errors import ImageError
+from pipeline.io.decode import iter_tar_members, read_bytes
 
 KEY = "AKIAAUTOLABELTEST7Q2X"
 SECRET = "s3SECa1/s3SECb2:s3SECc3@s3SECd4%s3SECe5+s3SECf6"  # '/', ':', '@', '%' and '+' inside

@@ -1,4 +1,4 @@
-"""SAM 2.1 in batches (``pipeline.sam_batch``): faithful to the SAM 2 tutorial, image by image, and
+"""SAM 2.1 in batches (``pipeline.sam.model``): faithful to the SAM 2 tutorial, image by image, and
 bounded in memory however many objects an image holds.
 
 The reference is the tutorial's own ``SAM2ImagePredictor.set_image`` + ``predict`` on the same
@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO, SAM_IMAGE_SIZE, real_photos
-from pipeline import masks as mask_codec
 from pipeline.config import SamConfig
-from pipeline.prompts import Prompt
-from pipeline.sam_batch import SamModel
+from pipeline.sam import masks as mask_codec
+from pipeline.sam.model import SamModel
+from pipeline.sam.prompts import Prompt
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_a_decoded_image_is_read_only_and_goes_to_torch_without_a_warning(checkp
     import io
     import warnings
 
-    from pipeline.decode import decode_image
+    from pipeline.io.decode import decode_image
 
     buffer = io.BytesIO()
     Image.fromarray(real_photos()["coffee"]).save(buffer, "PNG")
@@ -192,8 +192,8 @@ import numpy as np
 from PIL import Image
 sys.path.insert(0, {str(REPO)!r})
 from pipeline.config import SamConfig
-from pipeline.prompts import Prompt
-from pipeline.sam_batch import SamModel
+from pipeline.sam.model import SamModel
+from pipeline.sam.prompts import Prompt
 rng = np.random.default_rng(0)
 photo = np.asarray(Image.open({str(REPO / 'samples' / 'images' / 'bus.jpg')!r}).convert("RGB").resize((4000, 3000)))
 corner = rng.uniform(0, 3000, (300, 2))

@@ -10,11 +10,14 @@ import pytest
 from PIL import Image
 
 from conftest import SAM_IMAGE_SIZE
-from pipeline import masks as mask_codec
 from pipeline.config import IMAGE_EXTENSIONS, SamConfig
-from pipeline.decode import ImageError, decode_rgb, read_batch, read_bytes
-from pipeline.sink import split_tables
-from pipeline.sources import SourceError, WorkItem, image_id_for, iter_image_uris, write_shards
+from pipeline.errors import ImageError
+from pipeline.io.decode import decode_rgb, read_bytes
+from pipeline.io.listing import SourceError, WorkItem, image_id_for, iter_image_uris
+from pipeline.io.shards import write_shards
+from pipeline.run.sink import split_tables
+from pipeline.sam import masks as mask_codec
+from pipeline.stages.read import read_batch
 
 
 def _jpeg(rgb: np.ndarray, **save) -> bytes:
@@ -140,7 +143,8 @@ def test_read_errors_are_named(tmp_path):
 def test_read_batch_keeps_one_row_per_input_and_carries_bytes_not_pixels(tmp_path):
     """The read stage passes the encoded file and its header's facts; pixels are decoded next to
     the model. A file broken past its header is found there, with the decoder's error class."""
-    from pipeline.decode import ImageDecoder, pixels_or_error, read_batch
+    from pipeline.io.decode import ImageDecoder, pixels_or_error
+    from pipeline.stages.read import read_batch
 
     good, truncated = tmp_path / "good.jpg", tmp_path / "truncated.jpg"
     good.write_bytes(_jpeg(np.full((5, 7, 3), 128, np.uint8)))
@@ -172,7 +176,7 @@ def test_rle_round_trip_matches_pycocotools():
 
 
 def test_split_tables_counts_per_class():
-    from pipeline.segment import OBJECT_TYPE
+    from pipeline.stages.segment import OBJECT_TYPE
 
     def obj(i, c, n, status="ok", candidate=0):
         return {"object_id": i, "object_key": None, "source": "detector", "prompt": "box", "candidate": candidate,
@@ -204,7 +208,7 @@ def test_split_tables_counts_per_class():
 def test_dtype_auto_is_float32_on_cpu_and_bfloat16_on_cuda():
     import torch
 
-    from pipeline.sam_batch import resolve_dtype
+    from pipeline.sam.model import resolve_dtype
 
     assert resolve_dtype("auto", torch.device("cpu")) == "float32"
     assert resolve_dtype("auto", torch.device("cuda")) == "bfloat16"
@@ -215,8 +219,8 @@ def test_segmenter_bfloat16_path_runs_under_autocast(checkpoints):
     """The bf16 path for real: the mask decoder computes in bfloat16 (CPU autocast, small input)."""
     import torch
 
-    from pipeline.prompts import Prompt
-    from pipeline.sam_batch import SamModel
+    from pipeline.sam.model import SamModel
+    from pipeline.sam.prompts import Prompt
 
     image = np.asarray(Image.open(__file__.rsplit("/tests/", 1)[0] + "/samples/images/bus.jpg").convert("RGB"))
     boxes = np.array([[50, 400, 250, 900], [0, 200, 800, 800]], np.float32)
@@ -243,8 +247,8 @@ def test_bfloat16_masks_equal_float32_masks_per_object(checkpoints):
     (IoU >= BF16_MIN_IOU, score within 0.01). The control shows the bound can fail: on these
     random weights every mask is a large blob, and a bf16 mask compared with the fp32 mask of
     any *other* box must fall below the bound, or the check would not tell a wrong box apart."""
-    from pipeline.prompts import Prompt
-    from pipeline.sam_batch import SamModel
+    from pipeline.sam.model import SamModel
+    from pipeline.sam.prompts import Prompt
 
     image = np.asarray(Image.open(__file__.rsplit("/tests/", 1)[0] + "/samples/images/bus.jpg").convert("RGB"))
     h, w = image.shape[:2]
@@ -271,7 +275,7 @@ def test_detector_batches_of_same_shape_images_equal_per_image_predict(checkpoin
 
     from conftest import real_photos
     from pipeline.config import DetectorConfig
-    from pipeline.detect import Detector
+    from pipeline.stages.detect import Detector
 
     crops = [rgb[:360, :480] for rgb in real_photos().values()]  # five real photos, one shape
     paths = []

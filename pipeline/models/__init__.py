@@ -1,0 +1,1 @@
+"""Model weights: fetching, sha256, checkpoint resolution, and building SAM 2.1 / YOLO."""

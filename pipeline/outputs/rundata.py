@@ -1,0 +1,185 @@
+"""The one layer through which report, export and review read a run: ``RunData`` opens ``RUN``
+(any fsspec URL), checks it is a run, lists its Parquet parts and loads its review decisions, so
+every command reads runs the same way and fails the same way on a folder that is not one; and
+the run's images re-read as the pipeline saw them (``read_image``, ``read_rgb``).
+
+Readers see the objects table normalised (outputs/columns.py) and, after ``autolabel review
+import``, reviewed (outputs/decisions.py): objects a person reviewed have ``review`` set and
+``needs_review`` false.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+from fsspec.core import url_to_fs
+
+from pipeline.io.credentials import redact
+from pipeline.outputs.columns import DUPLICATE, UNLABELED
+from pipeline.run.ownership import normalised_path
+
+
+class RunError(ValueError):
+    """RUN_DIR is not a readable autolabel run; the message says why."""
+
+
+class RunData:
+    """A run folder: ``run.json`` plus ``images/`` and ``objects/`` Parquet parts, local or remote."""
+
+    def __init__(self, uri: str, storage_options: Optional[dict] = None):
+        self.uri = str(uri)
+        self.storage_options = storage_options or {}
+        try:
+            self.fs, root = url_to_fs(self.uri, **self.storage_options)
+        except Exception as exc:  # noqa: BLE001 - unknown protocol, options the filesystem does not take, ...
+            raise RunError(redact(f"{self.uri}: cannot open ({type(exc).__name__}: {exc})", self.storage_options)) from None
+        try:
+            self.root = normalised_path(self.fs, root)  # `..`, `.`, trailing `/`: one folder, one spelling
+        except ValueError as exc:
+            raise RunError(f"{self.uri}: {exc}") from None
+        try:
+            raw = self.fs.cat_file(f"{self.root}/run.json")
+        except FileNotFoundError:
+            raise RunError(f"{self.uri}: no run.json here; RUN_DIR must be the output.uri of an `autolabel run`") from None
+        except Exception as exc:  # noqa: BLE001 - OSError, and back-end errors such as botocore's NoCredentialsError
+            hint = "" if self.is_local else "; pass the storage's credentials with --storage-option key=value (repeatable)"
+            raise RunError(redact(f"{self.uri}: cannot read run.json ({type(exc).__name__}: {exc}){hint}", self.storage_options)) from None
+        try:
+            self.manifest = json.loads(raw)
+        except ValueError as exc:
+            raise RunError(f"{self.uri}/run.json is not valid JSON ({exc})") from None
+        self._datasets: dict = {}
+        self.image_files = self._parts("images")
+        self.object_files = self._parts("objects")
+        if not self.image_files:
+            raise RunError(f"{self.uri}: run.json is there but images/ holds no Parquet files (status: {self.manifest.get('status')})")
+
+    @property
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return protocol in ("file", "local")
+
+    def _parts(self, table: str) -> list[str]:
+        """Finished part files, sorted; the sink's temporary ``.tmp-*`` names are skipped."""
+        try:
+            names = self.fs.ls(f"{self.root}/{table}", detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(".parquet") and not n.rsplit("/", 1)[-1].startswith("."))
+
+    def arrow_fs(self) -> pafs.FileSystem:
+        return pafs.LocalFileSystem() if self.is_local else pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+    def dataset(self, table: str) -> pads.Dataset:
+        if table not in self._datasets:
+            self._datasets[table] = self._open_dataset(table)
+        return self._datasets[table]
+
+    def _open_dataset(self, table: str) -> pads.Dataset:
+        from pipeline.run.tables import IMAGES_SCHEMA, OBJECTS_SCHEMA
+
+        files = self.image_files if table == "images" else self.object_files
+        schema = IMAGES_SCHEMA if table == "images" else OBJECTS_SCHEMA
+        if files:
+            # Unify with the files' own schema so extra metadata columns (e.g. from a prompt manifest) stay visible.
+            schema = pads.dataset(files[:1], filesystem=self.arrow_fs(), format="parquet").schema
+        return pads.dataset(files, schema=schema, filesystem=self.arrow_fs(), format="parquet")
+
+    def class_names(self) -> dict[int, str]:
+        """The run's classes from run.json (all of them, also those never detected)."""
+        names = self.manifest.get("class_names") or ((self.manifest.get("models") or {}).get("detector") or {}).get("class_names") or {}
+        return {int(k): str(v) for k, v in names.items()}
+
+    @property
+    def object_columns(self) -> list[str]:
+        return self.dataset("objects").schema.names if self.object_files else []
+
+    def counted_sql(self, include_duplicates: bool = False, alias: str = "") -> str:
+        """Rows that are objects: runs with prompt-error rows and extra SAM candidates mark them
+        (``status``, ``candidate``); ``num_objects`` counts exactly these. ``include_duplicates``:
+        also masks marked ``status=duplicate`` (never counted in ``num_objects``)."""
+        cols = self.object_columns
+        status = f"{alias}status IN ('ok', 'duplicate')" if include_duplicates else f"{alias}status = 'ok'"
+        parts = ([status] if "status" in cols else []) + ([f"{alias}candidate = 0"] if "candidate" in cols else [])
+        return "(" + " AND ".join(parts) + ")" if parts else "TRUE"
+
+    def counted_expression(self, include_duplicates: bool = False) -> Optional[pc.Expression]:
+        cols, expr = self.object_columns, None
+        if "status" in cols:
+            expr = pc.field("status").isin(["ok", DUPLICATE]) if include_duplicates else pc.field("status") == "ok"
+        if "candidate" in cols:
+            cand = pc.field("candidate") == 0
+            expr = cand if expr is None else expr & cand
+        return expr
+
+    @property
+    def has_qa(self) -> bool:
+        """Did the run record quality metrics and flags (runs made before them did not)?"""
+        return "needs_review" in self.object_columns
+
+    def review_files(self) -> list[str]:
+        """``RUN/review/import-*.parquet``: decisions recorded by ``autolabel review import``, oldest first."""
+        self.fs.invalidate_cache(f"{self.root}/review")
+        return [p for p in self._parts("review") if p.rsplit("/", 1)[-1].startswith("import-")]
+
+    @property
+    def review(self):
+        """The run's review decisions (``decisions.Review``), read once; empty when none were imported."""
+        if not hasattr(self, "_review"):
+            from pipeline.outputs.decisions import Review
+
+            self._review = Review.load(self)
+        return self._review
+
+    def url(self, *parts: str) -> str:
+        return self.fs.unstrip_protocol("/".join([self.root, *parts]))
+
+
+def read_image(uri: str, storage_options: Optional[dict] = None) -> bytes:
+    """The bytes behind an images-table ``uri`` (tar members included), read with the storage
+    options of the images (the run's ``input.storage_options``; ``--image-storage-option``).
+
+    Every failure is a ``errors.ImageError`` with its error class, also those fsspec back-ends raise
+    outside ``OSError`` (botocore's ``NoCredentialsError``, ...); messages never hold the options' values."""
+    from pipeline.errors import ImageError
+    from pipeline.io.decode import read_image_bytes
+
+    try:
+        return read_image_bytes(uri, storage_options)
+    except ImageError as exc:
+        if storage_options:
+            clean = redact(str(exc), storage_options)
+            if clean != str(exc):
+                raise ImageError(exc.error_class, clean) from None
+        raise
+    except Exception as exc:  # noqa: BLE001 - any back-end failure is this image's read error
+        raise ImageError("read_error", redact(f"{type(exc).__name__}: {exc}", storage_options)) from None
+
+
+def read_rgb(uri: str, storage_options: Optional[dict] = None):
+    """An image as the pipeline saw it (EXIF orientation applied, RGB), so masks line up with it.
+
+    Same reader and decoder as the decode stage (tar members included); failures raise
+    ``errors.ImageError`` with its error class."""
+    from pipeline.io.decode import decode_rgb
+
+    return decode_rgb(read_image(uri, storage_options))
+
+
+def known_classes(run: RunData) -> dict[int, str]:
+    """Detector classes from run.json, plus any class found in the objects table (column scan only)."""
+    names = run.class_names()
+    unlabeled = False
+    if run.object_files:
+        seen = run.dataset("objects").to_table(columns=["class_id", "class_name"]).group_by(["class_id", "class_name"]).aggregate([])
+        for cid, cname in zip(seen.column("class_id").to_pylist(), seen.column("class_name").to_pylist()):
+            if cid is None:
+                unlabeled = True
+            else:
+                names.setdefault(int(cid), cname)
+    if unlabeled:
+        names[max(names, default=-1) + 1] = UNLABELED
+    return names

@@ -1,0 +1,485 @@
+"""SAM 2.1 in batches: several images through the image encoder at once, the prompts of all of
+them through the mask decoder together, and every mask finished on the model's device.
+
+The arithmetic is the SAM 2 tutorial's (``SAM2ImagePredictor.set_image`` + ``predict``), done
+so that a GPU stays busy: images are resized and normalised on the device (antialiased
+bilinear, exactly ``SAM2Transforms``), ``sam.batch_size`` of them per encoder pass; prompts of
+one shape are gathered across those images (each with its own image's features) into decoder
+calls of ``sam.box_chunk``; the low-res logits are upsampled to the image in slices of at most
+``MASK_PIXELS`` pixels, thresholded, and reduced to area, box and COCO run boundaries on the
+device (``masks.device_stats``). Only scores and run boundaries reach the host, so memory per
+image stays bounded however many objects it holds, and no full-resolution bitmap is copied.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from pipeline.sam import masks as mask_codec
+from pipeline.config import QaConfig, SamConfig
+from pipeline.io.decode import ImageError
+from pipeline.sam.prompts import Prompt
+from pipeline.run.timings import StageClock
+
+log = logging.getLogger(__name__)
+
+MASK_PIXELS = 1 << 26  # upsampled float32 logits per slice (256 MB), whatever the image size
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM2Transforms' normalisation
+
+
+class SegmentOOM(ImageError):
+    """The GPU ran out of memory on this image even one image and one prompt at a time."""
+
+    def __init__(self, message: str):
+        super().__init__("oom", message)
+
+
+@dataclass
+class Candidates:
+    """SAM's answer for one prompt: candidate masks ranked best first (three with multimask, or
+    only the best of them when the caller keeps one), with their area and tight box. The masks
+    arrive as COCO run boundaries from the device; the RLE strings are made on first use (by
+    the thread that builds the rows, while the device works on the next batch)."""
+
+    scores: np.ndarray  # (C,) float32, descending
+    areas: np.ndarray  # (C,) int64
+    boxes: np.ndarray  # (C, 4) float32 xyxy, the masks' tight boxes (zeros when empty)
+    size: tuple[int, int]  # (h, w) of the image
+    runs: list = field(repr=False)  # C (first pixel value, change positions) pairs, or an RLE dict (a cleaned mask)
+    logits: Optional[np.ndarray] = None  # (C, h, w) low-res logits, when asked for: reusable as mask_input
+    quality: Optional[list] = None  # C dicts of quality.py's metrics, when the model was given a QaConfig
+    _rles: Optional[list] = field(default=None, repr=False)
+    _masks: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def rles(self) -> list[dict]:
+        """C dicts ``{"size": [h, w], "counts": str}``, exactly as ``pycocotools.mask.encode`` gives."""
+        if self._rles is None:
+            self._rles = [run if isinstance(run, dict) else mask_codec.rle_from_changes(*run, *self.size) for run in self.runs]
+        return self._rles
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(C, H, W) bool, decoded from the RLE on first use (the pipeline itself never needs them)."""
+        if self._masks is None:
+            self._masks = np.stack([mask_codec.decode(r) for r in self.rles])
+        return self._masks
+
+
+def resolve_dtype(requested: str, device) -> str:
+    """``sam.dtype=auto``: bfloat16 autocast on CUDA, float32 elsewhere (bf16 is slow on CPUs).
+    ``device``: a torch.device or its type ("cuda", "cpu")."""
+    if requested == "auto":
+        return "bfloat16" if getattr(device, "type", device) == "cuda" else "float32"
+    return requested
+
+
+def autocast(dtype: str, device):
+    import torch
+
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _warn_if_ray_gpu_is_not_visible(device) -> None:
+    """Ray gave this actor a GPU but torch runs on the CPU: a node without a working CUDA setup."""
+    try:
+        import ray
+
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        gpu_ids = []
+    if gpu_ids and device.type != "cuda":
+        log.warning("Ray gave this actor GPU %s, but torch sees no CUDA device: SAM runs on the CPU here", gpu_ids)
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+@dataclass
+class _Job:
+    """One valid prompt of one image in the batch."""
+
+    image: int  # index into the encoder batch
+    index: int  # position in that image's prompt list
+    prompt: Prompt
+    multi: bool
+
+
+class SamModel:
+    """One SAM 2.1 model with its device, dtype and thread settings; shared by the Ray segment
+    stage, ``autolabel predict`` and the Python API."""
+
+    def __init__(self, cfg: SamConfig, cpu_threads: Optional[int] = None, qa: Optional[QaConfig] = None,
+                 expected_sha256: Optional[str] = None):
+        import torch
+
+        from pipeline.run.faults import InjectedFaults
+        from pipeline.models.weights import build_sam_model, pick_device, resolve_sam_checkpoint
+
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        elif cpu_threads:
+            # Ray pins a fractional-CPU actor to one thread; on a CPU-only node SAM is the
+            # bottleneck by far, so it gets the threads the job planned for it.
+            torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
+        _warn_if_ray_gpu_is_not_visible(self.device)
+        # expected_sha256: the driver's copy's digest, so every node runs the very same weights
+        self.weights = resolve_sam_checkpoint(cfg.size, cfg.checkpoint, expected_sha256, cfg.storage_options)
+        self.model = build_sam_model(self.weights, cfg.image_size, self.device, compile_encoder=cfg.compile)
+        self.qa = qa  # quality metrics and clean-up of every mask (None: masks only)
+        self.size = cfg.image_size
+        self.low_res = cfg.image_size // 4
+        self.feat_sizes = [(self.size // 4,) * 2, (self.size // 8,) * 2, (self.size // 16,) * 2]
+        self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+        # A fixed encoder batch on a GPU (the last one padded): one shape for cuDNN and torch.compile.
+        self.pad_batches = self.device.type == "cuda" or cfg.compile
+        # Masks reduced to run boundaries with torch on a GPU; on a CPU pycocotools' C encoder is cheaper.
+        self.reduce_on_device = self.device.type == "cuda"
+        self.faults = InjectedFaults.from_env()
+        self.clock = StageClock()  # encode and masks seconds, for the stage timings
+        self.busy_s = 0.0  # seconds the device spent in the model (CUDA events on a GPU), for its busy fraction
+        self._events: list = []
+        log.info("SAM 2.1 %s (%s) on %s, %s, %d images per encoder pass%s", cfg.size, self.weights.path or "random weights",
+                 self.device, self.dtype, cfg.batch_size, ", compiled" if cfg.compile else "")
+
+    # ------------------------------------------------------------------ one image (API, predict)
+
+    def segment(self, image: np.ndarray, prompts: list[Prompt], multimask=None, uri: Optional[str] = None) -> list[Optional[Candidates]]:
+        """One image, every candidate, with low-res logits (the Python API and ``autolabel predict``)."""
+        (answer,) = self.segment_batch([image], [prompts], multimask, [uri], keep_all=True, keep_logits=True)
+        if isinstance(answer, SegmentOOM):
+            raise answer
+        return answer
+
+    # ------------------------------------------------------------------ many images
+
+    def segment_batch(self, images: Sequence[np.ndarray], prompts: Sequence[list[Prompt]], multimask=None,
+                      uris: Optional[Sequence[Optional[str]]] = None, keep_all: bool = False,
+                      keep_logits: bool = False) -> list:
+        """Answer every valid prompt of every image: per image a list (None for rejected
+        prompts), or a ``SegmentOOM`` when the GPU ran out of memory on that image even alone.
+
+        ``multimask`` None follows ``sam.multimask``; ``keep_all`` keeps all three candidates of
+        a multimask prompt (else the best one), ``keep_logits`` the low-res logits too.
+        """
+        import torch
+
+        uris = list(uris) if uris is not None else [None] * len(images)
+        policy = self.cfg.multimask if multimask is None else multimask
+        results: list = [[None] * len(p) for p in prompts]
+        wanted = [i for i, p in enumerate(prompts) if any(q.error is None for q in p)]
+        with torch.inference_mode(), autocast(self.dtype, self.device):
+            step = self.cfg.batch_size
+            start = 0
+            while start < len(wanted):
+                group = wanted[start:start + step]
+                try:
+                    features = self._encode([images[i] for i in group])
+                except torch.OutOfMemoryError as exc:
+                    _free_gpu_memory()
+                    if len(group) > 1:
+                        step = max(1, len(group) // 2)
+                        log.warning("out of GPU memory encoding %d images at once; retrying %d at a time", len(group), step)
+                        continue
+                    try:  # one image alone, once more after emptying the cache
+                        features = self._encode([images[group[0]]])
+                    except torch.OutOfMemoryError as again:
+                        _free_gpu_memory()
+                        results[group[0]] = SegmentOOM(f"out of GPU memory in the image encoder ({_short(again or exc)})")
+                        start += 1
+                        continue
+                jobs = [_Job(k, j, p, self._multimask_for(p, policy)) for k, i in enumerate(group)
+                        for j, p in enumerate(prompts[i]) if p.error is None]
+                answers, failed = self._decode(features, jobs, [uris[i] for i in group], keep_all, keep_logits)
+                for k, i in enumerate(group):
+                    if k in failed:
+                        results[i] = failed[k]
+                for job, answer in zip(jobs, answers):
+                    if job.image not in failed:
+                        results[group[job.image]][job.index] = answer
+                del features
+                start += len(group)
+        self._settle()
+        return results
+
+    def _mark(self):
+        """A start mark for ``_elapsed``: a CUDA event on a GPU (its work is asynchronous)."""
+        import torch
+
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _elapsed(self, started, stage: str) -> None:
+        """Add the time since ``started`` to ``stage`` and ``busy_s``; on a GPU device time,
+        read once the batch is done (``_settle``), so timing never makes the host wait."""
+        import torch
+
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((stage, started, end))
+            return
+        seconds = time.perf_counter() - started
+        self.clock.add(stage, seconds)
+        self.busy_s += seconds
+
+    def _settle(self) -> None:
+        for stage, started, end in self._events:
+            end.synchronize()
+            seconds = started.elapsed_time(end) / 1000.0
+            self.clock.add(stage, seconds)
+            self.busy_s += seconds
+        self._events.clear()
+
+    @staticmethod
+    def _multimask_for(prompt: Prompt, policy) -> bool:
+        return prompt.wants_multimask() if policy == "auto" else bool(policy)
+
+    # ------------------------------------------------------------------ encoder
+
+    def _preprocess(self, image: np.ndarray):
+        """HxWx3 uint8 -> 1x3xSxS normalised, on the device: ``SAM2Transforms`` (ToTensor,
+        antialiased bilinear resize, Normalize) computed where the model is."""
+        import torch
+        import torch.nn.functional as F
+
+        # from_numpy shares the array's memory, and a decoded image is read-only (Pillow's buffer):
+        # torch warns about a tensor over memory it may not write, so such an image is copied.
+        pixels = torch.from_numpy(np.require(image, requirements=("C_CONTIGUOUS", "WRITEABLE")))
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        x = pixels.permute(2, 0, 1).contiguous()[None].float() / 255.0  # contiguous, as ToTensor makes it: the same conv kernels
+        x = F.interpolate(x, (self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return (x - self.mean) / self.std
+
+    def _encode(self, images: list[np.ndarray]) -> dict:
+        """``set_image_batch``'s features for these images (padded to ``sam.batch_size`` on a GPU)."""
+        import torch
+
+        started = self._mark()
+        batch = torch.cat([self._preprocess(im) for im in images])
+        if self.pad_batches and len(images) < self.cfg.batch_size:
+            batch = torch.cat([batch, batch.new_zeros(self.cfg.batch_size - len(images), *batch.shape[1:])])
+        backbone_out = self.model.forward_image(batch)
+        _, vision_feats, _, _ = self.model._prepare_backbone_features(backbone_out)
+        if self.model.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + self.model.no_mem_embed
+        n = batch.shape[0]
+        feats = [feat.permute(1, 2, 0).view(n, -1, *size) for feat, size in zip(vision_feats[::-1], self.feat_sizes[::-1])][::-1]
+        self._elapsed(started, "encode")
+        return {"image_embed": feats[-1][: len(images)], "high_res_feats": [f[: len(images)] for f in feats[:-1]],
+                "orig_hw": [im.shape[:2] for im in images]}
+
+    # ------------------------------------------------------------------ decoder
+
+    def _decode(self, features: dict, jobs: list[_Job], uris: list, keep_all: bool, keep_logits: bool) -> tuple[list, dict]:
+        """All prompts of the encoded images through the decoder, grouped by shape across images,
+        ``sam.box_chunk`` at a time; a chunk out of GPU memory is split in halves down to one
+        prompt, and an image whose single prompt still does not fit is failed on its own."""
+        import torch
+
+        answers: list[Optional[Candidates]] = [None] * len(jobs)
+        failed: dict[int, SegmentOOM] = {}
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for n, job in enumerate(jobs):
+            p = job.prompt
+            # SAM's decoder only batches mask-only prompts as a single object (no batched points)
+            groups[(p.signature, job.multi, n if p.signature == (False, 0, True) else None)].append(n)
+        chunk = self.cfg.box_chunk
+        queue = [members[i:i + chunk] for members in groups.values() for i in range(0, len(members), chunk)]
+        while queue:
+            part = [n for n in queue.pop(0) if jobs[n].image not in failed]
+            if not part:
+                continue
+            try:
+                self._decode_chunk(features, [jobs[n] for n in part], [uris[jobs[n].image] for n in part], answers, part,
+                                   keep_all, keep_logits)
+            except torch.OutOfMemoryError as exc:
+                _free_gpu_memory()
+                if len(part) > 1:
+                    log.warning("out of GPU memory with %d prompts per decoder call; retrying with %d", len(part), len(part) // 2)
+                    queue[:0] = [part[: len(part) // 2], part[len(part) // 2:]]
+                    continue
+                image = jobs[part[0]].image
+                count = sum(j.image == image for j in jobs)
+                failed[image] = SegmentOOM(f"out of GPU memory even one prompt at a time ({count} prompts; {_short(exc)})")
+        return answers, failed
+
+    def _prompt_tensors(self, jobs: list[_Job], orig_hw: list):
+        """The tutorial's ``_prep_prompts`` + the box/point concatenation of ``_predict``, for
+        prompts of several images (each scaled by its own image's size)."""
+        import torch
+
+        # (x / w) * size, in this order, as SAM2Transforms.transform_coords computes it (bit for bit)
+        wh = torch.tensor([[orig_hw[j.image][1], orig_hw[j.image][0]] for j in jobs], dtype=torch.float32, device=self.device)[:, None, :]
+        coords, labels = [], []
+        first = jobs[0].prompt
+        if first.box is not None:
+            boxes = torch.as_tensor(np.stack([j.prompt.box for j in jobs]), dtype=torch.float32, device=self.device)
+            coords.append(boxes.reshape(-1, 2, 2) / wh * self.size)
+            labels.append(torch.tensor([[2, 3]], dtype=torch.int, device=self.device).repeat(len(jobs), 1))
+        if first.points is not None:
+            points = torch.as_tensor(np.stack([j.prompt.points for j in jobs]), dtype=torch.float32, device=self.device)
+            coords.append(points / wh * self.size)
+            labels.append(torch.as_tensor(np.stack([j.prompt.point_labels for j in jobs]), dtype=torch.int, device=self.device))
+        points = (torch.cat(coords, dim=1), torch.cat(labels, dim=1)) if coords else None
+        masks = None
+        if first.has_mask:
+            from pipeline.sam.prompts import mask_to_logits
+
+            masks = torch.as_tensor(np.stack([mask_to_logits(j.prompt.mask, self.low_res) if j.prompt.mask is not None
+                                              else j.prompt.mask_input[None] for j in jobs]), dtype=torch.float32, device=self.device)
+        return points, masks
+
+    def _decode_chunk(self, features: dict, jobs: list[_Job], uris: list, answers: list, slots: list[int],
+                      keep_all: bool, keep_logits: bool) -> None:
+        import torch
+
+        if self.faults:
+            self.faults.maybe_oom(uris, len(jobs))
+        started = self._mark()
+        points, mask_input = self._prompt_tensors(jobs, features["orig_hw"])
+        sparse, dense = self.model.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
+        # Each prompt's own image's features, laid out in memory as the tutorial's predict passes
+        # them (a view for one prompt; a contiguous copy, as its repeat_interleave makes, for
+        # several), so the same kernels run and the logits agree to the last bit.
+        if len(jobs) == 1:
+            k = jobs[0].image
+            embed, high_res = features["image_embed"][k:k + 1], [level[k:k + 1] for level in features["high_res_feats"]]
+        else:
+            index = torch.tensor([j.image for j in jobs], device=self.device)
+            embed = features["image_embed"].index_select(0, index)
+            high_res = [level.index_select(0, index) for level in features["high_res_feats"]]
+        low_res, iou, _, _ = self.model.sam_mask_decoder(
+            image_embeddings=embed,
+            image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=jobs[0].multi,
+            repeat_image=False,
+            high_res_features=high_res,
+        )
+        low_res, iou = low_res.float(), iou.float()
+        order = torch.sort(-iou, dim=1, stable=True).indices  # candidates best first
+        if not keep_all:
+            order = order[:, :1]
+        low_res = torch.gather(low_res, 1, order[:, :, None, None].expand(-1, -1, *low_res.shape[-2:]))
+        scores = torch.gather(iou, 1, order)
+        sizes = [tuple(int(v) for v in features["orig_hw"][j.image]) for j in jobs]
+        runs, areas, boxes, quality = self._finish(low_res, sizes, [j.prompt.box for j in jobs])
+        scores_np = scores.cpu().numpy().astype(np.float32)
+        logits_np = torch.clamp(low_res, -32.0, 32.0).cpu().numpy() if keep_logits else None
+        self._elapsed(started, "masks")
+        for n, slot in enumerate(slots):
+            answers[slot] = Candidates(scores_np[n], areas[n], boxes[n], sizes[n], runs[n], None if logits_np is None else logits_np[n],
+                                       quality[n] if self.qa is not None else None)
+
+    # ------------------------------------------------------------------ masks, on the device
+
+    def _finish(self, low_res, sizes: list[tuple[int, int]], prompt_boxes: list) -> tuple[list, np.ndarray, np.ndarray, list]:
+        """(n, C, h, w) low-res logits -> per prompt: C masks as run boundaries (or RLE), areas,
+        tight boxes, and (with a QaConfig) quality metrics. Upsampled (``postprocess_masks``:
+        bilinear to the image size) and thresholded at 0 on the device, ``MASK_PIXELS`` at a time,
+        and reduced there (``masks.device_stats`` on a GPU, pycocotools on a CPU; the stability
+        score); only each mask's bounding-box crop goes to the host for its shape (and clean-up)."""
+        import torch
+        import torch.nn.functional as F
+
+        n, c = low_res.shape[:2]
+        runs: list = [[None] * c for _ in range(n)]
+        areas = np.zeros((n, c), np.int64)
+        boxes = np.zeros((n, c, 4), np.float32)
+        quality: list = [[None] * c for _ in range(n)]
+        by_size: dict[tuple, list[int]] = defaultdict(list)
+        for i, hw in enumerate(sizes):
+            by_size[hw].append(i)
+        for (h, w), members in by_size.items():
+            flat = [(i, k) for i in members for k in range(c)]
+            step = max(1, MASK_PIXELS // (h * w))
+            for start in range(0, len(flat), step):
+                part = flat[start:start + step]
+                logits = F.interpolate(torch.stack([low_res[i, k] for i, k in part])[:, None], (h, w), mode="bilinear",
+                                       align_corners=False)[:, 0]
+                masks = logits > 0.0
+                stability = stability_score(logits).cpu().numpy() if self.qa is not None else None
+                del logits
+                if self.reduce_on_device:  # on a GPU: only run boundaries cross to the host
+                    stats = {key: value.cpu().numpy() for key, value in mask_codec.device_stats(masks).items()}
+                    offsets = np.concatenate([[0], np.cumsum(stats["num_changes"])])
+                    part_runs = [(bool(stats["first"][m]), stats["changes"][offsets[m]:offsets[m + 1]]) for m in range(len(part))]
+                else:  # the host is the device: pycocotools' C encoder is the cheapest reduction here
+                    masks = masks.numpy()
+                    part_runs = mask_codec.encode(masks)
+                    stats = {"area": np.array([mask_codec.area(r) for r in part_runs]), "bbox": np.array(
+                        [[x, y, x + bw, y + bh] for x, y, bw, bh in (mask_codec.bbox_xywh(r) for r in part_runs)], np.float32)}
+                for m, (i, k) in enumerate(part):
+                    runs[i][k] = part_runs[m]
+                    areas[i, k] = stats["area"][m]
+                    boxes[i, k] = stats["bbox"][m]
+                    if self.qa is not None:
+                        quality[i][k] = self._crop_quality(masks[m], stats["bbox"][m], prompt_boxes[i], float(stability[m]))
+                        if "cleaned" in quality[i][k]:
+                            runs[i][k], areas[i, k], boxes[i, k] = quality[i][k].pop("cleaned")
+                del masks
+        return runs, areas, boxes, quality
+
+    def _crop_quality(self, mask, bbox, prompt_box, stability: float) -> dict:
+        """A mask's shape metrics and the pixels inside its prompt box, from its bounding-box crop
+        on the host; with clean-up on, the cleaned mask too (``cleaned``: RLE, area, box)."""
+        from pipeline.sam import quality
+
+        x0, y0, x1, y1 = (int(v) for v in bbox)
+        crop = mask[y0:y1, x0:x1] if x1 > x0 else np.zeros((0, 0), bool)
+        crop = crop.cpu().numpy() if hasattr(crop, "cpu") else crop
+        out: dict = {"stability": stability}
+        if crop.size and (self.qa.remove_islands_below or self.qa.fill_holes_below):
+            cleaned, changed = quality.clean(crop, self.qa.remove_islands_below, self.qa.fill_holes_below)
+            if changed:
+                full = np.zeros(mask.shape, bool)
+                full[y0:y1, x0:x1] = cleaned
+                ys, xs = np.nonzero(cleaned)
+                box = np.array([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1], np.float32) if len(xs) else np.zeros(4, np.float32)
+                out["cleaned"] = (mask_codec.encode(full[None])[0], int(cleaned.sum()), box)
+                crop = cleaned
+        out["regions"], out["largest_region"], out["hole_area"] = quality.shape(crop)
+        out["inside"] = quality.pixels_inside(crop, x0, y0, prompt_box) if prompt_box is not None else None
+        return out
+
+
+def stability_score(logits, offset: float = 1.0):
+    """SAM's stability score (``sam2.utils.amg.calculate_stability_score`` at threshold 0): the
+    IoU of the mask at logit > +offset and > -offset; 1.0 for a mask empty at both (as SAM's
+    decoder defines it)."""
+    import torch
+
+    inside = (logits > offset).sum(dim=(-2, -1), dtype=torch.int64)
+    union = (logits > -offset).sum(dim=(-2, -1), dtype=torch.int64)
+    return torch.where(union > 0, inside / union.clamp(min=1), torch.ones_like(inside, dtype=torch.float32))

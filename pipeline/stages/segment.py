@@ -1,0 +1,214 @@
+"""Segment stage: a Ray actor holding one SAM 2.1 model (``sam_batch.SamModel``); prompts -> masks
+-> objects-table rows.
+
+Per batch of images: their pixels are decoded in threads as the batch arrives, the images go
+through the encoder ``sam.batch_size`` at a time and their prompts through the decoder together
+(``sam_batch``); while the device works on the next images, a host thread turns the finished
+masks' run boundaries into COCO RLE strings and rows. Memory stays bounded per batch however
+many objects an image holds.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.sam import quality
+from pipeline.config import QaConfig, SamConfig
+from pipeline.run.console import worker_logging
+from pipeline.io.decode import ImageDecoder, ImageError, pixels_or_error, with_errors
+from pipeline.run.faults import CrashGuard
+from pipeline.sam.prompts import Prompt, manifest_prompts
+from pipeline.sam.model import Candidates, SamModel, SegmentOOM
+from pipeline.run.timings import StageClock
+
+log = logging.getLogger(__name__)
+
+MASK_TYPE = pa.struct([("size", pa.list_(pa.int32(), 2)), ("counts", pa.string())])
+OBJECT_TYPE = pa.struct(
+    [
+        ("object_id", pa.int32()),
+        ("object_key", pa.string()),  # the manifest's key; null for detector objects
+        ("source", pa.string()),  # detector | manifest
+        ("prompt", pa.string()),  # box, points, box+points, mask, ...
+        ("candidate", pa.int32()),  # 0 = SAM's best-scoring mask; 1, 2 with sam.candidates=all
+        ("status", pa.string()),  # ok | error (an invalid prompt)
+        ("error", pa.string()),
+        ("class_id", pa.int32()),
+        ("class_name", pa.string()),
+        ("det_score", pa.float32()),
+        ("mask_score", pa.float32()),
+        ("box", pa.list_(pa.float32(), 4)),
+        ("area", pa.int64()),
+        ("mask", MASK_TYPE),
+        # quality control (quality.py); null for error rows and when a run recorded none
+        ("stability", pa.float32()),  # SAM's stability score
+        ("box_iou", pa.float32()),  # the mask's tight box vs the prompt box (null without a box prompt)
+        ("outside_box", pa.float32()),  # share of the mask outside the prompt box (null without a box prompt)
+        ("regions", pa.int32()),  # connected regions
+        ("largest_region", pa.float32()),  # the largest region's share of the area
+        ("hole_area", pa.int64()),  # background pixels enclosed by the mask
+        ("flags", pa.list_(pa.string())),  # low_score, unstable, leaks_box, fragmented, tiny, duplicate
+        ("needs_review", pa.bool_()),
+        ("duplicate_of", pa.int32()),  # status=duplicate: the object_id kept in its place
+    ]
+)
+QUALITY_FIELDS = ("stability", "box_iou", "outside_box", "regions", "largest_region", "hole_area", "flags", "needs_review",
+                  "duplicate_of")
+
+
+def object_rows(prompts: list[Prompt], answers: list[Optional[Candidates]], keep_all: bool) -> list[dict]:
+    """Prompts and SAM's answers -> objects-table rows (error rows for rejected prompts)."""
+    rows = []
+    for object_id, (prompt, answer) in enumerate(zip(prompts, answers)):
+        base = {
+            "object_id": object_id, "object_key": prompt.object_key, "source": prompt.source, "prompt": prompt.kind,
+            "class_id": prompt.class_id, "class_name": prompt.class_name, "det_score": prompt.det_score,
+        }
+        if answer is None:
+            rows.append({**base, "candidate": 0, "status": "error", "error": prompt.error or "not segmented",
+                         "mask_score": None, "box": None, "area": None, "mask": None, **dict.fromkeys(QUALITY_FIELDS)})
+            continue
+        count = len(answer.scores) if keep_all else 1
+        for rank in range(count):
+            area = int(answer.areas[rank])
+            row = {
+                **base, "candidate": rank, "status": "ok", "error": None, "mask_score": float(answer.scores[rank]),
+                "box": [float(v) for v in prompt.box] if prompt.box is not None else [float(v) for v in answer.boxes[rank]],
+                "area": area, "mask": answer.rles[rank], **dict.fromkeys(QUALITY_FIELDS),
+            }
+            if answer.quality is not None:
+                metrics = answer.quality[rank]
+                box_iou, outside = quality.box_agreement(answer.boxes[rank], prompt.box, area, metrics["inside"] or 0)
+                row.update(stability=metrics["stability"], box_iou=box_iou, outside_box=outside, regions=metrics["regions"],
+                           largest_region=metrics["largest_region"], hole_area=metrics["hole_area"])
+            rows.append(row)
+    return rows
+
+
+class Segmenter:
+    """Constructed once per actor (one per GPU); ``__call__`` adds an ``objects`` column.
+
+    Prompts per image: the detector's boxes (``prompts.source`` detector or both) followed by the
+    manifest's objects (manifest or both), all answered after one encoder pass.
+    """
+
+    def __init__(self, cfg: SamConfig, class_names: dict[int, str], cpu_threads: Optional[int] = None,
+                 storage_options: Optional[dict] = None, ledger=None, max_image_crashes: int = 3,
+                 manifest_roots: Optional[list[str]] = None, max_pixels: Optional[int] = None, decode_threads: int = 4,
+                 qa: Optional[QaConfig] = None, expected_sha256: Optional[str] = None):
+        worker_logging()
+        self.qa = qa
+        self.sam = SamModel(cfg, cpu_threads, qa, expected_sha256)
+        self.cfg = cfg
+        self.class_names = class_names
+        self.class_ids = {name: cid for cid, name in class_names.items()}
+        self.storage_options = storage_options
+        self.manifest_roots = manifest_roots  # where manifest mask paths may point (None: anywhere)
+        self.keep_all = cfg.candidates == "all"
+        self.guard = CrashGuard(ledger, "segment", max_image_crashes)
+        self.decoder = ImageDecoder(decode_threads, max_pixels)
+        self.rows_pool = ThreadPoolExecutor(1, thread_name_prefix="rows")  # host side of the previous images
+        self.clock = StageClock()
+        self.identity = _actor_identity()
+        self.started: Optional[float] = None
+
+    def prompts_for(self, row: dict) -> list[Prompt]:
+        prompts = [
+            Prompt(box=np.asarray(box, np.float32), class_id=cls, class_name=self.class_names.get(cls, str(cls)),
+                   det_score=score, source="detector")
+            for box, cls, score in zip(row.get("det_boxes") or [], row.get("det_class_ids") or [], row.get("det_scores") or [])
+        ]
+        if row.get("prompts"):
+            prompts += manifest_prompts(row["prompts"], row.get("base_uri"), row["width"], row["height"],
+                                        self.class_ids, self.storage_options, self.manifest_roots)
+        return prompts
+
+    def _rows(self, prompts: list[Prompt], answers: list) -> list[dict]:
+        """One image's objects-table rows, with duplicates marked and flags set (the host thread)."""
+        started = time.perf_counter()
+        try:
+            rows = object_rows(prompts, answers, self.keep_all)
+            if self.qa is not None:
+                quality.mark_duplicates(rows, self.qa)
+                for row in rows:
+                    quality.flag(row, self.qa)
+            return rows
+        finally:
+            self.clock.add("rle", time.perf_counter() - started)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.started is None:
+            self.started = time.perf_counter()
+        wanted = [c for c in ("uri", "status", "width", "height", "det_boxes", "det_class_ids", "det_scores", "prompts",
+                              "base_uri") if c in batch.column_names]
+        rows = batch.select(wanted).to_pylist()
+        objects: list = [[] for _ in rows]
+        errors: dict[int, ImageError] = {}  # images that fail here become error rows
+        ok = [i for i, row in enumerate(rows) if row["status"] == "ok"]
+        # One ledger call for the batch; after a worker died on it, one image at a time (faults.py),
+        # each decoded only once it is announced.
+        whole = not ok or self.guard.start_batch([rows[i]["uri"] for i in ok])
+        prompts = {i: self.prompts_for(rows[i]) for i in ok}
+        need = [i for i in ok if prompts[i]]
+        pending = self.decoder.decode_rows(batch, need) if whole else {}
+        step = self.cfg.batch_size if whole else 1
+        built = []  # futures of (row index, objects rows), made by the host thread
+        for start in range(0, len(need), step):
+            group = need[start:start + step]
+            if not whole:
+                if not self.guard.start(rows[group[0]]["uri"]):  # this image killed the worker again and again
+                    errors[group[0]] = self.guard.crash_error()
+                    continue
+                pending.update(self.decoder.decode_rows(batch, group))
+            if self.sam.faults:
+                for i in group:
+                    self.sam.faults.maybe_kill("segment", rows[i]["uri"])
+            images = {}
+            for i in group:
+                pixels = pixels_or_error(pending.pop(i), (rows[i]["height"], rows[i]["width"]))
+                if isinstance(pixels, ImageError):
+                    errors[i] = pixels
+                else:
+                    images[i] = pixels
+            order = list(images)
+            answers = self.sam.segment_batch([images[i] for i in order], [prompts[i] for i in order],
+                                             uris=[rows[i]["uri"] for i in order], keep_all=self.keep_all)
+            for i, answer in zip(order, answers):
+                if isinstance(answer, SegmentOOM):
+                    errors[i] = answer
+                else:
+                    built.append((i, self.rows_pool.submit(self._rows, prompts[i], answer)))
+        for i, future in built:
+            objects[i] = future.result()
+        self.guard.done()
+        for stage, seconds in self.sam.clock.spent.items():
+            self.clock.add(stage, seconds)
+        self.sam.clock.spent.clear()
+        self.clock.add("decode", self.decoder.take_seconds())
+        batch = with_errors(batch, errors)
+        batch = batch.drop_columns([c for c in ("data", "det_boxes", "det_class_ids", "det_scores", "prompts", "base_uri")
+                                    if c in batch.column_names])
+        batch = batch.append_column(pa.field("objects", pa.list_(OBJECT_TYPE)), pa.array(objects, type=pa.list_(OBJECT_TYPE)))
+        batch = self.clock.stamp(batch)
+        identity = {"sam_actor": self.identity[0], "sam_node": self.identity[1], "sam_dtype": self.sam.dtype,
+                    "sam_busy_s": self.sam.busy_s, "sam_wall_s": time.perf_counter() - self.started}
+        for name, value in identity.items():
+            typ = pa.string() if isinstance(value, str) or value is None else pa.float64()
+            batch = batch.append_column(name, pa.array([value] * batch.num_rows, typ))
+        return batch
+
+
+def _actor_identity() -> tuple[Optional[str], Optional[str]]:
+    """(actor id, node id) of this Ray actor, as Ray names them; (None, None) outside Ray."""
+    try:
+        import ray
+
+        context = ray.get_runtime_context()
+        return context.get_actor_id() or None, context.get_node_id() or None
+    except Exception:  # noqa: BLE001 - only for the record
+        return None, None
