@@ -54,3 +54,38 @@ def make_yolo_checkpoint(path: Path, seed: int = 0) -> Path:
             branch[-1].bias.fill_(-3.0)
     yolo.save(str(path))
     return path
+
+
+def make_open_vocab_checkpoint(path: Path, photos: list, yaml: str = "yoloe-11s-seg.yaml", seed: int = 0) -> Path:
+    """A YOLOE (or YOLO-World, from ``yolov8s-worldv2.yaml``) with random weights, BatchNorm
+    calibrated on real photos, saved by ``Model.save``. Save it under an official-looking name
+    (``yoloe-11s-seg.pt``): ultralytics binds prompt embeddings to the file's stem.
+
+    Calibrated on noise, every class score of a random YOLOE saturates at 1.0; on photos the
+    scores spread, and lowering the contrastive heads' scale and bias puts most of them between
+    about 0.05 and 0.5, so confidence thresholds matter and boxes are distinct.
+    """
+    import torch.nn.functional as F
+    from ultralytics import YOLO
+
+    torch.manual_seed(seed)
+    model = YOLO(yaml)  # routes to YOLOE / YOLOWorld by the yaml's name
+    net = model.model
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+            module.reset_running_stats()
+    batch = torch.stack([F.interpolate(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255, size=(256, 256),
+                                       mode="bilinear")[0] for rgb in photos])
+    net.train()
+    with torch.no_grad():
+        net(batch)
+    net.eval()
+    with torch.no_grad():
+        head = net.model[-1]
+        for contrast in list(head.cv4) + list(getattr(head, "one2one_cv4", None) or []):
+            if hasattr(contrast, "logit_scale"):
+                contrast.logit_scale.fill_(-1.0)
+                contrast.bias.fill_(-3.0)
+    model.save(str(path))
+    return path
