@@ -1,4 +1,4 @@
-"""Open-vocabulary classes (pipeline/yoloe.py) against ultralytics' own YOLOE and YOLO-World.
+"""Open-vocabulary classes (pipeline/models/yoloe.py) against ultralytics' own YOLOE and YOLO-World.
 
 Random-weight models built from their yamls; text embeddings are random text features passed
 through the head's ``get_tpe`` (what ``get_text_pe`` does after the encoder), saved with
@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import real_photos
 from model_factory import make_open_vocab_checkpoint
 from pipeline.config import ConfigError
-from pipeline.yoloe import (
+from pipeline.models.yoloe import (
     TextEncoderError, apply_embeddings, class_names, detect, encoder_problem, load_open_vocab, load_with_embeddings,
     predict_kwargs, resolve_class_embeddings,
 )

@@ -32,8 +32,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.config import ConfigError
-from pipeline.credentials import redact_uri
-from pipeline.models import WeightsError, _fetch_official, cache_dir, checkpoint_dir
+from pipeline.io.credentials import redact_uri
+from pipeline.models.weights import WeightsError, _fetch_official, cache_dir, checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def _box(value, where: str) -> list[float]:
 def read_visual_prompts(uri: str, storage_options: Optional[dict] = None) -> list[Example]:
     """Parse the JSONL: ``{"uri": "ref.jpg", "boxes": [[x0, y0, x1, y1], ...], "classes": [...]}``
     per line; a relative ``uri`` is under the file's folder."""
-    from pipeline.locations import resolve_relative
+    from pipeline.io.locations import resolve_relative
 
     what = "detector.visual_prompts"
     text = _read(uri, storage_options, what).decode("utf-8", errors="replace")
@@ -391,7 +391,7 @@ def read_visual_prompts(uri: str, storage_options: Optional[dict] = None) -> lis
 
 def _reference_image(example: Example, storage_options: Optional[dict]) -> np.ndarray:
     """The reference image as BGR (how ultralytics takes numpy images), its boxes checked against it."""
-    from pipeline.decode import ImageError, decode_rgb, read_bytes
+    from pipeline.io.decode import ImageError, decode_rgb, read_bytes
 
     where = f"detector.visual_prompts line {example.line}"
     try:
