@@ -5,7 +5,7 @@
 run's log file instead, which the first line names: Ray's and Ray Data's Python loggers,
 ultralytics' logger, Python warnings, and what C/C++ code writes to the process's stderr (Ray's
 core worker logs its once-per-process ERROR about actor constructor arguments there; see
-README, "Console and logs"). The other commands keep one console: our lines at INFO, the
+docs/running.md, "Console and logs"). The other commands keep one console: our lines at INFO, the
 libraries' at WARNING.
 
 Every change is undone when the command ends, so ``cli.main`` can be called more than once in a
