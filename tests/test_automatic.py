@@ -31,11 +31,11 @@ import torch
 from pycocotools import mask as mask_utils
 
 from conftest import real_photos
-from pipeline import masks as mask_codec
+from pipeline.sam import masks as mask_codec
 from pipeline.config import QaConfig, SamConfig
-from pipeline.faults import InjectedFaults
+from pipeline.run.faults import InjectedFaults
 from pipeline.sam.automatic import AutomaticArgs, AutomaticMaskGenerator, AutoMasks
-from pipeline.sam_batch import SamModel, SegmentOOM
+from pipeline.sam.model import SamModel, SegmentOOM
 
 CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 # Calibrated for random weights: predicted IoUs lie in 0.47-0.55, stability at offset 0.02 in 0.4-0.98.
@@ -272,7 +272,7 @@ def test_masks_become_objects_rows_with_source_automatic_and_no_class(photos, ou
     """``as_prompts`` feeds ``segment.object_rows``: one row per mask, ``source=automatic``, no
     class, SAM's predicted IoU as ``mask_score``, the mask's box; quality metrics with a QaConfig.
     The masks are the same whether reduced on the device (a GPU's way) or by pycocotools."""
-    from pipeline.segment import object_rows
+    from pipeline.stages.segment import object_rows
 
     sam = ours(256)
     qa_sam = SamModel(SamConfig(checkpoint=sam.cfg.checkpoint, image_size=256, dtype="float32"), qa=QaConfig())

@@ -30,9 +30,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline import masks as mask_codec
-from pipeline.prompts import Prompt
-from pipeline.sam_batch import MASK_PIXELS, Candidates, SamModel, SegmentOOM, _free_gpu_memory, _short, autocast
+from pipeline.sam import masks as mask_codec
+from pipeline.sam.prompts import Prompt
+from pipeline.sam.model import MASK_PIXELS, Candidates, SamModel, SegmentOOM, _free_gpu_memory, _short, autocast
 
 log = logging.getLogger(__name__)
 
