@@ -114,21 +114,57 @@ class DetectorConfig(_Section):
     )
     conf: float = Field(0.25, ge=0.0, le=1.0)
     iou: float = Field(0.7, ge=0.0, le=1.0)
-    classes: Optional[list[int]] = Field(None, description="Class ids to keep; null keeps all.")
+    classes: Optional[Union[list[int], list[str]]] = Field(
+        None, description="Class ids to keep (a closed-set YOLO), or class names (a YOLOE / YOLO-World model: "
+        "the classes to find, their ids in this order); null keeps the model's own classes.",
+    )
     max_det: int = Field(300, gt=0)
     imgsz: int = Field(640, gt=0)
     batch_size: int = Field(8, gt=0, description="Images per detector call.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for weights given as a URL (credentials inside the URL move here)."
+    class_embeddings: Optional[str] = Field(
+        None, description="Class embeddings of a YOLOE / YOLO-World model: an .npz as ultralytics' save_prompt_embeddings "
+        "writes it (path or fsspec URL); its names are the classes, and no text encoder is needed.",
     )
+    visual_prompts: Optional[str] = Field(
+        None, description="Classes by example for a YOLOE model: a JSONL of reference images with boxes and class names "
+        "(path or fsspec URL).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for weights, class_embeddings and visual_prompts given as URLs "
+        "(credentials inside the URL move here).",
+    )
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        """``detector.classes=forklift,pallet`` (a YAML string) is the list it spells; ids stay ids."""
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+            value = [int(v) if v.isdigit() else v for v in value]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, list) and {type(v) for v in value} == {int, str}:
+            raise ValueError("class ids (a closed-set YOLO) or class names (YOLOE / YOLO-World), not both")
+        return value
 
     @field_validator("classes")
     @classmethod
-    def _non_negative(cls, value: Optional[list[int]]) -> Optional[list[int]]:
-        if value is not None and any(c < 0 for c in value):
+    def _ids_or_names(cls, value):
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must name at least one class (null keeps all)")
+        if isinstance(value[0], int) and any(c < 0 for c in value):
             raise ValueError("class ids are >= 0")
+        if isinstance(value[0], str) and (len(set(value)) != len(value) or any(not c.strip() for c in value)):
+            raise ValueError("class names must be distinct and non-empty")
         return value
+
+    @property
+    def class_names_given(self) -> bool:
+        """``classes`` names classes (an open-vocabulary model) rather than keeping ids."""
+        return bool(self.classes) and isinstance(self.classes[0], str)
 
     @field_validator("imgsz")
     @classmethod
@@ -138,8 +174,32 @@ class DetectorConfig(_Section):
         return value
 
     @model_validator(mode="after")
+    def _one_way_to_define_classes(self) -> "DetectorConfig":
+        if self.class_embeddings and self.visual_prompts:
+            raise ValueError("detector.class_embeddings and detector.visual_prompts both define the classes; give one")
+        given = "class_embeddings" if self.class_embeddings else "visual_prompts" if self.visual_prompts else None
+        if given and self.classes is not None and not self.class_names_given:
+            raise ValueError(f"detector.classes: with detector.{given}, classes are names (their order sets the ids), "
+                             f"not ids {self.classes}")
+        return self
+
+    @model_validator(mode="after")
     def _credentials_to_storage_options(self) -> "DetectorConfig":
         _move_credentials(self, "weights", query_to_params=True, what="detector.weights")
+        for key in ("class_embeddings", "visual_prompts"):  # read with the same storage options as the weights
+            value = getattr(self, key)
+            if not isinstance(value, str):
+                continue
+            try:
+                clean, moved = split_credentials(value, f"detector.{key}")
+            except CredentialError as exc:
+                raise ValueError(str(exc)) from None
+            if moved and _clashing(moved, self.storage_options):
+                raise ValueError(f"detector.{key} carries credentials that differ from detector.storage_options' (or "
+                                 "detector.weights'); they are read with one set of detector.storage_options: give them once, there")
+            if moved:
+                object.__setattr__(self, key, clean)
+                object.__setattr__(self, "storage_options", merge_options(moved, self.storage_options))
         return self
 
 
@@ -286,7 +346,8 @@ class RunConfig(_Section):
         return self.prompts.source in ("detector", "both")
 
 
-URI_KEYS = ("input.uri", "output.uri", "prompts.manifest", "sam.checkpoint", "detector.weights")
+URI_KEYS = ("input.uri", "output.uri", "prompts.manifest", "sam.checkpoint", "detector.weights", "detector.class_embeddings",
+            "detector.visual_prompts")
 STORAGE_OPTION_KEYS = ("input.storage_options", "output.storage_options", "sam.storage_options", "detector.storage_options")
 
 

@@ -47,6 +47,12 @@ SAM_MODELS = {
     "large": ("configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
 }
 OFFICIAL_YOLO = {f"yolov8{s}.pt" for s in "nsmlx"} | {f"yolo11{s}.pt" for s in "nsmlx"}
+# Open-vocabulary detectors (models/yoloe.py) and ultralytics' text encoders for them: official files
+# of the ultralytics/assets v8.4.0 release (where ultralytics 8.4 fetches them), not of v8.3.0.
+OPEN_VOCAB_BASE_URL = "https://github.com/ultralytics/assets/releases/download/v8.4.0"
+OFFICIAL_OPEN_VOCAB = ({f"yoloe-{v}{s}-seg.pt" for v in ("v8", "11") for s in "sml"} | {f"yoloe-26{s}-seg.pt" for s in "nsmlx"}
+                       | {f"yolov8{s}-worldv2.pt" for s in "smlx"})
+OFFICIAL_TEXT_ENCODERS = {"mobileclip_blt.ts", "mobileclip2_b.ts"}  # YOLOE v8/11, YOLOE-26 (YOLO-World: clip's own ViT-B-32.pt)
 FETCH_COMMAND = "bash checkpoints/download_ckpts.sh"
 RANDOM_HINT = "sam.checkpoint=random detector.weights=yolov8n.yaml runs the whole job as a smoke test with random weights"
 # How long a process waits for another one on its node that is fetching the same weights.
@@ -377,6 +383,8 @@ def resolve_detector_weights(spec: str, expected_sha256: Optional[str] = None, s
         return spec  # ultralytics builds random weights from its model configs
     if spec in OFFICIAL_YOLO and not Path(spec).is_file():
         return str(_fetch_official(spec, f"{YOLO_BASE_URL}/{spec}", expected_sha256))
+    if spec in OFFICIAL_OPEN_VOCAB and not Path(spec).is_file():
+        return str(_fetch_official(spec, f"{OPEN_VOCAB_BASE_URL}/{spec}", expected_sha256))
     if is_url(spec) and not spec.startswith("file://"):
         return str(fetch_once(spec, expected_sha256, storage_options, "detector weights"))
     local = Path(spec.removeprefix("file://")).expanduser()
@@ -422,9 +430,11 @@ def build_sam_model(weights: SamWeights, image_size: int, device: "torch.device"
 
 def load_yolo(weights: str, device: "torch.device"):
     from ultralytics import YOLO
+    from ultralytics.nn.tasks import YOLOEModel
 
     model = YOLO(weights)
-    if model.task != "detect":
+    # A YOLOE is a 'segment' model (yoloe-*-seg.pt): only its boxes are used; SAM makes the masks.
+    if model.task != "detect" and not isinstance(model.model, YOLOEModel):
         raise WeightsError(f"detector.weights: {weights} is a '{model.task}' model; a detect model is needed")
     if weights.endswith((".yaml", ".yml")) and len(model.names) == 80:
         # A model built from its .yaml has numbered classes; the official 80-class weights use

@@ -18,8 +18,11 @@ from fsspec.core import url_to_fs
 
 from pipeline.config import ConfigError, RunConfig, redact, redact_text, redact_uri, redacted_config, uses_random_weights
 from pipeline.models.weights import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
+from pipeline.models.detector import DetectorClasses
+from pipeline.models.yoloe import ClassEmbeddings
 from pipeline.run.cluster import actor_plan, actors_timed_out, check_device, connect_ray, describe, sam_device_type
 from pipeline.run.folder import RunFolder, fingerprint
+from pipeline.run.ownership import CLASS_EMBEDDINGS
 from pipeline.run.progress import Progress, ShardTracker
 from pipeline.sam.model import resolve_dtype
 from pipeline.run.sink import OutputWriteError, ShardCommits, Totals
@@ -87,8 +90,9 @@ def reads_tars(cfg: RunConfig) -> bool:
     return cfg.prompts.source == "detector" and input_format(cfg.input.uri, cfg.input.format) == "tar"
 
 
-def preflight(cfg: RunConfig) -> tuple[SamWeights, Optional[str], dict[int, str]]:
-    """Check the input has images, resolve weights (fetching official ones once), read class names."""
+def preflight(cfg: RunConfig) -> tuple[SamWeights, Optional[str], Optional[DetectorClasses]]:
+    """Check the input has images, resolve weights (fetching official ones once), read the detector's
+    classes: an open-vocabulary model's class embeddings are made here, once, before any work."""
     check_device(cfg)
     try:
         first = next(work_items(cfg, merged=False), None)
@@ -110,17 +114,14 @@ def preflight(cfg: RunConfig) -> tuple[SamWeights, Optional[str], dict[int, str]
     except WeightsError as exc:
         raise ConfigError(str(exc)) from None
     if det_path is None:
-        return sam, None, {}
-    from pipeline.models.weights import load_yolo
+        return sam, None, None
+    from pipeline.models.detector import resolve_classes
 
-    import torch
-
-    names = load_yolo(det_path, torch.device("cpu")).names
-    if cfg.detector.classes:
-        unknown = [c for c in cfg.detector.classes if c not in names]
-        if unknown:
-            raise ConfigError(f"detector.classes: {unknown} not in the model's classes 0..{len(names) - 1}")
-    return sam, det_path, {int(k): v for k, v in names.items()}
+    try:
+        _, classes = resolve_classes(cfg.detector, det_path)
+    except WeightsError as exc:  # yoloe.TextEncoderError among them: no text encoder here, and how to do without
+        raise ConfigError(str(exc)) from None
+    return sam, det_path, classes
 
 
 def with_manifest_labels(class_names: dict[int, str], labels: list[str]) -> dict[int, str]:
@@ -143,10 +144,11 @@ def runtime_env(local: bool) -> Optional[dict]:
 
 
 def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str], class_names: dict[int, str],
-                  plan: dict, run_uri: str, ledger, models: dict):
+                  plan: dict, run_uri: str, ledger, models: dict, class_embeddings: Optional[ClassEmbeddings] = None):
     """shard files (paths on the output filesystem) -> read bytes and headers (tasks) -> detect
     (actors) -> segment (actors) -> stage (tasks); pixels are decoded inside the two actors.
     ``models``: run.json's models section (each actor checks its weights against the sha256 there).
+    ``class_embeddings``: an open-vocabulary detector's classes, made on the driver.
 
     Retries: a dead task is re-run and a dead actor restarted with its task retried (Ray Data
     restarts actors without limit); an image on which workers keep dying is cut out by the crash
@@ -204,7 +206,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
             num_cpus=plan["detector"]["num_cpus"], num_gpus=plan["detector"]["num_gpus"],
             fn_constructor_kwargs={"cfg": cfg.detector, "max_pixels": cfg.input.max_pixels,
                                    "decode_threads": plan["decode_threads"], **guarded,
-                                   "expected_sha256": models["detector"]["sha256"]},
+                                   "expected_sha256": models["detector"]["sha256"], "class_embeddings": class_embeddings},
             runtime_env=env, **actor_retries,
         )
     ds = ds.map_batches(
@@ -284,10 +286,13 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     """
     folder = RunFolder(cfg)
     previous = folder.previous_run(overwrite or cfg.output.overwrite)
-    sam, det_path, class_names = preflight(cfg)
+    sam, det_path, det_classes = preflight(cfg)
+    class_names = det_classes.names if det_classes is not None else {}
+    embeddings = det_classes.embeddings if det_classes is not None else None
     models = {"sam": {"size": sam.size, "config": sam.config, "checkpoint": redact_uri(sam.source), **weights_identity(sam.path)}}
-    if det_path is not None:
-        models["detector"] = {"weights": redact_uri(cfg.detector.weights), **weights_identity(det_path), "class_names": class_names}
+    if det_path is not None:  # classes: how they were defined (text, file, examples, closed-set), the embeddings' digest
+        models["detector"] = {"weights": redact_uri(cfg.detector.weights), **weights_identity(det_path), "class_names": class_names,
+                              "classes": det_classes.record(CLASS_EMBEDDINGS if embeddings is not None else None)}
     identity = fingerprint(cfg, models)
     if previous is not None:
         folder.check_resumable(previous, identity)
@@ -312,6 +317,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
             "versions": _versions(), "models": models, "class_names": class_names, "attempts": [attempt],
         }
         folder.prepare(manifest)  # clears what was there (only with --overwrite) and proves the folder writable
+        folder.write_class_embeddings(embeddings)
         listing = _listing(cfg, folder, manifest)
         done: dict[str, dict] = {}
     else:
@@ -323,6 +329,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         attempt["shards_done_before"] = len(done)
         manifest["attempts"] = [*previous.get("attempts", []), attempt]
         inp = previous["input"]
+        folder.write_class_embeddings(embeddings)  # the same file (the fingerprint holds its digest), in case it went
         listing = ShardListing(folder.path_to("_shards"), inp["num_shards"], inp["num_images"] or 0, inp["metadata_columns"])
     shard_ids = folder.shard_ids()
     pending = [s for s in shard_ids if s not in done]
@@ -340,7 +347,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         plan = _plan(cfg, folder, previous, manifest, models) if pending else None  # a ConfigError here has written nothing
         folder.write_manifest(manifest)
         if pending:
-            _process(cfg, folder, manifest, pending, listing.meta_columns, totals, progress, plan)
+            _process(cfg, folder, manifest, pending, listing.meta_columns, totals, progress, plan, embeddings)
     except ConfigError:
         raise
     except BaseException as exc:
@@ -398,7 +405,7 @@ def _plan(cfg: RunConfig, folder: RunFolder, previous: Optional[dict], manifest:
 
 
 def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[str], meta_columns: list[str],
-             totals: Totals, progress: Progress, plan: dict) -> None:
+             totals: Totals, progress: Progress, plan: dict, class_embeddings: Optional[ClassEmbeddings] = None) -> None:
     """Run the Ray pipeline over the pending shards, committing each shard as soon as all its
     images are staged (so a crash later keeps it), and the stragglers once the data is through."""
     import ray
@@ -414,7 +421,7 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ledger = start_ledger()
         ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger,
-                           manifest["models"])
+                           manifest["models"], class_embeddings)
     tracker = ShardTracker(pending)
     timings = Timings()
     commits = ShardCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]))
