@@ -147,6 +147,9 @@ def test_predict_automatic_and_the_python_api_give_the_library_s_masks(checkpoin
     assert {o.source for o in objects} == {"automatic"} and all(o.class_id is None and o.det_score is None for o in objects)
     assert assert_same_masks(theirs, mask_codec.encode(np.stack([o.mask for o in objects])), [o.mask_score for o in objects]) >= 3
     assert len(predictor.label(str(photo), automatic={"pred_iou_thresh": 0.99})) == 0  # per-call keys over the Predictor's
+    other = predictor.label(str(photo), automatic={"points_per_side": 5})  # control: another grid is not the library's output
+    with pytest.raises(AssertionError):
+        assert_same_masks(theirs, mask_codec.encode(np.stack([o.mask for o in other])), [o.mask_score for o in other])
     with pytest.raises(ConfigError, match="without classes"):
         predictor.label(str(photo), classes=["cat"], automatic=True)
 
@@ -161,6 +164,37 @@ def test_predict_automatic_and_the_python_api_give_the_library_s_masks(checkpoin
     for extra in (["--classes", "cat"], ["--point", "10,10"]):
         assert main(["predict", str(photo), "--automatic", *extra, "--out", str(out), "sam.checkpoint=random"]) == 2
         assert "give one or the other" in capfd.readouterr().err
+
+
+def test_the_stage_answers_manifest_prompts_then_adds_the_automatic_masks(ray_local, checkpoints, tmp_path):
+    """prompts.source=manifest with automatic.enabled: one Segmenter call gives the manifest's
+    objects first (as SAM answers their prompts) and then exactly the generator's masks."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from conftest import real_photos
+    from pipeline.config import SamConfig
+    from pipeline.sam.automatic import AutomaticArgs, AutomaticMaskGenerator
+    from pipeline.sam.prompts import Prompt
+    from pipeline.stages.read import read_batch
+    from pipeline.stages.segment import Segmenter
+
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(real_photos()["coffee"]).save(photo)
+    box = [40, 30, 300, 260]
+    batch = read_batch(pa.table({"uri": [str(photo)]}))
+    batch = batch.append_column("prompts", pa.array([json.dumps([{"object_key": "cup", "box": box, "label": "cup"}])]))
+    cfg = SamConfig(checkpoint=str(checkpoints["sam"]), image_size=SIZE, dtype="float32", device="cpu")
+    stage = Segmenter(cfg, {0: "cup"}, automatic=ARGS)
+    rows = stage(batch).column("objects").to_pylist()[0]
+    rgb = decoded(str(photo))
+    (own,) = stage.sam.segment(rgb, [Prompt(box=np.asarray(box, np.float32), source="manifest")], multimask=False)
+    everything = AutomaticMaskGenerator(stage.sam, AutomaticArgs(**ARGS)).generate(rgb)
+    assert [r["object_id"] for r in rows] == list(range(1 + len(everything))) and len(everything) >= 3
+    assert rows[0]["source"] == "manifest" and rows[0]["class_name"] == "cup" and rows[0]["mask"] == own.rles[0]
+    assert all(r["source"] == "automatic" and r["class_id"] is None and r["status"] == "ok" for r in rows[1:])
+    assert [r["mask"] for r in rows[1:]] == everything.rles
+    assert [r["mask_score"] for r in rows[1:]] == pytest.approx(everything.scores.tolist())
 
 
 @pytest.mark.parametrize("overrides, message", [
