@@ -291,6 +291,32 @@ class QaConfig(_Section):
     dedup_class_aware: bool = Field(True, description="Only masks of the same class can be duplicates of each other.")
 
 
+class AutomaticConfig(_Section):
+    """Segment everything (sam/automatic.py) instead of the detector: ``SAM2AutomaticMaskGenerator``'s
+    arguments and defaults, bounded as ``AutomaticArgs`` bounds them (a test keeps the two in step)."""
+
+    enabled: bool = Field(False, description="Every mask SAM finds from a point grid, no detector (source=automatic, no class).")
+    points_per_side: int = Field(32, ge=1, description="Grid points along one side of the image (crop layer 0).")
+    points_per_batch: int = Field(64, ge=1, description="Points per mask-decoder call (memory, not masks).")
+    pred_iou_thresh: float = Field(0.8, ge=0.0, le=1.0, description="Keep masks whose predicted IoU is above this.")
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="Keep masks with at least this stability score.")
+    stability_score_offset: float = Field(1.0, ge=0.0, description="Logit offset the stability score is measured at.")
+    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0, description="Box IoU above which a crop's lower-scored mask is dropped.")
+    crop_n_layers: int = Field(0, ge=0, description="Crop layers (layer n: 4**n overlapping crops, segmented too).")
+    crop_nms_thresh: float = Field(0.7, ge=0.0, le=1.0, description="Box IoU of the NMS across crops (smaller crops win).")
+    crop_overlap_ratio: float = Field(512 / 1500, ge=0.0, lt=1.0, description="How much neighbouring crops overlap.")
+    crop_n_points_downscale_factor: int = Field(1, ge=1, description="Each crop layer has this many times fewer points per side.")
+    min_mask_region_area: int = Field(0, ge=0, description="Fill holes / drop islands up to this many low-res pixels (0 = off).")
+    multimask_output: bool = Field(True, description="Three candidates per point (else one).")
+
+    @model_validator(mode="after")
+    def _points_in_every_layer(self) -> "AutomaticConfig":
+        if int(self.points_per_side / self.crop_n_points_downscale_factor ** self.crop_n_layers) < 1:
+            raise ValueError(f"automatic.points_per_side={self.points_per_side} leaves no points in crop layer {self.crop_n_layers} "
+                             f"(automatic.crop_n_points_downscale_factor={self.crop_n_points_downscale_factor} divides it per layer)")
+        return self
+
+
 class ReportConfig(_Section):
     enabled: bool = Field(True, description="Write RUN/report/ (report.html, counts.csv, summary.json) when a run finishes.")
     gallery: int = Field(12, ge=0, description="Sample images drawn with their masks in the report.")
@@ -306,6 +332,7 @@ class RunConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     qa: QaConfig = Field(default_factory=QaConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    automatic: AutomaticConfig = Field(default_factory=AutomaticConfig)
 
     @model_validator(mode="after")
     def _manifest_matches_source(self) -> "RunConfig":
@@ -313,6 +340,14 @@ class RunConfig(_Section):
             raise ValueError(f"prompts.manifest: required when prompts.source={self.prompts.source}")
         if self.prompts.source == "detector" and self.prompts.manifest:
             raise ValueError("prompts.manifest is set but prompts.source=detector ignores it; set prompts.source=manifest or both")
+        return self
+
+    @model_validator(mode="after")
+    def _automatic_replaces_the_detector(self) -> "RunConfig":
+        if self.automatic.enabled and self.prompts.source == "both":
+            raise ValueError("automatic.enabled: segment-everything replaces the detector, so prompts.source=both (detector "
+                             "boxes and manifest prompts) cannot apply; use prompts.source=manifest to add the manifest's "
+                             "prompts to the automatic masks, or prompts.source=detector for the automatic masks alone")
         return self
 
     @model_validator(mode="after")
@@ -343,7 +378,8 @@ class RunConfig(_Section):
 
     @property
     def uses_detector(self) -> bool:
-        return self.prompts.source in ("detector", "both")
+        """The detector runs (and its weights are needed); never with ``automatic.enabled``."""
+        return self.prompts.source in ("detector", "both") and not self.automatic.enabled
 
 
 URI_KEYS = ("input.uri", "output.uri", "prompts.manifest", "sam.checkpoint", "detector.weights", "detector.class_embeddings",

@@ -29,7 +29,7 @@ RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report",
 # single output row; they may differ on a resume. (The output, ray and report sections are not in
 # the fingerprint at all.)
 PERFORMANCE_ONLY = ("input.storage_options", "detector.storage_options", "sam.storage_options", "detector.batch_size",
-                    "sam.batch_size", "sam.box_chunk", "sam.compile")
+                    "sam.batch_size", "sam.box_chunk", "sam.compile", "automatic.points_per_batch")
 # Keys that, while unset (null), are left out of the fingerprint: a run started before they existed
 # resumes as it did.
 ABSENT_WHEN_NULL = ("detector.class_embeddings", "detector.visual_prompts")
@@ -47,6 +47,8 @@ def fingerprint(cfg: RunConfig, models: dict, dtype: Optional[str] = None) -> di
     run must not mix the two. Without ``dtype`` it is left out."""
     data = redacted_config(cfg)  # credentials never reach run.json; rotating them does not block a resume
     sections = ("input", "prompts", "detector", "sam", "qa") if cfg.uses_detector else ("input", "prompts", "sam", "qa")
+    if cfg.automatic.enabled:  # only then: runs made before the section existed resume as they did
+        sections += ("automatic",)
     config = {s: dict(data[s]) for s in sections}
     for key in PERFORMANCE_ONLY:
         section, name = key.split(".")

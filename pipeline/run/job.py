@@ -219,6 +219,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
             "storage_options": cfg.input.storage_options, "manifest_roots": manifest_roots(cfg),
             "max_pixels": cfg.input.max_pixels, "decode_threads": plan["decode_threads"],
             "qa": cfg.qa if cfg.qa.enabled else None, **guarded,
+            "automatic": cfg.automatic.model_dump(exclude={"enabled"}) if cfg.automatic.enabled else None,  # no detector pool then
             "expected_sha256": models["sam"]["sha256"],  # every node runs the driver's weights
         },
         runtime_env=env, **actor_retries,

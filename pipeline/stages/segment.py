@@ -33,7 +33,7 @@ OBJECT_TYPE = pa.struct(
     [
         ("object_id", pa.int32()),
         ("object_key", pa.string()),  # the manifest's key; null for detector objects
-        ("source", pa.string()),  # detector | manifest
+        ("source", pa.string()),  # detector | manifest | automatic (automatic.enabled: no prompt, no class)
         ("prompt", pa.string()),  # box, points, box+points, mask, ...
         ("candidate", pa.int32()),  # 0 = SAM's best-scoring mask; 1, 2 with sam.candidates=all
         ("status", pa.string()),  # ok | error (an invalid prompt)
@@ -100,10 +100,15 @@ class Segmenter:
     def __init__(self, cfg: SamConfig, class_names: dict[int, str], cpu_threads: Optional[int] = None,
                  storage_options: Optional[dict] = None, ledger=None, max_image_crashes: int = 3,
                  manifest_roots: Optional[list[str]] = None, max_pixels: Optional[int] = None, decode_threads: int = 4,
-                 qa: Optional[QaConfig] = None, expected_sha256: Optional[str] = None):
+                 qa: Optional[QaConfig] = None, expected_sha256: Optional[str] = None, automatic: Optional[dict] = None):
         worker_logging()
         self.qa = qa
         self.sam = SamModel(cfg, cpu_threads, qa, expected_sha256)
+        self.automatic = None  # automatic.enabled: segment everything (the generator's arguments), beside any manifest prompts
+        if automatic is not None:
+            from pipeline.sam.automatic import AutomaticArgs, AutomaticMaskGenerator
+
+            self.automatic = AutomaticMaskGenerator(self.sam, AutomaticArgs(**automatic))
         self.cfg = cfg
         self.class_names = class_names
         self.class_ids = {name: cid for cid, name in class_names.items()}
@@ -141,6 +146,20 @@ class Segmenter:
         finally:
             self.clock.add("rle", time.perf_counter() - started)
 
+    def _add_automatic(self, images: list, prompts: list[list[Prompt]], answers: list, uris: list) -> list:
+        """Each image's automatic masks after its prompts' answers (``prompts`` grows in place); an
+        image out of GPU memory in either becomes that ``SegmentOOM``, the one error-row path."""
+        found = self.automatic.generate_batch(images, uris=uris)
+        out = []
+        for own, answer, auto in zip(prompts, answers, found):
+            if isinstance(answer, SegmentOOM) or isinstance(auto, SegmentOOM):
+                out.append(answer if isinstance(answer, SegmentOOM) else auto)
+                continue
+            more_prompts, more_answers = auto.as_prompts()
+            own.extend(more_prompts)
+            out.append([*answer, *more_answers])
+        return out
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.started is None:
             self.started = time.perf_counter()
@@ -154,7 +173,7 @@ class Segmenter:
         # each decoded only once it is announced.
         whole = not ok or self.guard.start_batch([rows[i]["uri"] for i in ok])
         prompts = {i: self.prompts_for(rows[i]) for i in ok}
-        need = [i for i in ok if prompts[i]]
+        need = [i for i in ok if prompts[i] or self.automatic is not None]
         pending = self.decoder.decode_rows(batch, need) if whole else {}
         step = self.cfg.batch_size if whole else 1
         built = []  # futures of (row index, objects rows), made by the host thread
@@ -178,6 +197,9 @@ class Segmenter:
             order = list(images)
             answers = self.sam.segment_batch([images[i] for i in order], [prompts[i] for i in order],
                                              uris=[rows[i]["uri"] for i in order], keep_all=self.keep_all)
+            if self.automatic is not None:
+                answers = self._add_automatic([images[i] for i in order], [prompts[i] for i in order], answers,
+                                              [rows[i]["uri"] for i in order])
             for i, answer in zip(order, answers):
                 if isinstance(answer, SegmentOOM):
                     errors[i] = answer
