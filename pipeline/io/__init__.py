@@ -1,0 +1,1 @@
+"""Reading inputs: listing, credentials, decoding images and (``video.py``) streaming video frames."""
