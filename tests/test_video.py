@@ -313,9 +313,10 @@ print(json.dumps({"first": marks[first], "last": marks[n], "control": status("Vm
 @pytest.mark.filterwarnings(NO_C_WARNING)
 def test_peak_rss_is_flat_in_video_length(tmp_path, weights):
     """Peak RSS while tracking (2 objects, image size 256, model loading excluded) after 24 and
-    after 120 frames, in a fresh process. 600 frames take minutes on this CPU; 120 keeps the
-    factor of 5. Holding those 96 frames as sam2's loader does moves the same measure by 72 MiB:
-    the control that shows it can fail."""
+    after 120 frames, in a fresh process. 60 -> 600 frames, run once by hand with this script:
+    +0.8 MB (the control +409 MB), but 255 s of CPU on one thread; 24 -> 120 keeps the factor of
+    5. Holding those 96 frames as sam2's loader does moves the same measure by ~72 MiB: the
+    control that shows it can fail (with pruning and the frame cache off it grows ~31 MB)."""
     first, last = 24, 120
     clip = write_clip(tmp_path / "long.mkv", clip_frames(last, 64, 64))
     # a fixed mmap threshold: freed tensors go back to the OS instead of staying resident for reuse
