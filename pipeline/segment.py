@@ -23,7 +23,7 @@ from .console import worker_logging
 from .decode import ImageDecoder, ImageError, pixels_or_error, with_errors
 from .faults import CrashGuard
 from .prompts import Prompt, manifest_prompts
-from .sam_batch import Candidates, SamModel, SegmentOOM
+from .sam_batch import Candidates, SamModel, SegmentOOM, allow_tf32
 from .timings import StageClock
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ class Segmenter:
         worker_logging()
         self.qa = qa
         self.sam = SamModel(cfg, cpu_threads, qa, expected_sha256)
+        if self.sam.device.type == "cuda":
+            allow_tf32()  # this actor's process is the job's own: the setting stays inside it
         self.cfg = cfg
         self.class_names = class_names
         self.class_ids = {name: cid for cid, name in class_names.items()}
@@ -176,8 +178,9 @@ class Segmenter:
                 else:
                     images[i] = pixels
             order = list(images)
+            # One image at a time after a crash: no padding either (a padded batch could be what killed the worker).
             answers = self.sam.segment_batch([images[i] for i in order], [prompts[i] for i in order],
-                                             uris=[rows[i]["uri"] for i in order], keep_all=self.keep_all)
+                                             uris=[rows[i]["uri"] for i in order], keep_all=self.keep_all, pad=whole)
             for i, answer in zip(order, answers):
                 if isinstance(answer, SegmentOOM):
                     errors[i] = answer
@@ -204,10 +207,13 @@ class Segmenter:
 
 
 def _actor_identity() -> tuple[Optional[str], Optional[str]]:
-    """(actor id, node id) of this Ray actor, as Ray names them; (None, None) outside Ray."""
+    """(actor id, node id) of this Ray actor, as Ray names them; (None, None) outside Ray (where
+    ``ray.get_runtime_context`` would start a local Ray instance just to answer)."""
     try:
         import ray
 
+        if not ray.is_initialized():
+            return None, None
         context = ray.get_runtime_context()
         return context.get_actor_id() or None, context.get_node_id() or None
     except Exception:  # noqa: BLE001 - only for the record
