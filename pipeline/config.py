@@ -17,6 +17,7 @@ from .credentials import (  # noqa: F401 - redact and redact_uri: other modules 
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+MAX_IMAGE_PIXELS = 2**31 - 1  # masks.py and pycocotools count pixels in 32-bit integers (run counts, positions)
 
 
 class ConfigError(ValueError):
@@ -67,8 +68,18 @@ class InputConfig(_Section):
         "auto", description="auto: .tar or {a..b} brace pattern -> tar; .jsonl/.csv/.parquet -> manifest; else images."
     )
     max_pixels: int = Field(
-        89_478_485, gt=0, description="Images with more pixels become too_large error rows (decompression-bomb guard)."
+        89_478_485, gt=0, description="Images with more pixels become too_large error rows (decompression-bomb guard); "
+        "at most 2147483647 (2**31 - 1).",
     )
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _fits_rle_counts(cls, value: int) -> int:
+        if value > MAX_IMAGE_PIXELS:
+            raise ValueError(f"at most {MAX_IMAGE_PIXELS} (2**31 - 1): a mask's pixel positions and COCO RLE run counts "
+                             "are 32-bit integers (pycocotools, and the run boundaries found on the GPU), so a larger "
+                             "image cannot be encoded; tile such images first")
+        return value
 
     @field_validator("extensions")
     @classmethod
