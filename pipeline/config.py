@@ -206,7 +206,8 @@ class RayConfig(_Section):
         "auto", description="GPUs the job may use at most: auto = as many as the cluster has or adds (the pools grow as "
         "GPU nodes join), or a number. SAM runs on CPUs only when sam.device=cpu, or on a local Ray without GPUs.",
     )
-    gpu_wait_s: int = Field(600, gt=0, description="How long to wait for the first GPU actors (an autoscaler adding GPU nodes) before failing.")
+    gpu_wait_s: int = Field(600, gt=0, description="How long to wait for the first GPU actors (an autoscaler adding GPU nodes), "
+                            "and for GPUs to come back when the cluster loses all of them mid-run, before failing (resumably).")
     detector_actors: Optional[int] = Field(None, gt=0, description="Fixed detector actor count (null: one beside each SAM actor).")
     sam_actors: Optional[int] = Field(None, gt=0, description="Fixed SAM actor count (null: one per GPU, growing with the cluster; 1 on CPU).")
     max_image_crashes: int = Field(

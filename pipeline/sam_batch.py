@@ -99,16 +99,6 @@ def _free_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def allow_tf32() -> None:
-    """TF32 for float32 matmuls and convolutions (tensor-core speed on Ampere and newer, about
-    1e-3 relative precision). These are process-wide settings: only the job's own SAM actors
-    (``segment.Segmenter``) switch them on, never ``predict`` or a Python API user's process."""
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-
 def _warn_if_ray_gpu_is_not_visible(device) -> None:
     """Ray gave this actor a GPU but torch runs on the CPU: a node without a working CUDA setup."""
     try:
@@ -296,9 +286,8 @@ class SamModel:
         return (x - self.mean) / self.std
 
     def _try_encode(self, images: list[np.ndarray], pad_to: Optional[int]) -> tuple[Optional[dict], Optional[str]]:
-        """``_encode``, or (None, what the GPU said) when it ran out of memory. The exception and
-        its traceback (which holds the failed pass's tensors) are dropped on return, so the
-        caller frees the memory and retries outside any ``except`` block."""
+        """``_encode``, or (None, what the GPU said) when out of memory; the exception and its
+        traceback (holding the failed pass's tensors) are gone on return, so the caller frees."""
         import torch
 
         try:

@@ -23,7 +23,7 @@ from .console import worker_logging
 from .decode import ImageDecoder, ImageError, pixels_or_error, with_errors
 from .faults import CrashGuard
 from .prompts import Prompt, manifest_prompts
-from .sam_batch import Candidates, SamModel, SegmentOOM, allow_tf32
+from .sam_batch import Candidates, SamModel, SegmentOOM
 from .timings import StageClock
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,16 @@ class Segmenter:
             typ = pa.string() if isinstance(value, str) or value is None else pa.float64()
             batch = batch.append_column(name, pa.array([value] * batch.num_rows, typ))
         return batch
+
+
+def allow_tf32() -> None:
+    """TF32 for float32 matmuls and convolutions (tensor-core speed on Ampere and newer, about
+    1e-3 relative precision). These are process-wide settings: only the job's own SAM actors
+    switch them on, never ``predict`` or a Python API user's process."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def _actor_identity() -> tuple[Optional[str], Optional[str]]:
