@@ -17,6 +17,7 @@ from pipeline.io.credentials import (  # noqa: F401 - redact and redact_uri: oth
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+MAX_IMAGE_PIXELS = 2**31 - 1  # masks.py and pycocotools count pixels in 32-bit integers (run counts, positions)
 
 
 class ConfigError(ValueError):
@@ -67,8 +68,18 @@ class InputConfig(_Section):
         "auto", description="auto: .tar or {a..b} brace pattern -> tar; .jsonl/.csv/.parquet -> manifest; else images."
     )
     max_pixels: int = Field(
-        89_478_485, gt=0, description="Images with more pixels become too_large error rows (decompression-bomb guard)."
+        89_478_485, gt=0, description="Images with more pixels become too_large error rows (decompression-bomb guard); "
+        "at most 2147483647 (2**31 - 1).",
     )
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _fits_rle_counts(cls, value: int) -> int:
+        if value > MAX_IMAGE_PIXELS:
+            raise ValueError(f"at most {MAX_IMAGE_PIXELS} (2**31 - 1): a mask's pixel positions and COCO RLE run counts "
+                             "are 32-bit integers (pycocotools, and the run boundaries found on the GPU), so a larger "
+                             "image cannot be encoded; tile such images first")
+        return value
 
     @field_validator("extensions")
     @classmethod
@@ -255,7 +266,8 @@ class RayConfig(_Section):
         "auto", description="GPUs the job may use at most: auto = as many as the cluster has or adds (the pools grow as "
         "GPU nodes join), or a number. SAM runs on CPUs only when sam.device=cpu, or on a local Ray without GPUs.",
     )
-    gpu_wait_s: int = Field(600, gt=0, description="How long to wait for the first GPU actors (an autoscaler adding GPU nodes) before failing.")
+    gpu_wait_s: int = Field(600, gt=0, description="How long to wait for the first GPU actors (an autoscaler adding GPU nodes), "
+                            "and for GPUs to come back when the cluster loses all of them mid-run, before failing (resumably).")
     detector_actors: Optional[int] = Field(None, gt=0, description="Fixed detector actor count (null: one beside each SAM actor).")
     sam_actors: Optional[int] = Field(None, gt=0, description="Fixed SAM actor count (null: one per GPU, growing with the cluster; 1 on CPU).")
     max_image_crashes: int = Field(

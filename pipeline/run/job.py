@@ -20,7 +20,8 @@ from pipeline.config import ConfigError, RunConfig, redact, redact_text, redact_
 from pipeline.models.weights import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
 from pipeline.models.detector import DetectorClasses
 from pipeline.models.yoloe import ClassEmbeddings
-from pipeline.run.cluster import actor_plan, actors_timed_out, check_device, connect_ray, describe, sam_device_type
+from pipeline.run.cluster import (GpusLost, GpuWatch, actor_plan, actors_timed_out, check_device, connect_ray, describe,
+                                  run_data_context, sam_device_type)
 from pipeline.run.folder import RunFolder, fingerprint
 from pipeline.run.ownership import CLASS_EMBEDDINGS
 from pipeline.run.progress import Progress, ShardTracker
@@ -153,7 +154,11 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     Retries: a dead task is re-run and a dead actor restarted with its task retried (Ray Data
     restarts actors without limit); an image on which workers keep dying is cut out by the crash
     ledger after ``ray.max_image_crashes`` deaths, so retries cannot loop on it forever.
+
+    Sets Ray Data's current ``DataContext``: call it inside ``cluster.run_data_context()``.
     """
+    import functools
+
     import ray
 
     from pipeline.stages.read import READ_ROWS, read_shards
@@ -166,6 +171,9 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     # driver as itself, not as Ray Data's generic UserCodeException that drops it.
     context = ray.data.DataContext.get_current()
     context.raise_original_map_exception = True
+    if plan["mode"] == "gpu":  # a cluster that loses every GPU mid-run: wait ray.gpu_wait_s, then fail resumably
+        context.custom_execution_callback_classes = [*context.custom_execution_callback_classes,
+                                                     functools.partial(GpuWatch, cfg.ray.gpu_wait_s)]
     # Start every actor of a pool's minimum before the images stream in, so the first actor up does
     # not take the whole (small) input while the others load their model; on a GPU cluster this is
     # also the wait for GPU nodes (ray.gpu_wait_s), which then fails clearly instead of hanging.
@@ -354,7 +362,9 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     except BaseException as exc:
         write_error = find_cause(exc, OutputWriteError)
         reason = str(write_error).splitlines()[0] if write_error else f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-        if actors_timed_out(exc):
+        if find_cause(exc, GpusLost):
+            reason = str(find_cause(exc, GpusLost))
+        elif actors_timed_out(exc):
             reason = (f"the actors could not start within ray.gpu_wait_s={cfg.ray.gpu_wait_s} s: the cluster cannot give "
                       "them what they ask for (no GPU node came up, or no GPU has 0.75 of it free: see `ray status`); "
                       "add GPU nodes, lower ray.gpus / ray.sam_actors, raise ray.gpu_wait_s, or set sam.device=cpu")
@@ -418,46 +428,47 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
         log.warning("waiting up to %d s (ray.gpu_wait_s) for a GPU: the cluster has none yet; its autoscaler can add GPU "
                     "nodes for the SAM pool's demand. To segment on CPUs instead, set sam.device=cpu", cfg.ray.gpu_wait_s)
     class_names = manifest["class_names"]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ledger = start_ledger()
-        ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger,
-                           manifest["models"], class_embeddings)
-    tracker = ShardTracker(pending)
-    timings = Timings()
-    commits = ShardCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]))
+    with run_data_context():  # Ray Data's settings for this run only (the process may be an API user's)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ledger = start_ledger()
+            ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger,
+                               manifest["models"], class_embeddings)
+        tracker = ShardTracker(pending)
+        timings = Timings()
+        commits = ShardCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]))
 
-    def record() -> None:
-        log.info(progress.line())
-        manifest.update(progress=progress.as_dict(), totals=totals.as_dict(), timings=timings.as_dict())
-        folder.write_manifest(manifest)
+        def record() -> None:
+            log.info(progress.line())
+            manifest.update(progress=progress.as_dict(), totals=totals.as_dict(), timings=timings.as_dict())
+            folder.write_manifest(manifest)
 
-    def harvest(block: bool) -> None:
-        for marker in commits.finished(block):
-            totals.merge(marker)
-            if progress.shard_done():
-                record()
+        def harvest(block: bool) -> None:
+            for marker in commits.finished(block):
+                totals.merge(marker)
+                if progress.shard_done():
+                    record()
 
-    try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            rows = batch.to_pylist()
-            timings.add(rows)
-            _check_actor_dtypes(timings, manifest["models"]["sam"]["dtype"])
-            for shard_id in tracker.add(rows):
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                rows = batch.to_pylist()
+                timings.add(rows)
+                _check_actor_dtypes(timings, manifest["models"]["sam"]["dtype"])
+                for shard_id in tracker.add(rows):
+                    commits.launch(shard_id)
+                if progress.images_staged(len(rows)):
+                    log.info(progress.line())
+                harvest(block=False)
+            for shard_id in tracker.remaining():  # every row is staged now: commit what is left (e.g. empty tars)
                 commits.launch(shard_id)
-            if progress.images_staged(len(rows)):
-                log.info(progress.line())
-            harvest(block=False)
-        for shard_id in tracker.remaining():  # every row is staged now: commit what is left (e.g. empty tars)
-            commits.launch(shard_id)
-        while commits.pending:
-            harvest(block=True)
-    finally:
-        progress.close()
-    manifest["timings"] = timings.as_dict()
-    # "stage:uri" -> worker deaths while it was in flight (recovered ones too), for the record.
-    manifest["worker_deaths"] = ray.get(ledger.crashed.remote())
-    folder.clean_staging(manifest)
+            while commits.pending:
+                harvest(block=True)
+        finally:
+            progress.close()
+        manifest["timings"] = timings.as_dict()
+        # "stage:uri" -> worker deaths while it was in flight (recovered ones too), for the record.
+        manifest["worker_deaths"] = ray.get(ledger.crashed.remote())
+        folder.clean_staging(manifest)
 
 
 def _check_actor_dtypes(timings: Timings, planned: str) -> None:

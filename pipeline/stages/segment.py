@@ -104,6 +104,8 @@ class Segmenter:
         worker_logging()
         self.qa = qa
         self.sam = SamModel(cfg, cpu_threads, qa, expected_sha256)
+        if self.sam.device.type == "cuda":
+            allow_tf32()  # this actor's process is the job's own: the setting stays inside it
         self.automatic = None  # automatic.enabled: segment everything (the generator's arguments), beside any manifest prompts
         if automatic is not None:
             from pipeline.sam.automatic import AutomaticArgs, AutomaticMaskGenerator
@@ -195,8 +197,9 @@ class Segmenter:
                 else:
                     images[i] = pixels
             order = list(images)
+            # One image at a time after a crash: no padding either (a padded batch could be what killed the worker).
             answers = self.sam.segment_batch([images[i] for i in order], [prompts[i] for i in order],
-                                             uris=[rows[i]["uri"] for i in order], keep_all=self.keep_all)
+                                             uris=[rows[i]["uri"] for i in order], keep_all=self.keep_all, pad=whole)
             if self.automatic is not None:
                 answers = self._add_automatic([images[i] for i in order], [prompts[i] for i in order], answers,
                                               [rows[i]["uri"] for i in order])
@@ -225,11 +228,24 @@ class Segmenter:
         return batch
 
 
+def allow_tf32() -> None:
+    """TF32 for float32 matmuls and convolutions (tensor-core speed on Ampere and newer, about
+    1e-3 relative precision). These are process-wide settings: only the job's own SAM actors
+    switch them on, never ``predict`` or a Python API user's process."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def _actor_identity() -> tuple[Optional[str], Optional[str]]:
-    """(actor id, node id) of this Ray actor, as Ray names them; (None, None) outside Ray."""
+    """(actor id, node id) of this Ray actor, as Ray names them; (None, None) outside Ray (where
+    ``ray.get_runtime_context`` would start a local Ray instance just to answer)."""
     try:
         import ray
 
+        if not ray.is_initialized():
+            return None, None
         context = ray.get_runtime_context()
         return context.get_actor_id() or None, context.get_node_id() or None
     except Exception:  # noqa: BLE001 - only for the record
