@@ -50,7 +50,7 @@ def detector_run(ray_local, checkpoints, inputs, tmp_path_factory):
     cfg = load_config(None, [f"input.uri={inputs['folder']}", f"output.uri={out}", "sam.device=cpu", "sam.dtype=float32",
                              "report.gallery=4", *model_overrides(checkpoints), "detector.conf=0.01",
                              "video.detect_every=3", "video.match_iou=0.05", "video.min_track_frames=2"])
-    return {"manifest": run(cfg), **_tables(out)}
+    return {"manifest": run(cfg), "cfg": cfg, "out": out, **_tables(out)}
 
 
 def test_videos_and_images_in_one_run(detector_run, inputs):
@@ -99,11 +99,23 @@ def test_videos_and_images_in_one_run(detector_run, inputs):
     assert np.array_equal(np.asarray(read_rgb(f"{clip}#frame=3")), inputs["frames"][3])
 
 
-def test_overwrite_removes_the_video_tables(detector_run, tmp_path):
-    from pipeline.run.ownership import RUN_DATA, RUN_FILE_NAMES, STAGED_PART
+def test_overwrite_redoes_a_video_run(detector_run):
+    """--overwrite owns videos/ and tracks/ (run/ownership.py) and a redone run writes them anew;
+    the same command without it finds the run finished."""
+    from pipeline.run.job import run
 
-    assert {"videos", "tracks"} <= set(RUN_DATA) and RUN_FILE_NAMES["videos"].fullmatch("shard-000001.parquet")
-    assert STAGED_PART.fullmatch("tracks-0123456789abcdef.parquet")
+    cfg, out = detector_run["cfg"], detector_run["out"]
+    again = run(cfg)
+    assert again["status"] == "finished" and "nothing was redone" in again["note"]
+    (out / "videos" / "stale.txt").write_text("not the run's")
+    with pytest.raises(Exception, match="stale.txt"):
+        run(cfg, overwrite=True)
+    (out / "videos" / "stale.txt").unlink()
+    redone = run(cfg, overwrite=True)
+    assert redone["status"] == "finished", redone.get("error")
+    assert redone["run_id"] != detector_run["manifest"]["run_id"]
+    tables = _tables(out)
+    assert len(tables["videos"]) == 2 and tables["tracks"].equals(detector_run["tracks"])
 
 
 # ---------------------------------------------------------------------------------- prompted
