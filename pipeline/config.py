@@ -329,6 +329,20 @@ class AutomaticConfig(_Section):
         return self
 
 
+class VideoConfig(_Section):
+    """Video files (issue 19): how frames are kept and how objects are tracked through them
+    (io/video.py, sam/video.py, sam/tracks.py, stages/track.py)."""
+
+    stride: int = Field(1, ge=1, description="Keep every Nth decoded frame.")
+    max_frames: Optional[int] = Field(None, ge=1, description="At most this many kept frames per video (null: all).")
+    detect_every: int = Field(5, ge=1, description="Detector-driven tracking: run the detector on every Nth kept frame (keyframes).")
+    match_iou: float = Field(0.5, gt=0.0, le=1.0, description="Mask IoU at which a keyframe detection continues a live track.")
+    max_missing: int = Field(30, ge=1, description="A track whose mask is empty this many kept frames in a row ends.")
+    min_track_frames: int = Field(3, ge=1, description="Tracks with at least this many frames count as unique objects (videos.class_counts).")
+    reverse: bool = Field(False, description="Prompted tracking also propagates backwards from prompts after the first frame.")
+    offload_state_to_cpu: bool = Field(False, description="Keep SAM 2's tracking state in host memory (slower, less GPU memory).")
+
+
 class ReportConfig(_Section):
     enabled: bool = Field(True, description="Write RUN/report/ (report.html, counts.csv, summary.json) when a run finishes.")
     gallery: int = Field(12, ge=0, description="Sample images drawn with their masks in the report.")
@@ -345,6 +359,7 @@ class RunConfig(_Section):
     qa: QaConfig = Field(default_factory=QaConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     automatic: AutomaticConfig = Field(default_factory=AutomaticConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
 
     @model_validator(mode="after")
     def _manifest_matches_source(self) -> "RunConfig":

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from pipeline.io.listing import WorkItem, image_id_for, is_process_local
+from pipeline.io.video import VIDEO_SUFFIXES
 
 SHARDS_DIR = "_shards"
 SHARD_SCHEMA = pa.schema(
@@ -43,6 +44,13 @@ class ShardListing:
     num_images: int
     meta_columns: list[str] = field(default_factory=list)  # extra manifest keys, in first-seen order
     labels: list[str] = field(default_factory=list)  # class names the manifest's objects use
+    video_shards: list[str] = field(default_factory=list)  # shards of one video each (stages/track.py), not images
+    num_videos: int = 0
+
+
+def is_video(uri: str) -> bool:
+    """A video file by its suffix (io/video.py's ``VIDEO_SUFFIXES``), query and fragment aside."""
+    return uri.split("?", 1)[0].split("#", 1)[0].lower().endswith(VIDEO_SUFFIXES)
 
 
 def write_shards(
@@ -54,7 +62,8 @@ def write_shards(
     tars: bool = False,
 ) -> ShardListing:
     """Write the work items as one Parquet file per shard under ``RUN/_shards``
-    (``tars``: each item is a tar shard whose image count is not known yet)."""
+    (``tars``: each item is a tar shard whose image count is not known yet). A video is a shard
+    of its own (one unit of work, retried and committed as one), listed in ``video_shards``."""
     shards_path = f"{run_path.rstrip('/')}/{SHARDS_DIR}"
     run_fs.makedirs(shards_path, exist_ok=True)
     listing = ShardListing(run_fs.unstrip_protocol(shards_path), 0, 0)
@@ -62,7 +71,7 @@ def write_shards(
     labels: set[str] = set()
     batch: list[WorkItem] = []
 
-    def flush() -> None:
+    def flush(batch: list[WorkItem] = batch) -> None:
         shard_id = f"{listing.num_shards:06d}"
         uris = [item.uri for item in batch]
         table = pa.table(
@@ -85,8 +94,13 @@ def write_shards(
         batch.clear()
 
     for item in items:
-        batch.append(item)
-        listing.num_images += 1
+        if not tars and is_video(item.uri):
+            listing.video_shards.append(f"{listing.num_shards:06d}")
+            listing.num_videos += 1
+            flush([item])
+        else:
+            batch.append(item)
+            listing.num_images += 1
         if item.meta:
             meta_columns.update(dict.fromkeys(json.loads(item.meta)))
         if item.prompts:

@@ -207,7 +207,18 @@ def read_rgb(uri: str, storage_options: Optional[dict] = None):
     Same reader and decoder as the decode stage (tar members included); failures raise
     ``errors.ImageError`` with its error class."""
     from pipeline.io.decode import decode_rgb
+    from pipeline.io.shards import is_video
 
+    video, mark, frame = uri.rpartition("#frame=")
+    if mark and frame.isdigit() and is_video(video):  # a video frame's row (stages/track.py): that decoded frame
+        from PIL import Image
+
+        from pipeline.errors import ImageError
+        from pipeline.io.video import iter_frames
+
+        for decoded in iter_frames(video, max_frames=1, start=int(frame), storage_options=storage_options):
+            return Image.fromarray(decoded.rgb)
+        raise ImageError("not_found", f"{video} has no frame {frame}")
     return decode_rgb(read_image(uri, storage_options))
 
 

@@ -26,11 +26,12 @@ from pipeline.run.folder import RunFolder, fingerprint
 from pipeline.run.ownership import CLASS_EMBEDDINGS
 from pipeline.run.progress import Progress, ShardTracker
 from pipeline.sam.model import resolve_dtype
-from pipeline.run.sink import OutputWriteError, ShardCommits, Totals
+from pipeline.run.sink import OutputWriteError, Totals
 from pipeline.io.listing import SourceError, WorkItem, input_format, iter_image_uris, iter_tar_uris, no_images, root_of
 from pipeline.io.manifest import iter_manifest, merge_repeated_uris
 from pipeline.io.shards import ShardListing, write_shards
 from pipeline.run.timings import Timings
+from pipeline.run.video_flow import VideoCommits, build_video_dataset, listed_extensions, video_frames
 
 log = logging.getLogger("autolabel")
 
@@ -84,7 +85,7 @@ def work_items(cfg: RunConfig, merged: bool = True) -> Iterator[WorkItem]:
         lines = (WorkItem(i.uri, None, i.meta, i.base_uri, i.lines)
                  for i in iter_manifest(cfg.input.uri, cfg.input.storage_options, "input.uri", manifest_roots(cfg)))
         return merge_repeated_uris(lines, "input.uri") if merged else lines
-    return (WorkItem(uri) for uri in iter_image_uris(cfg.input.uri, cfg.input.extensions, cfg.input.storage_options))
+    return (WorkItem(uri) for uri in iter_image_uris(cfg.input.uri, listed_extensions(cfg), cfg.input.storage_options))
 
 
 def reads_tars(cfg: RunConfig) -> bool:
@@ -277,7 +278,7 @@ def _listing(cfg: RunConfig, folder: RunFolder, manifest: dict) -> ShardListing:
         "uri": cfg.prompts.manifest if cfg.prompts.source != "detector" else cfg.input.uri,
         "format": "tar" if tars else input_format(cfg.input.uri, cfg.input.format) if cfg.prompts.source == "detector" else "manifest",
         "num_images": None if tars else listing.num_images, "num_shards": listing.num_shards,
-        "metadata_columns": listing.meta_columns,
+        "metadata_columns": listing.meta_columns, "video_shards": listing.video_shards, "num_videos": listing.num_videos,
     }
     manifest["listing"] = "complete"
     folder.write_manifest(manifest)
@@ -339,7 +340,8 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         manifest["attempts"] = [*previous.get("attempts", []), attempt]
         inp = previous["input"]
         folder.write_class_embeddings(embeddings)  # the same file (the fingerprint holds its digest), in case it went
-        listing = ShardListing(folder.path_to("_shards"), inp["num_shards"], inp["num_images"] or 0, inp["metadata_columns"])
+        listing = ShardListing(folder.path_to("_shards"), inp["num_shards"], inp["num_images"] or 0, inp["metadata_columns"], [],
+                               inp.get("video_shards", []), inp.get("num_videos", 0))
     shard_ids = folder.shard_ids()
     pending = [s for s in shard_ids if s not in done]
     if previous is not None:
@@ -349,14 +351,14 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     totals = Totals()
     for marker in done.values():
         totals.merge(marker)
-    progress = Progress(len(shard_ids), len(done), totals, total_images=None if reads_tars(cfg) else listing.num_images)
+    progress = Progress(len(shard_ids), len(done), totals, total_images=None if reads_tars(cfg) else listing.num_images + listing.num_videos)
     manifest["progress"] = progress.as_dict()
     manifest["status"] = "running"
     try:
         plan = _plan(cfg, folder, previous, manifest, models) if pending else None  # a ConfigError here has written nothing
         folder.write_manifest(manifest)
         if pending:
-            _process(cfg, folder, manifest, pending, listing.meta_columns, totals, progress, plan, embeddings)
+            _process(cfg, folder, manifest, pending, listing.meta_columns, totals, progress, plan, embeddings, set(listing.video_shards))
     except ConfigError:
         raise
     except BaseException as exc:
@@ -390,7 +392,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     )
     if manifest["input"]["format"] == "tar":  # members are listed inside the decode stage
         manifest["input"]["num_images"] = totals.images
-    elif totals.images != listing.num_images:  # the one-row-per-image invariant, checked, not assumed
+    elif totals.images - video_frames(folder, listing.video_shards) != listing.num_images:  # one row per image (videos: per frame), checked
         manifest.update(status="failed", error=f"{listing.num_images} images listed but {totals.images} rows written")
     folder.write_manifest(manifest)
     if manifest["status"] == "finished" and cfg.report.enabled:
@@ -416,7 +418,7 @@ def _plan(cfg: RunConfig, folder: RunFolder, previous: Optional[dict], manifest:
 
 
 def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[str], meta_columns: list[str],
-             totals: Totals, progress: Progress, plan: dict, class_embeddings: Optional[ClassEmbeddings] = None) -> None:
+             totals: Totals, progress: Progress, plan: dict, class_embeddings: Optional[ClassEmbeddings] = None, videos=frozenset()) -> None:
     """Run the Ray pipeline over the pending shards, committing each shard as soon as all its
     images are staged (so a crash later keeps it), and the stragglers once the data is through."""
     import ray
@@ -432,11 +434,13 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             ledger = start_ledger()
-            ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger,
-                               manifest["models"], class_embeddings)
+            images = [folder.shard_uri(s) for s in pending if s not in videos]  # video shards: the track actors (video_flow.py)
+            ds = build_dataset(cfg, images, meta_columns, class_names, plan, folder.run_uri, ledger, manifest["models"], class_embeddings) if images else None
+            vds = build_video_dataset(cfg, [folder.shard_uri(s) for s in pending if s in videos], meta_columns, class_names, plan,
+                                      folder.run_uri, manifest["models"], runtime_env(plan["local"]), class_embeddings, manifest_roots(cfg))
         tracker = ShardTracker(pending)
         timings = Timings()
-        commits = ShardCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]))
+        commits = VideoCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]), videos)
 
         def record() -> None:
             log.info(progress.line())
@@ -450,7 +454,7 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
                     record()
 
         try:
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for batch in (b for d in (ds, vds) if d is not None for b in d.iter_batches(batch_format="pyarrow", batch_size=None)):
                 rows = batch.to_pylist()
                 timings.add(rows)
                 _check_actor_dtypes(timings, manifest["models"]["sam"]["dtype"])

@@ -28,15 +28,17 @@ from pipeline.io.listing import protocols_of
 
 SHARD = r"(?P<shard>\d{6,})"  # write_shards' ids: 000000, 000001, ...
 TMP = r"(?:\.tmp-[0-9a-f]{32}-)?"  # sink.atomic_write's temporary name on local disks
-RUN_DATA = ("_shards", "_staging", "_done", "images", "objects")  # the run's own folders: all of it must be the run's
+RUN_DATA = ("_shards", "_staging", "_done", "images", "objects", "videos", "tracks")  # the run's own folders: all of it must be the run's
 RUN_FILE_NAMES = {
     "_shards": re.compile(rf"shard-{SHARD}\.parquet"),
     "images": re.compile(rf"{TMP}shard-{SHARD}\.parquet"),
     "objects": re.compile(rf"{TMP}shard-{SHARD}\.parquet"),
+    "videos": re.compile(rf"{TMP}shard-{SHARD}\.parquet"),  # video shards only (stages/track.py)
+    "tracks": re.compile(rf"{TMP}shard-{SHARD}\.parquet"),
     "_done": re.compile(rf"{TMP}shard-{SHARD}\.json"),
 }
 STAGED_FOLDER = re.compile(rf"shard-{SHARD}")
-STAGED_PART = re.compile(rf"{TMP}(?:images|objects)-[0-9a-f]{{16}}\.parquet")
+STAGED_PART = re.compile(rf"{TMP}(?:images|objects|videos|tracks)-[0-9a-f]{{16}}\.parquet")
 CLASS_EMBEDDINGS = "class_embeddings.npz"  # an open-vocabulary run's classes (models/detector.py), beside run.json
 RUN_RECORDS = re.compile(rf"{TMP}(?:run\.json|class_embeddings\.npz)")  # the run's own files at its top level
 REPORT_FILES = ("report.html", "counts.csv", "summary.json")

@@ -18,6 +18,10 @@ IMAGE_COLUMNS = [
     ("note", pa.string()),
 ]
 
+# What a video frame's images row adds (null for still images): the file, the decoded frame's
+# 0-based index (before video.stride) and its presentation time.
+FRAME_COLUMNS = [("video_uri", pa.string()), ("frame_index", pa.int32()), ("time_s", pa.float64())]
+
 CLASS_COUNT_TYPE = pa.struct([("class_id", pa.int32()), ("class_name", pa.string()), ("count", pa.int32())])
 
 IMAGES_SCHEMA = pa.schema(
@@ -30,11 +34,50 @@ IMAGES_SCHEMA = pa.schema(
         ("num_prompt_errors", pa.int32()),
         ("num_flagged", pa.int32()),  # objects needing review (sam/quality.py's flags)
         ("shard_id", pa.string()),
+        *FRAME_COLUMNS,  # video frames only
     ]
 )
 
-# OBJECT_TYPE (the objects' own columns) is still defined by the segment stage that fills them.
-OBJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), *OBJECT_TYPE])
+# OBJECT_TYPE (the objects' own columns) is still defined by the segment stage that fills them;
+# track_id is the video track stage's (stages/track.py): unique within its video, null for images.
+OBJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), *OBJECT_TYPE, ("track_id", pa.int32())])
+
+# RUN/videos/: one row per video (stages/track.py), an unreadable one too (status=error).
+VIDEOS_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("status", pa.string()),  # ok | error
+        ("error_class", pa.string()),  # io/video.py's VideoError classes
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("fps", pa.float64()),
+        ("frames", pa.int64()),  # decoded frames in the file (the container's count, or counted)
+        ("frames_processed", pa.int64()),  # kept frames (video.stride, video.max_frames) that were tracked
+        ("duration_s", pa.float64()),
+        ("num_tracks", pa.int32()),  # all tracks, short ones too
+        ("class_counts", pa.list_(CLASS_COUNT_TYPE)),  # unique tracks per class with >= video.min_track_frames frames
+        ("shard_id", pa.string()),
+    ]
+)
+
+# RUN/tracks/: one row per track of a video.
+TRACKS_SCHEMA = pa.schema(
+    [
+        ("video_uri", pa.string()),
+        ("track_id", pa.int32()),
+        ("object_key", pa.string()),  # prompted mode: the manifest's key
+        ("class_id", pa.int32()),  # majority over its detections (prompted: the manifest's label)
+        ("class_name", pa.string()),
+        ("first_frame", pa.int32()),  # decoded frame indices, as in the images rows' frame_index
+        ("last_frame", pa.int32()),  # the last frame its mask was not empty
+        ("num_frames", pa.int32()),  # kept frames with a non-empty mask
+        ("mean_mask_score", pa.float32()),  # mean object score (sigmoid of sam2's object score logit)
+        ("mean_det_score", pa.float32()),  # mean score of the detections matched to it (null: prompted)
+        ("source", pa.string()),  # detector | manifest
+        ("shard_id", pa.string()),
+    ]
+)
 
 
 def images_schema(meta_columns: list[str]) -> pa.Schema:
