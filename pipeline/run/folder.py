@@ -29,7 +29,7 @@ RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report",
 # single output row; they may differ on a resume. (The output, ray and report sections are not in
 # the fingerprint at all.)
 PERFORMANCE_ONLY = ("input.storage_options", "detector.storage_options", "sam.storage_options", "detector.batch_size",
-                    "sam.batch_size", "sam.box_chunk", "sam.compile")
+                    "sam.batch_size", "sam.box_chunk", "sam.compile", "detector.decode_ahead_mp", "sam.decode_ahead_mp")
 # URIs compared as the places they name: ``photos/``, ``photos`` and ``./photos`` are one input.
 NORMALISED_URIS = (("input", "uri"), ("prompts", "manifest"))
 
