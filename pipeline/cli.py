@@ -95,18 +95,27 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser(
         "predict",
-        help="segment one image from points / a box / a prior mask",
+        help="segment one image from points / a box / a prior mask, or label it (--classes, --automatic)",
         description="Segment one object in one image (local path or fsspec URL) and write mask PNG(s), "
-        "cutout.png (RGBA) and overlay.png; key=value sets sam.* config keys as for `run`.",
+        "cutout.png (RGBA) and overlay.png; or, with --classes / --class-embeddings, find every object with the "
+        "detector (or, with --automatic, every mask SAM finds) and write a mask PNG per object, objects.json and "
+        "overlay.png. key=value sets sam.*, detector.* and automatic.* config keys as for `run`.",
     )
     predict.add_argument("image")
     predict.add_argument("--point", action="append", default=[], metavar="X,Y[,LABEL]", help="click; LABEL 1 foreground (default), 0 background; repeatable")
     predict.add_argument("--box", metavar="X0,Y0,X1,Y1")
     predict.add_argument("--mask", metavar="FILE", help="prior mask PNG (nonzero = object), same size as the image")
+    predict.add_argument("--classes", metavar="NAMES",
+                         help="find every object of these classes with the detector and segment each: names for a YOLOE / "
+                         "YOLO-World detector.weights (e.g. forklift,pallet), or ids to keep for a closed-set YOLO")
+    predict.add_argument("--class-embeddings", metavar="FILE",
+                         help="find every object of the classes in this .npz (ultralytics' save_prompt_embeddings; no text encoder needed)")
+    predict.add_argument("--automatic", action="store_true",
+                         help="segment everything: SAM 2.1's automatic mask generator with the automatic.* keys, no detector")
     predict.add_argument("--multimask", action=argparse.BooleanOptionalAction, default=None,
                          help="three ranked candidates (default: sam.multimask, auto = only for a lone point)")
     predict.add_argument("--out", required=True, metavar="DIR")
-    predict.add_argument("--config", help="YAML config file (its sam section is used)")
+    predict.add_argument("--config", help="YAML config file (its sam, detector and automatic sections are used)")
     predict.add_argument("overrides", nargs="*", metavar="key=value")
     predict.set_defaults(handler=_predict)
     # Each further subcommand: a sub-parser here with set_defaults(handler=...), the handler

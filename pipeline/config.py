@@ -17,6 +17,7 @@ from pipeline.io.credentials import (  # noqa: F401 - redact and redact_uri: oth
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+MAX_IMAGE_PIXELS = 2**31 - 1  # masks.py and pycocotools count pixels in 32-bit integers (run counts, positions)
 
 
 class ConfigError(ValueError):
@@ -67,8 +68,18 @@ class InputConfig(_Section):
         "auto", description="auto: .tar or {a..b} brace pattern -> tar; .jsonl/.csv/.parquet -> manifest; else images."
     )
     max_pixels: int = Field(
-        89_478_485, gt=0, description="Images with more pixels become too_large error rows (decompression-bomb guard)."
+        89_478_485, gt=0, description="Images with more pixels become too_large error rows (decompression-bomb guard); "
+        "at most 2147483647 (2**31 - 1).",
     )
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _fits_rle_counts(cls, value: int) -> int:
+        if value > MAX_IMAGE_PIXELS:
+            raise ValueError(f"at most {MAX_IMAGE_PIXELS} (2**31 - 1): a mask's pixel positions and COCO RLE run counts "
+                             "are 32-bit integers (pycocotools, and the run boundaries found on the GPU), so a larger "
+                             "image cannot be encoded; tile such images first")
+        return value
 
     @field_validator("extensions")
     @classmethod
@@ -114,7 +125,10 @@ class DetectorConfig(_Section):
     )
     conf: float = Field(0.25, ge=0.0, le=1.0)
     iou: float = Field(0.7, ge=0.0, le=1.0)
-    classes: Optional[list[int]] = Field(None, description="Class ids to keep; null keeps all.")
+    classes: Optional[Union[list[int], list[str]]] = Field(
+        None, description="Class ids to keep (a closed-set YOLO), or class names (a YOLOE / YOLO-World model: "
+        "the classes to find, their ids in this order); null keeps the model's own classes.",
+    )
     max_det: int = Field(300, gt=0)
     imgsz: int = Field(640, gt=0)
     batch_size: int = Field(8, gt=0, description="Images per detector call.")
@@ -123,16 +137,49 @@ class DetectorConfig(_Section):
         "however large); null: 12 x batch_size (a batch of 12-MP photos).",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for weights given as a URL (credentials inside the URL move here)."
+    class_embeddings: Optional[str] = Field(
+        None, description="Class embeddings of a YOLOE / YOLO-World model: an .npz as ultralytics' save_prompt_embeddings "
+        "writes it (path or fsspec URL); its names are the classes, and no text encoder is needed.",
     )
+    visual_prompts: Optional[str] = Field(
+        None, description="Classes by example for a YOLOE model: a JSONL of reference images with boxes and class names "
+        "(path or fsspec URL).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for weights, class_embeddings and visual_prompts given as URLs "
+        "(credentials inside the URL move here).",
+    )
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        """``detector.classes=forklift,pallet`` (a YAML string) is the list it spells; ids stay ids."""
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+            value = [int(v) if v.isdigit() else v for v in value]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if isinstance(value, list) and {type(v) for v in value} == {int, str}:
+            raise ValueError("class ids (a closed-set YOLO) or class names (YOLOE / YOLO-World), not both")
+        return value
 
     @field_validator("classes")
     @classmethod
-    def _non_negative(cls, value: Optional[list[int]]) -> Optional[list[int]]:
-        if value is not None and any(c < 0 for c in value):
+    def _ids_or_names(cls, value):
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("must name at least one class (null keeps all)")
+        if isinstance(value[0], int) and any(c < 0 for c in value):
             raise ValueError("class ids are >= 0")
+        if isinstance(value[0], str) and (len(set(value)) != len(value) or any(not c.strip() for c in value)):
+            raise ValueError("class names must be distinct and non-empty")
         return value
+
+    @property
+    def class_names_given(self) -> bool:
+        """``classes`` names classes (an open-vocabulary model) rather than keeping ids."""
+        return bool(self.classes) and isinstance(self.classes[0], str)
 
     @field_validator("imgsz")
     @classmethod
@@ -142,8 +189,32 @@ class DetectorConfig(_Section):
         return value
 
     @model_validator(mode="after")
+    def _one_way_to_define_classes(self) -> "DetectorConfig":
+        if self.class_embeddings and self.visual_prompts:
+            raise ValueError("detector.class_embeddings and detector.visual_prompts both define the classes; give one")
+        given = "class_embeddings" if self.class_embeddings else "visual_prompts" if self.visual_prompts else None
+        if given and self.classes is not None and not self.class_names_given:
+            raise ValueError(f"detector.classes: with detector.{given}, classes are names (their order sets the ids), "
+                             f"not ids {self.classes}")
+        return self
+
+    @model_validator(mode="after")
     def _credentials_to_storage_options(self) -> "DetectorConfig":
         _move_credentials(self, "weights", query_to_params=True, what="detector.weights")
+        for key in ("class_embeddings", "visual_prompts"):  # read with the same storage options as the weights
+            value = getattr(self, key)
+            if not isinstance(value, str):
+                continue
+            try:
+                clean, moved = split_credentials(value, f"detector.{key}")
+            except CredentialError as exc:
+                raise ValueError(str(exc)) from None
+            if moved and _clashing(moved, self.storage_options):
+                raise ValueError(f"detector.{key} carries credentials that differ from detector.storage_options' (or "
+                                 "detector.weights'); they are read with one set of detector.storage_options: give them once, there")
+            if moved:
+                object.__setattr__(self, key, clean)
+                object.__setattr__(self, "storage_options", merge_options(moved, self.storage_options))
         return self
 
 
@@ -203,7 +274,8 @@ class RayConfig(_Section):
         "auto", description="GPUs the job may use at most: auto = as many as the cluster has or adds (the pools grow as "
         "GPU nodes join), or a number. SAM runs on CPUs only when sam.device=cpu, or on a local Ray without GPUs.",
     )
-    gpu_wait_s: int = Field(600, gt=0, description="How long to wait for the first GPU actors (an autoscaler adding GPU nodes) before failing.")
+    gpu_wait_s: int = Field(600, gt=0, description="How long to wait for the first GPU actors (an autoscaler adding GPU nodes), "
+                            "and for GPUs to come back when the cluster loses all of them mid-run, before failing (resumably).")
     detector_actors: Optional[int] = Field(None, gt=0, description="Fixed detector actor count (null: one beside each SAM actor).")
     sam_actors: Optional[int] = Field(None, gt=0, description="Fixed SAM actor count (null: one per GPU, growing with the cluster; 1 on CPU).")
     max_image_crashes: int = Field(
@@ -239,6 +311,32 @@ class QaConfig(_Section):
     dedup_class_aware: bool = Field(True, description="Only masks of the same class can be duplicates of each other.")
 
 
+class AutomaticConfig(_Section):
+    """Segment everything (sam/automatic.py) instead of the detector: ``SAM2AutomaticMaskGenerator``'s
+    arguments and defaults, bounded as ``AutomaticArgs`` bounds them (a test keeps the two in step)."""
+
+    enabled: bool = Field(False, description="Every mask SAM finds from a point grid, no detector (source=automatic, no class).")
+    points_per_side: int = Field(32, ge=1, description="Grid points along one side of the image (crop layer 0).")
+    points_per_batch: int = Field(64, ge=1, description="Points per mask-decoder call (memory, not masks).")
+    pred_iou_thresh: float = Field(0.8, ge=0.0, le=1.0, description="Keep masks whose predicted IoU is above this.")
+    stability_score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="Keep masks with at least this stability score.")
+    stability_score_offset: float = Field(1.0, ge=0.0, description="Logit offset the stability score is measured at.")
+    box_nms_thresh: float = Field(0.7, ge=0.0, le=1.0, description="Box IoU above which a crop's lower-scored mask is dropped.")
+    crop_n_layers: int = Field(0, ge=0, description="Crop layers (layer n: 4**n overlapping crops, segmented too).")
+    crop_nms_thresh: float = Field(0.7, ge=0.0, le=1.0, description="Box IoU of the NMS across crops (smaller crops win).")
+    crop_overlap_ratio: float = Field(512 / 1500, ge=0.0, lt=1.0, description="How much neighbouring crops overlap.")
+    crop_n_points_downscale_factor: int = Field(1, ge=1, description="Each crop layer has this many times fewer points per side.")
+    min_mask_region_area: int = Field(0, ge=0, description="Fill holes / drop islands up to this many low-res pixels (0 = off).")
+    multimask_output: bool = Field(True, description="Three candidates per point (else one).")
+
+    @model_validator(mode="after")
+    def _points_in_every_layer(self) -> "AutomaticConfig":
+        if int(self.points_per_side / self.crop_n_points_downscale_factor ** self.crop_n_layers) < 1:
+            raise ValueError(f"automatic.points_per_side={self.points_per_side} leaves no points in crop layer {self.crop_n_layers} "
+                             f"(automatic.crop_n_points_downscale_factor={self.crop_n_points_downscale_factor} divides it per layer)")
+        return self
+
+
 class ReportConfig(_Section):
     enabled: bool = Field(True, description="Write RUN/report/ (report.html, counts.csv, summary.json) when a run finishes.")
     gallery: int = Field(12, ge=0, description="Sample images drawn with their masks in the report.")
@@ -254,6 +352,7 @@ class RunConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     qa: QaConfig = Field(default_factory=QaConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    automatic: AutomaticConfig = Field(default_factory=AutomaticConfig)
 
     @model_validator(mode="after")
     def _manifest_matches_source(self) -> "RunConfig":
@@ -261,6 +360,14 @@ class RunConfig(_Section):
             raise ValueError(f"prompts.manifest: required when prompts.source={self.prompts.source}")
         if self.prompts.source == "detector" and self.prompts.manifest:
             raise ValueError("prompts.manifest is set but prompts.source=detector ignores it; set prompts.source=manifest or both")
+        return self
+
+    @model_validator(mode="after")
+    def _automatic_replaces_the_detector(self) -> "RunConfig":
+        if self.automatic.enabled and self.prompts.source == "both":
+            raise ValueError("automatic.enabled: segment-everything replaces the detector, so prompts.source=both (detector "
+                             "boxes and manifest prompts) cannot apply; use prompts.source=manifest to add the manifest's "
+                             "prompts to the automatic masks, or prompts.source=detector for the automatic masks alone")
         return self
 
     @model_validator(mode="after")
@@ -291,10 +398,12 @@ class RunConfig(_Section):
 
     @property
     def uses_detector(self) -> bool:
-        return self.prompts.source in ("detector", "both")
+        """The detector runs (and its weights are needed); never with ``automatic.enabled``."""
+        return self.prompts.source in ("detector", "both") and not self.automatic.enabled
 
 
-URI_KEYS = ("input.uri", "output.uri", "prompts.manifest", "sam.checkpoint", "detector.weights")
+URI_KEYS = ("input.uri", "output.uri", "prompts.manifest", "sam.checkpoint", "detector.weights", "detector.class_embeddings",
+            "detector.visual_prompts")
 STORAGE_OPTION_KEYS = ("input.storage_options", "output.storage_options", "sam.storage_options", "detector.storage_options")
 
 

@@ -1,16 +1,21 @@
 """One image at a time: the notebook API (``Predictor``) and ``autolabel predict``.
 
-Both go through ``sam_batch.SamModel``, the code the Ray job runs, so a mask made here is the
-mask the pipeline would store for the same prompt.
+Both go through ``sam.model.SamModel``, the code the Ray job runs, so a mask made here is the
+mask the pipeline would store for the same prompt; ``Predictor.label`` (``--classes``,
+``--class-embeddings``) finds the objects first with the job's detector code (models/detector.py),
+open-vocabulary classes included, or (``automatic=True``, ``--automatic``) with the job's
+segment-everything code (sam/automatic.py).
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from pipeline.config import SamConfig
+from pipeline.config import AutomaticConfig, ConfigError, DetectorConfig, SamConfig
 from pipeline.sam.prompts import Prompt, PromptError, as_points, check, load_mask
 from pipeline.sam.model import Candidates
 
@@ -32,23 +37,102 @@ def load_image(image: ImageLike, storage_options: Optional[dict] = None) -> np.n
     return decode_rgb(read_bytes(str(image), storage_options))
 
 
+@dataclass
+class LabeledObject:
+    """One object of ``Predictor.label``: the detector's box and class, SAM's mask for that box;
+    or (``source="automatic"``) a mask of the automatic generator, its tight box, no class."""
+
+    class_id: Optional[int]
+    class_name: Optional[str]
+    det_score: Optional[float]
+    box: np.ndarray  # (4,) float32 xyxy, the detector's box in image pixels (automatic: the mask's box)
+    mask: np.ndarray  # (H, W) bool
+    mask_score: float  # SAM's predicted IoU
+    source: str = "detector"
+    stability: Optional[float] = None  # automatic: the generator's stability score
+
+
 class Predictor:
-    """Load SAM 2.1 once, then segment many images with points, boxes or prior masks.
+    """Load SAM 2.1 once, then segment many images with points, boxes or prior masks, or label
+    them: a detector finds the objects (classes named in text with a YOLOE or YOLO-World model).
 
     >>> p = Predictor(size="tiny", checkpoint="checkpoints/sam2.1_hiera_tiny.pt")
     >>> result = p.predict("photo.jpg", points=[[500, 375]], point_labels=[1])
     >>> best = result.masks[0]          # (H, W) bool; result.scores are ranked best first
+    >>> p = Predictor(detector={"weights": "yoloe-11s-seg.pt", "conf": 0.3})
+    >>> for obj in p.label("yard.jpg", classes=["forklift", "pallet"]):
+    ...     print(obj.class_name, obj.det_score, obj.mask.sum())
 
     Keyword arguments are ``sam.*`` config keys (size, checkpoint, image_size, dtype, device,
-    multimask, box_chunk).
+    multimask, box_chunk); ``detector``: ``detector.*`` keys (a dict or a ``DetectorConfig``),
+    loaded on the first ``label``; ``automatic``: ``automatic.*`` keys for ``label(automatic=True)``.
     """
 
-    def __init__(self, config: Optional[SamConfig] = None, **sam_keys: Any):
+    def __init__(self, config: Optional[SamConfig] = None, detector: Union[DetectorConfig, dict, None] = None,
+                 automatic: Union[AutomaticConfig, dict, None] = None, **sam_keys: Any):
         from pipeline.sam.model import SamModel
 
         base = (config or SamConfig()).model_dump()
         self.config = SamConfig(**{**base, **sam_keys})
+        self.detector_config = detector if isinstance(detector, DetectorConfig) else DetectorConfig(**(detector or {}))
+        self.automatic_config = automatic if isinstance(automatic, AutomaticConfig) else AutomaticConfig(**(automatic or {}))
         self.model = SamModel(self.config)
+        self._detector: Optional[tuple] = None  # (classes asked for, model, predict kwargs, class names)
+
+    def detector(self, classes: Union[Sequence, str, None] = None, class_embeddings: Optional[str] = None,
+                 visual_prompts: Optional[str] = None):
+        """(model, predict kwargs, class names) for these classes, loaded once and kept while they
+        stay the same; the class embeddings are made as a run makes them (ConfigError, WeightsError)."""
+        from pipeline.models.detector import predict_kwargs, resolve_classes
+        from pipeline.models.weights import pick_device, resolve_detector_weights
+
+        given = {"classes": classes if classes is None or isinstance(classes, str) else list(classes),
+                 "class_embeddings": class_embeddings, "visual_prompts": visual_prompts}
+        given = {k: v for k, v in given.items() if v is not None}  # what is not given stays as the detector config says
+        asked = json.dumps(given, sort_keys=True)
+        if self._detector is None or self._detector[0] != asked:
+            cfg = DetectorConfig(**{**self.detector_config.model_dump(), **given})
+            device = pick_device(cfg.device)
+            model, found = resolve_classes(cfg, resolve_detector_weights(cfg.weights, storage_options=cfg.storage_options), device)
+            self._detector = (asked, model, predict_kwargs(cfg, found.embeddings is not None, device), found.names)
+        return self._detector[1:]
+
+    def label(self, image: ImageLike, classes: Union[Sequence, str, None] = None, class_embeddings: Optional[str] = None,
+              visual_prompts: Optional[str] = None, automatic: Union[bool, dict] = False) -> list[LabeledObject]:
+        """Every object the detector finds in ``image``, each segmented from its box as the job
+        does. ``classes``: names for a YOLOE / YOLO-World (``["forklift", "pallet"]``; their
+        order sets the ids) or ids to keep for a closed-set YOLO; ``class_embeddings``: an .npz
+        from ultralytics' ``save_prompt_embeddings``; ``visual_prompts``: a JSONL of examples.
+        ``automatic``: True (or a dict of ``automatic.*`` keys over the Predictor's) finds every
+        mask as a run with ``automatic.enabled=true`` does, no detector, no classes."""
+        from pipeline.models.yoloe import detections
+        from pipeline.sam.prompts import Prompt
+
+        rgb = load_image(image)
+        if automatic is not False:
+            if classes is not None or class_embeddings is not None or visual_prompts is not None:
+                raise ConfigError("automatic finds every mask without classes: give it without classes, class_embeddings or visual_prompts")
+            return self._everything(rgb, automatic if isinstance(automatic, dict) else {})
+        model, kwargs, names = self.detector(classes, class_embeddings, visual_prompts)
+        (result,) = model.predict(np.ascontiguousarray(rgb[:, :, ::-1]), **kwargs)  # ultralytics takes BGR arrays
+        prompts = []
+        for box, cls, score in zip(*detections(result)):
+            prompt = Prompt(box=box, class_id=int(cls), class_name=names.get(int(cls), str(cls)), det_score=float(score), source="detector")
+            try:
+                prompts.append(check(prompt, rgb.shape[1], rgb.shape[0]))
+            except PromptError:  # a degenerate box: the job makes it an error row; here it is left out
+                continue
+        answers = self.model.segment(rgb, prompts, multimask=False) if prompts else []
+        return [LabeledObject(p.class_id, p.class_name, p.det_score, p.box, a.masks[0], float(a.scores[0]))
+                for p, a in zip(prompts, answers)]
+
+    def _everything(self, rgb: np.ndarray, keys: dict) -> list[LabeledObject]:
+        from pipeline.sam.automatic import SOURCE, AutomaticArgs, AutomaticMaskGenerator
+
+        cfg = AutomaticConfig(**{**self.automatic_config.model_dump(), **keys})
+        found = AutomaticMaskGenerator(self.model, AutomaticArgs(**cfg.model_dump(exclude={"enabled"}))).generate(rgb)
+        return [LabeledObject(None, None, None, found.boxes[i], mask, float(found.scores[i]), SOURCE, float(found.stability[i]))
+                for i, mask in enumerate(found.masks)]
 
     def predict(
         self,
@@ -131,8 +215,59 @@ def overlay(image: np.ndarray, mask: np.ndarray, points=None, labels=None, box=N
     return out
 
 
+def overlay_objects(image: np.ndarray, objects: list[LabeledObject]):
+    """The image with each object's mask tinted in its class colour, its box and its class drawn."""
+    from PIL import Image, ImageDraw
+
+    from pipeline.outputs.colors import class_color
+
+    # automatic masks have no class: each its own colour, drawn largest first so small ones stay visible
+    colors = [class_color(i if obj.class_id is None else obj.class_id) for i, obj in enumerate(objects)]
+    order = sorted(range(len(objects)), key=lambda i: -int(objects[i].mask.sum()) if objects[i].class_id is None else 0)
+    tinted = image.astype(np.float32)
+    for i in order:
+        tinted[objects[i].mask] = tinted[objects[i].mask] * 0.5 + np.array(colors[i], np.float32) * 255 * 0.5
+    out = Image.fromarray(tinted.astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for obj, color in zip(objects, colors):
+        draw.rectangle([float(v) for v in obj.box], outline=tuple(int(c * 255) for c in color), width=2)
+        if obj.class_name is not None:
+            draw.text((float(obj.box[0]) + 3, float(obj.box[1]) + 2), f"{obj.class_name} {obj.det_score:.2f}", fill=(255, 255, 255))
+    return out
+
+
+def _label_command(args, cfg, image: np.ndarray) -> int:
+    """``autolabel predict IMAGE --classes forklift,pallet --out DIR`` (or ``--automatic``): a mask
+    PNG per object, objects.json (class, scores, box, area, file) and overlay.png."""
+    from PIL import Image
+
+    predictor = Predictor(cfg.sam, detector=cfg.detector, automatic=cfg.automatic)
+    automatic = bool(getattr(args, "automatic", False))
+    objects = predictor.label(image, automatic=True) if automatic else predictor.label(image, args.classes, args.class_embeddings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, obj in enumerate(objects):
+        name = f"mask_{i}.png"
+        Image.fromarray(obj.mask.astype(np.uint8) * 255).save(out / name)
+        rows.append({"mask": name, "source": obj.source, "class_id": obj.class_id, "class_name": obj.class_name,
+                     "det_score": None if obj.det_score is None else round(obj.det_score, 6), "mask_score": round(obj.mask_score, 6),
+                     "box": [round(float(v), 3) for v in obj.box], "area": int(obj.mask.sum())})
+        if automatic:
+            rows[-1]["stability"] = round(obj.stability, 6)
+            print(f"{out / name}  score {obj.mask_score:.4f}  stability {obj.stability:.4f}  area {rows[-1]['area']} px")
+        else:
+            print(f"{out / name}  {obj.class_name}  det {obj.det_score:.4f}  score {obj.mask_score:.4f}  area {rows[-1]['area']} px")
+    (out / "objects.json").write_text(json.dumps(rows, indent=2))
+    overlay_objects(image, objects).save(out / "overlay.png")
+    print(f"{len(objects)} objects" + (f" ({', '.join(dict.fromkeys(o.class_name for o in objects))})" if objects and not automatic else ""))
+    print(f"{out / 'objects.json'}\n{out / 'overlay.png'}")
+    return 0
+
+
 def predict_command(args) -> int:
-    """``autolabel predict IMAGE ... --out DIR``: mask PNG(s), cutout.png, overlay.png, scores."""
+    """``autolabel predict IMAGE ... --out DIR``: mask PNG(s), cutout.png, overlay.png, scores; with
+    ``--classes`` / ``--class-embeddings``, every object the detector finds (``_label_command``)."""
     import sys
 
     from PIL import Image
@@ -141,8 +276,19 @@ def predict_command(args) -> int:
     from pipeline.io.decode import ImageError
     from pipeline.models.weights import WeightsError
 
+    automatic = bool(getattr(args, "automatic", False))
+    labeling = bool(getattr(args, "classes", None) or getattr(args, "class_embeddings", None))
     try:
         cfg = load_config(args.config, args.overrides)
+        if automatic and labeling:
+            raise PromptError("--automatic finds every mask without a detector or classes; --classes / --class-embeddings "
+                              "find objects of classes with the detector: give one or the other")
+        if labeling or automatic:
+            if args.point or args.box or args.mask:
+                what = "--automatic finds every mask" if automatic else "--classes / --class-embeddings find every object with the detector"
+                raise PromptError(f"{what}; --point, --box and --mask segment one object you point at: give one or the other")
+            image = load_image(args.image, cfg.input.storage_options)
+            return _label_command(args, cfg, image)
         points = [_floats(p, (2, 3), "--point") for p in args.point]
         box = _floats(args.box, (4,), "--box") if args.box else None
         if not points and box is None and args.mask is None:
@@ -152,7 +298,7 @@ def predict_command(args) -> int:
         labels = [int(p[2]) if len(p) == 3 else 1 for p in points] or None
         build_prompt(image, coords, labels, box, args.mask)  # fail fast, before loading the model
         predictor = Predictor(cfg.sam)
-    except (ConfigError, PromptError, ImageError, WeightsError) as exc:
+    except (ConfigError, PromptError, ImageError, WeightsError) as exc:  # TextEncoderError is a WeightsError
         print(f"autolabel: error: {redact_text(str(exc))}", file=sys.stderr)  # IMAGE may be a URL with user info
         return 2
     result = predictor.predict(image, points=coords, point_labels=labels, box=box, mask=args.mask, multimask=args.multimask)

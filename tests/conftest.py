@@ -51,6 +51,15 @@ def checkpoints(tmp_path_factory) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def yoloe_checkpoint(tmp_path_factory) -> Path:
+    """A random-weight YOLOE-11s (BatchNorm calibrated on the real photos), saved as yoloe-11s-seg.pt:
+    ultralytics binds prompt embeddings to that stem (yoloe-11s)."""
+    from model_factory import make_open_vocab_checkpoint
+
+    return make_open_vocab_checkpoint(tmp_path_factory.mktemp("yoloe") / "yoloe-11s-seg.pt", list(real_photos().values()))
+
+
 def real_photos() -> dict[str, "np.ndarray"]:
     """Real photographs that ship inside installed packages (no downloads)."""
     import numpy as np

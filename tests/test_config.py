@@ -59,6 +59,8 @@ def test_overrides_are_typed_and_layered_over_the_file(tmp_path):
         ("prompts.source=manifest", "prompts.manifest: required when prompts.source=manifest"),
         ("prompts.source=points", "prompts.source: Input should be 'detector', 'manifest' or 'both'"),
         ("sam.multimask=maybe", "sam.multimask"),
+        # run counts and pixel positions are 32-bit: a larger image could not be encoded (issue 16, item 14)
+        ("input.max_pixels=2147483648", "input.max_pixels: at most 2147483647 (2**31 - 1): a mask's pixel positions"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, expected):
@@ -71,6 +73,10 @@ def test_a_storage_option_that_does_not_parse_is_not_echoed():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["input.storage_options.secret=[s3cr3t-value"])
     assert "input.storage_options.secret: cannot parse the value" in str(err.value) and "s3cr3t" not in str(err.value)
+
+
+def test_the_largest_max_pixels_that_fits_32_bit_run_counts_is_accepted():
+    assert load_config(None, ["input.max_pixels=2147483647"]).input.max_pixels == 2**31 - 1
 
 
 def test_unknown_section_in_a_file(tmp_path):
@@ -95,6 +101,7 @@ def _cli(*args, cwd=REPO, env=None):
         (["sam.checkpoint=random", "detector.weights=/nope/y.pt"], "detector.weights: file not found: /nope/y.pt"),
         (["input.uri=/nonexistent/photos", "sam.checkpoint=random"], "input.uri: nothing found at /nonexistent/photos"),
         (["input.uri=pipeline", "sam.checkpoint=random"], "input.uri: no images with suffix .jpg"),
+        (["input.max_pixels=3000000000"], "input.max_pixels: at most 2147483647 (2**31 - 1)"),
     ],
 )
 def test_cli_rejects_bad_config_before_any_work(tmp_path, args, message):

@@ -49,9 +49,51 @@ def test_hugging_face_ids(monkeypatch):
 def test_official_yolo_weights_in_the_checkpoint_folder_are_used(tmp_path, monkeypatch, checkpoints):
     monkeypatch.setenv("AUTOLABEL_CHECKPOINTS", str(tmp_path))
     (tmp_path / "yolov8n.pt").write_bytes(checkpoints["yolo"].read_bytes())
+    # random weights stand in for the official file: its pinned digest is theirs for this test
+    monkeypatch.setitem(models.OFFICIAL_SHA256, "yolov8n.pt", models.sha256_file(checkpoints["yolo"]))
     assert resolve_detector_weights("yolov8n.pt") == str(tmp_path / "yolov8n.pt")
     with pytest.raises(WeightsError, match="detector.weights: file not found: nope.pt"):
         resolve_detector_weights("nope.pt")
+
+
+def test_official_weights_are_checked_against_the_release_s_sha256(tmp_path, monkeypatch, checkpoints):
+    """Issue 16, item 15. A loopback server stands in for the release URL and serves a file that
+    is not the official yolov8n.pt (its Content-Length is right: that check alone passed it): it
+    is refused, with both digests, and nothing is kept. CONTROL: pinned to its own digest, the
+    same download is kept. A copy cut short under the official name is refused, not used."""
+    from http_server import FolderServer
+
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "yolov8n.pt").write_bytes(checkpoints["yolo"].read_bytes())
+    served = models.sha256_file(release / "yolov8n.pt")
+    folder = tmp_path / "checkpoints"
+    monkeypatch.setenv("AUTOLABEL_CHECKPOINTS", str(folder))
+    monkeypatch.setenv("AUTOLABEL_CACHE", str(tmp_path / "cache"))
+    with FolderServer(release) as server:
+        monkeypatch.setattr(models, "YOLO_BASE_URL", server.url().rstrip("/"))
+        with pytest.raises(WeightsError) as err:
+            resolve_detector_weights("yolov8n.pt")
+        assert f"was not kept: sha256 {served}, but the official yolov8n.pt has {models.OFFICIAL_SHA256['yolov8n.pt']}" in str(err.value)
+        assert sorted(p.name for p in folder.iterdir()) == [], "neither the file nor a .part may stay"
+        monkeypatch.setitem(models.OFFICIAL_SHA256, "yolov8n.pt", served)
+        assert resolve_detector_weights("yolov8n.pt") == str(folder / "yolov8n.pt")
+        assert [r[0] for r in server.requests] == ["GET", "GET"]
+    whole = (folder / "yolov8n.pt").read_bytes()
+    (folder / "yolov8n.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(WeightsError, match=f"yolov8n.pt: {folder / 'yolov8n.pt'} has sha256 [0-9a-f]{{64}}, but the official "
+                                           r"yolov8n.pt has [0-9a-f]{64} \(a truncated download"):
+        resolve_detector_weights("yolov8n.pt")
+    assert (folder / "yolov8n.pt").read_bytes() == whole[: len(whole) // 2], "a file in the user's folder is not deleted"
+
+
+def test_the_pinned_table_covers_every_official_name():
+    """Every official file has an entry (a digest, or None where none was published), and each
+    digest is 64 hex digits."""
+    names = {name for _, name in models.SAM_MODELS.values()} | models.OFFICIAL_YOLO
+    assert set(models.OFFICIAL_SHA256) == names
+    assert all(d is None or models.normal_digest(d) == d for d in models.OFFICIAL_SHA256.values())
+    assert sum(d is not None for d in models.OFFICIAL_SHA256.values()) >= 13
 
 
 def test_a_segmentation_model_is_not_accepted_as_detector():
@@ -288,12 +330,15 @@ def test_official_names_in_the_checkpoint_folder_never_touch_the_network(checkpo
     folder.mkdir()
     (folder / "sam2.1_hiera_tiny.pt").symlink_to(checkpoints["sam"])
     (folder / "yolov8n.pt").symlink_to(checkpoints["yolo"])
+    # random weights stand in for the official files: the pinned digests are theirs here
+    pins = json.dumps({"sam2.1_hiera_tiny.pt": models.sha256_file(checkpoints["sam"]), "yolov8n.pt": models.sha256_file(checkpoints["yolo"])})
     script = r"""
 import json, sys
 events = []
 sys.addaudithook(lambda name, args: events.append([name, repr(args)[:120]]) if name in ("socket.connect", "socket.getaddrinfo") else None)
 import torch
 from pipeline.models import weights as models
+models.OFFICIAL_SHA256.update(json.loads(sys.argv[2]))
 if sys.argv[1] == "baked":
     sam = models.resolve_sam_checkpoint("tiny", "auto")
     det = models.resolve_detector_weights("yolov8n.pt")
@@ -308,12 +353,12 @@ else:  # CONTROL: no file; the official URL pointed at a closed port on loopback
         print(json.dumps({"error": str(exc).splitlines()[0], "events": events}))
 """
     env = _node_env(tmp_path / "cache", AUTOLABEL_CHECKPOINTS=str(folder))
-    baked = subprocess.run([sys.executable, "-c", script, "baked"], env=env, capture_output=True, text=True, timeout=300)
+    baked = subprocess.run([sys.executable, "-c", script, "baked", pins], env=env, capture_output=True, text=True, timeout=300)
     assert baked.returncode == 0, baked.stderr[-3000:]
     out = json.loads(baked.stdout.strip().splitlines()[-1])
     assert out["paths"] == [str(folder / "sam2.1_hiera_tiny.pt"), str(folder / "yolov8n.pt")]
     assert out["events"] == []
-    control = subprocess.run([sys.executable, "-c", script, "missing"], env=env, capture_output=True, text=True, timeout=300)
+    control = subprocess.run([sys.executable, "-c", script, "missing", pins], env=env, capture_output=True, text=True, timeout=300)
     out = json.loads(control.stdout.strip().splitlines()[-1])
     assert "yolov8s.pt is not in" in out["error"] and any(e[0] == "socket.connect" and "9)" in e[1] for e in out["events"])
 
@@ -344,13 +389,19 @@ def test_a_hugging_face_copy_already_on_the_node_is_used_offline(checkpoints, tm
     script = r"""
 import sys
 from pipeline.models import weights as models
+if sys.argv[2]:  # random weights stand in for the official file: the pinned digest is theirs
+    models.OFFICIAL_SHA256["sam2.1_hiera_tiny.pt"] = sys.argv[2]
 try:
     print(models.resolve_sam_checkpoint("tiny", "facebook/sam2.1-hiera-tiny", expected_sha256=sys.argv[1] or None).path)
 except models.WeightsError as exc:
     print("ERROR", exc)
 """
     env = _node_env(tmp_path / "cache", HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
-    good = subprocess.run([sys.executable, "-c", script, models.sha256_file(checkpoints["sam"])], env=env, capture_output=True, text=True, timeout=120)
+    digest = models.sha256_file(checkpoints["sam"])
+    good = subprocess.run([sys.executable, "-c", script, digest, digest], env=env, capture_output=True, text=True, timeout=120)
     assert good.stdout.strip() == str(snapshot / "sam2.1_hiera_tiny.pt"), good.stderr[-2000:]
-    bad = subprocess.run([sys.executable, "-c", script, "1" * 64], env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-c", script, "1" * 64, digest], env=env, capture_output=True, text=True, timeout=120)
     assert bad.stdout.startswith("ERROR sam.checkpoint facebook/sam2.1-hiera-tiny:") and "1" * 64 in bad.stdout
+    # not the official file (the real pinned digest): refused, whatever the run expects
+    official = subprocess.run([sys.executable, "-c", script, "", ""], env=env, capture_output=True, text=True, timeout=120)
+    assert official.stdout.startswith("ERROR sam2.1_hiera_tiny.pt:") and models.OFFICIAL_SHA256["sam2.1_hiera_tiny.pt"] in official.stdout

@@ -56,8 +56,8 @@ def photos() -> dict:
 
 
 @pytest.fixture(scope="module")
-def yoloe_ckpt(tmp_path_factory, photos):
-    return make_open_vocab_checkpoint(tmp_path_factory.mktemp("yoloe") / "yoloe-11s-seg.pt", [p[:, :, ::-1] for p in photos.values()])
+def yoloe_ckpt(yoloe_checkpoint):
+    return yoloe_checkpoint  # conftest's, shared with the end-to-end tests (tests/test_open_vocab.py)
 
 
 @pytest.fixture(scope="module")

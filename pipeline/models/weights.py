@@ -6,7 +6,8 @@ of a cluster finds or fetches its own copy).
 
 Weights on a cluster. Each node looks first where a container image bakes them in
 (``AUTOLABEL_CHECKPOINTS``, ``/app/checkpoints`` in infra/Dockerfile; official names never touch
-the network when their file is there). Weights given as a URL (``s3://``, ``gs://``, ``https://``
+the network when their file is there); an official file, found or fetched, must have the
+release's sha256 (``OFFICIAL_SHA256``). Weights given as a URL (``s3://``, ``gs://``, ``https://``
 ...) are fetched once per node into the node-local cache (``cache_dir()``): the first process to
 take the entry's file lock downloads to a ``.part`` file, the others on the node wait and then
 use its copy. A copy counts only once complete and checked: its sha256 is recorded beside it when
@@ -47,6 +48,42 @@ SAM_MODELS = {
     "large": ("configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
 }
 OFFICIAL_YOLO = {f"yolov8{s}.pt" for s in "nsmlx"} | {f"yolo11{s}.pt" for s in "nsmlx"}
+# Open-vocabulary detectors (models/yoloe.py) and ultralytics' text encoders for them: official files
+# of the ultralytics/assets v8.4.0 release (where ultralytics 8.4 fetches them), not of v8.3.0.
+OPEN_VOCAB_BASE_URL = "https://github.com/ultralytics/assets/releases/download/v8.4.0"
+OFFICIAL_OPEN_VOCAB = ({f"yoloe-{v}{s}-seg.pt" for v in ("v8", "11") for s in "sml"} | {f"yoloe-26{s}-seg.pt" for s in "nsmlx"}
+                       | {f"yolov8{s}-worldv2.pt" for s in "smlx"})
+OFFICIAL_TEXT_ENCODERS = {"mobileclip_blt.ts", "mobileclip2_b.ts"}  # YOLOE v8/11, YOLOE-26 (YOLO-World: clip's own ViT-B-32.pt)
+# The official files' sha256, pinned: a file fetched from (or found under the name of) an official
+# URL above is used only if it is this file, so a truncated or tampered copy never sticks. None:
+# no published digest was found for that file; it is then checked by Content-Length only.
+OFFICIAL_SHA256: dict[str, Optional[str]] = {
+    # SAM 2.1 (092824): the Git LFS sha256 of Meta's own Hugging Face repos, which hold the same
+    # files (huggingface.co/facebook/sam2.1-hiera-{tiny,small}/blob/main/<file>: "Git LFS Details");
+    # base_plus and large as the LFS pointers of mirrors of all four (huggingface.co/camenduru/
+    # sam2-1-hiera, commit cdd35a4, whose tiny and small digests are Meta's), each seen again in
+    # other mirrors (huggingface.co/Promethe-us/sam2, huggingface.co/spaces/wondervictor/Mask-Adapter).
+    "sam2.1_hiera_tiny.pt": "7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69",  # 156008466 bytes
+    "sam2.1_hiera_small.pt": "6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38",  # 184416285 bytes
+    "sam2.1_hiera_base_plus.pt": "a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5",  # 323606802 bytes
+    "sam2.1_hiera_large.pt": "2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318",  # 898083611 bytes
+    # ultralytics/assets release v8.3.0: the digests GitHub publishes for the release assets, as
+    # pinned for these very URLs (.../releases/download/v8.3.0/<file>) by independent projects'
+    # download scripts (public GitHub code); the same files are re-attached to v8.4.0 with the same
+    # digests. (The v0.0.0 files differ: yolov8n.pt there is 31e20dde..., 6534387 bytes.)
+    "yolov8n.pt": "f59b3d833e2ff32e194b5bb8e08d211dc7c5bdf144b90d2c8412c47ccfc83b36",  # 6549796 bytes
+    "yolov8s.pt": "1f47a78bf100391c2a140b7ac73a1caae18c32779be7d310658112f7ac9aa78a",  # 22588772 bytes
+    "yolov8m.pt": "5d4a90cdc7a21786cc59cd19778e9eafff836df9e2da32524737c7ee6efe4fe5",  # 52136884 bytes
+    # yolov8l.pt: only found pinned for the v8.4.0 asset (64c9115303f6a25575f82200d1b22ec409fa6bd7d08d0313884fc20d919478cd,
+    # 87792836 bytes), never for the v8.3.0 URL: not pinned until confirmed.
+    "yolov8l.pt": None,
+    "yolov8x.pt": "3df4ada6b4dad6d657868f2fdf7faecfb34dcfccf3a25c4b82079064718524c8",  # 136890692 bytes
+    "yolo11n.pt": "0ebbc80d4a7680d14987a577cd21342b65ecfd94632bd9a8da63ae6417644ee1",  # 5613764 bytes
+    "yolo11s.pt": "85a76fe86dd8afe384648546b56a7a78580c7cb7b404fc595f97969322d502d5",  # 19313732 bytes
+    "yolo11m.pt": "d5ffc1a674953a08e11a8d21e022781b1b23a19b730afc309290bd9fb5305b95",  # 40684120 bytes
+    "yolo11l.pt": "9ebd0e09d59811db4b1d61e2bc6730649608b1ac47f8dd01e2da6bca7c20023f",  # 51387343 bytes
+    "yolo11x.pt": "7bc158aa95c0ebfdd87f70f01653c1131b93e92522dbe15c228bcd742e773a24",  # 114636239 bytes
+}
 FETCH_COMMAND = "bash checkpoints/download_ckpts.sh"
 RANDOM_HINT = "sam.checkpoint=random detector.weights=yolov8n.yaml runs the whole job as a smoke test with random weights"
 # How long a process waits for another one on its node that is fetching the same weights.
@@ -249,8 +286,30 @@ def fetch_once(url: str, expected_sha256: Optional[str] = None, storage_options:
     return dest
 
 
+def official_mismatch(path: str | Path, name: str) -> Optional[str]:
+    """Why the file at ``path`` is not the official ``name`` (its sha256 is not the pinned one), or None."""
+    pinned = OFFICIAL_SHA256.get(name)
+    actual = sha256_file(path) if pinned else None
+    if pinned and actual != pinned:
+        return f"sha256 {actual}, but the official {name} has {pinned}"
+    return None
+
+
+def _check_official(path: str | Path, name: str) -> None:
+    """A file found under an official name must be the official file (a truncated download, or
+    another file put there under that name, is refused, not used)."""
+    problem = official_mismatch(path, name)
+    if problem:
+        raise WeightsError(
+            f"{name}: {path} has {problem} (a truncated download, or another file under the official name).\n"
+            f"  Delete it to have the official file fetched again (or: {FETCH_COMMAND}); to use your own file, "
+            "give its path instead of the official name."
+        )
+
+
 def _download(url: str, dest: Path) -> Path:
-    """Fetch ``url`` to ``dest`` with a progress bar, atomically (no half files left behind)."""
+    """Fetch ``url`` to ``dest`` with a progress bar, atomically (no half files left behind);
+    an official file whose sha256 is not the pinned one is refused and not kept."""
     from tqdm import tqdm
 
     tmp = _part_file(dest)
@@ -263,6 +322,10 @@ def _download(url: str, dest: Path) -> Path:
                     bar.update(len(block))
         if total and tmp.stat().st_size != total:
             raise OSError(f"the download stopped after {tmp.stat().st_size} of {total} bytes")
+        problem = official_mismatch(tmp, dest.name)
+        if problem:
+            raise WeightsError(f"{dest.name}: the download from {url} was not kept: {problem}. "
+                               f"Try again; if it persists, something between here and {urlsplit(url).netloc} alters it.")
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -283,12 +346,18 @@ def _fetch_official(name: str, url: str, expected_sha256: Optional[str] = None) 
     before) without any network; else fetched once per node, there, or into the node's cache
     when that folder is read-only."""
     fallback = cache_dir() / "official"
-    for have in (checkpoint_dir() / name, fallback / name):
-        if have.is_file():
-            verify_sha256(have, expected_sha256, name)
-            return have
+    if (checkpoint_dir() / name).is_file():  # the user's folder (or the image's): refused if not the official file
+        _check_official(checkpoint_dir() / name, name)
+        verify_sha256(checkpoint_dir() / name, expected_sha256, name)
+        return checkpoint_dir() / name
+    if (fallback / name).is_file() and not official_mismatch(fallback / name, name):
+        verify_sha256(fallback / name, expected_sha256, name)
+        return fallback / name
     dest = (checkpoint_dir() if _writable_dir(checkpoint_dir()) else fallback) / name
     with node_lock(cache_dir() / "locks" / f"{name}.lock", name):
+        if dest.is_file() and dest.parent == fallback and official_mismatch(dest, name):  # our cache's copy: fetched again
+            log.warning("%s: the cached copy %s has %s; fetching it again", name, dest, official_mismatch(dest, name))
+            dest.unlink()
         if not dest.is_file():  # another process may have fetched it while this one waited
             _remove_parts(dest)
             log.info("%s is not in %s; fetching it once from %s", name, checkpoint_dir(), url)
@@ -301,6 +370,7 @@ def _fetch_official(name: str, url: str, expected_sha256: Optional[str] = None) 
                     f"  or point to a copy, e.g. sam.checkpoint=/path/{name}.\n"
                     f"  Offline, {RANDOM_HINT}."
                 ) from None
+    _check_official(dest, name)
     verify_sha256(dest, expected_sha256, name)
     return dest
 
@@ -366,6 +436,7 @@ def _resolve_hf(size: str, model_id: str, expected_sha256: Optional[str] = None)
                 f"sam.checkpoint: cannot fetch {filename} from Hugging Face '{model_id}' ({type(exc).__name__}).\n"
                 f"  Offline, {RANDOM_HINT}."
             ) from None
+    _check_official(path, filename)  # Meta's repos hold the release files: the same pinned digests
     verify_sha256(path, expected_sha256, f"sam.checkpoint {model_id}")
     return SamWeights(size, config, path, model_id)
 
@@ -377,6 +448,8 @@ def resolve_detector_weights(spec: str, expected_sha256: Optional[str] = None, s
         return spec  # ultralytics builds random weights from its model configs
     if spec in OFFICIAL_YOLO and not Path(spec).is_file():
         return str(_fetch_official(spec, f"{YOLO_BASE_URL}/{spec}", expected_sha256))
+    if spec in OFFICIAL_OPEN_VOCAB and not Path(spec).is_file():
+        return str(_fetch_official(spec, f"{OPEN_VOCAB_BASE_URL}/{spec}", expected_sha256))
     if is_url(spec) and not spec.startswith("file://"):
         return str(fetch_once(spec, expected_sha256, storage_options, "detector weights"))
     local = Path(spec.removeprefix("file://")).expanduser()
@@ -422,9 +495,11 @@ def build_sam_model(weights: SamWeights, image_size: int, device: "torch.device"
 
 def load_yolo(weights: str, device: "torch.device"):
     from ultralytics import YOLO
+    from ultralytics.nn.tasks import YOLOEModel
 
     model = YOLO(weights)
-    if model.task != "detect":
+    # A YOLOE is a 'segment' model (yoloe-*-seg.pt): only its boxes are used; SAM makes the masks.
+    if model.task != "detect" and not isinstance(model.model, YOLOEModel):
         raise WeightsError(f"detector.weights: {weights} is a '{model.task}' model; a detect model is needed")
     if weights.endswith((".yaml", ".yml")) and len(model.names) == 80:
         # A model built from its .yaml has numbered classes; the official 80-class weights use

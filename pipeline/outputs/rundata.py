@@ -22,6 +22,27 @@ from pipeline.outputs.columns import DUPLICATE, UNLABELED
 from pipeline.run.ownership import normalised_path
 
 
+# run.json's classes.defined_by -> what the report says about it
+CLASS_DEFINITIONS = {
+    "text": "named in text (an open-vocabulary detector's text encoder)",
+    "examples": "shown by example (YOLOE visual prompts: reference images with boxes)",
+    "file": "class embeddings from a file (detector.class_embeddings)",
+    "closed-set": "the detector's own classes (a closed-set YOLO)",
+    "manifest": "the prompt manifest's labels (no detector)",
+    "automatic": "automatic: every mask SAM finds, without classes",
+}
+COCO_NAMES = [  # ultralytics' cfg/datasets/coco.yaml, the official YOLOv8 / YOLO11 detectors' classes
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light", "fire hydrant",
+    "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
+    "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
+    "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+]
+
+
 class RunError(ValueError):
     """RUN_DIR is not a readable autolabel run; the message says why."""
 
@@ -92,6 +113,27 @@ class RunData:
         """The run's classes from run.json (all of them, also those never detected)."""
         names = self.manifest.get("class_names") or ((self.manifest.get("models") or {}).get("detector") or {}).get("class_names") or {}
         return {int(k): str(v) for k, v in names.items()}
+
+    def class_definition(self) -> dict:
+        """How the run's classes were defined, from run.json's record (``models.detector.classes``):
+        ``defined_by`` (text | examples | file | closed-set | manifest | automatic), a sentence for
+        people, and the embeddings' model and file for an open-vocabulary detector."""
+        m = self.manifest
+        det = (m.get("models") or {}).get("detector") or {}
+        record = det.get("classes") or {}
+        names = [name for _, name in sorted(self.class_names().items())]
+        if ((m.get("config") or {}).get("automatic") or {}).get("enabled"):
+            defined_by = "automatic"
+        elif det:
+            defined_by = record.get("defined_by", "closed-set")  # runs made before the record: closed-set detectors only
+        else:
+            defined_by = "manifest"
+        out = {"defined_by": defined_by, "description": CLASS_DEFINITIONS.get(defined_by, defined_by), "names": names}
+        if defined_by == "closed-set" and names[:80] == COCO_NAMES:
+            out["description"] += ": the 80 COCO classes"
+        if record.get("embeddings"):
+            out.update(model_kind=record.get("model_kind"), embeddings=record["embeddings"])
+        return out
 
     @property
     def object_columns(self) -> list[str]:

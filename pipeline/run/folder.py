@@ -19,7 +19,7 @@ from fsspec.core import url_to_fs
 from pipeline.config import ConfigError, RunConfig, redact_uri, redacted_config
 from pipeline.io.locations import normalise_uri
 from pipeline.io.shards import SHARDS_DIR
-from pipeline.run.ownership import RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
+from pipeline.run.ownership import CLASS_EMBEDDINGS, RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
 from pipeline.run.sink import DONE_DIR, STAGING_DIR, OutputWriteError, atomic_write
 
 log = logging.getLogger("autolabel")
@@ -29,7 +29,11 @@ RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report",
 # single output row; they may differ on a resume. (The output, ray and report sections are not in
 # the fingerprint at all.)
 PERFORMANCE_ONLY = ("input.storage_options", "detector.storage_options", "sam.storage_options", "detector.batch_size",
-                    "sam.batch_size", "sam.box_chunk", "sam.compile", "detector.decode_ahead_mp", "sam.decode_ahead_mp")
+                    "sam.batch_size", "sam.box_chunk", "sam.compile", "automatic.points_per_batch",
+                    "detector.decode_ahead_mp", "sam.decode_ahead_mp")
+# Keys that, while unset (null), are left out of the fingerprint: a run started before they existed
+# resumes as it did.
+ABSENT_WHEN_NULL = ("detector.class_embeddings", "detector.visual_prompts")
 # URIs compared as the places they name: ``photos/``, ``photos`` and ``./photos`` are one input.
 NORMALISED_URIS = (("input", "uri"), ("prompts", "manifest"))
 
@@ -44,15 +48,24 @@ def fingerprint(cfg: RunConfig, models: dict, dtype: Optional[str] = None) -> di
     run must not mix the two. Without ``dtype`` it is left out."""
     data = redacted_config(cfg)  # credentials never reach run.json; rotating them does not block a resume
     sections = ("input", "prompts", "detector", "sam", "qa") if cfg.uses_detector else ("input", "prompts", "sam", "qa")
+    if cfg.automatic.enabled:  # only then: runs made before the section existed resume as they did
+        sections += ("automatic",)
     config = {s: dict(data[s]) for s in sections}
     for key in PERFORMANCE_ONLY:
         section, name = key.split(".")
         config.get(section, {}).pop(name, None)
+    for key in ABSENT_WHEN_NULL:
+        section, name = key.split(".")
+        if config.get(section, {}).get(name, "set") is None:
+            config[section].pop(name)
     config["sam"].pop("dtype", None)
     if dtype:
         config["sam"]["dtype"] = dtype
     config = _normalised_uris(config)
     weights = {name: m["sha256"] or f"random:{m.get('weights') or m.get('config')}" for name, m in models.items()}
+    embedded = (((models.get("detector") or {}).get("classes") or {}).get("embeddings") or {}).get("sha256")
+    if embedded:  # an open-vocabulary run's class embeddings, by content (text encoded again must give the same)
+        weights["class_embeddings"] = embedded
     return _sealed(config, weights)
 
 
@@ -101,7 +114,7 @@ def differences(before: dict, now: dict) -> list[str]:
     for model, sha in now["models"].items():
         was = before.get("models", {}).get(model)
         if was != sha:
-            lines.append(f"{model} weights: {str(was)[:23]} -> {str(sha)[:23]}")
+            lines.append(f"{model.replace('_', ' ') if model == 'class_embeddings' else model + ' weights'}: {str(was)[:23]} -> {str(sha)[:23]}")
     return lines or ["(the fingerprint differs)"]
 
 
@@ -284,6 +297,17 @@ class RunFolder:
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write(self.fs, self.path_to("run.json"), json.dumps(manifest, indent=2).encode())
+
+    def write_class_embeddings(self, embeddings) -> None:
+        """RUN/class_embeddings.npz: an open-vocabulary run's classes (a ``yoloe.ClassEmbeddings``, or
+        None: nothing to write) in ultralytics' own format, to reuse (``detector.class_embeddings=``,
+        ``YOLOE.load_prompt_embeddings``); run.json's record of them names it, so it is the run's own."""
+        if embeddings is None:
+            return
+        try:
+            atomic_write(self.fs, self.path_to(CLASS_EMBEDDINGS), embeddings.data)
+        except OutputWriteError as exc:
+            raise ConfigError(f"output.uri {self.uri} cannot be written: {exc}") from None
 
     def shard_ids(self) -> list[str]:
         names = self.fs.glob(self.path_to(SHARDS_DIR, "shard-*.parquet"))

@@ -18,8 +18,12 @@ from fsspec.core import url_to_fs
 
 from pipeline.config import ConfigError, RunConfig, redact, redact_text, redact_uri, redacted_config, uses_random_weights
 from pipeline.models.weights import SamWeights, WeightsError, resolve_detector_weights, resolve_sam_checkpoint, weights_identity
-from pipeline.run.cluster import actor_plan, actors_timed_out, check_device, connect_ray, describe, sam_device_type
+from pipeline.models.detector import DetectorClasses
+from pipeline.models.yoloe import ClassEmbeddings
+from pipeline.run.cluster import (GpusLost, GpuWatch, actor_plan, actors_timed_out, check_device, connect_ray, describe,
+                                  run_data_context, sam_device_type)
 from pipeline.run.folder import RunFolder, fingerprint
+from pipeline.run.ownership import CLASS_EMBEDDINGS
 from pipeline.run.progress import Progress, ShardTracker
 from pipeline.sam.model import resolve_dtype
 from pipeline.run.sink import OutputWriteError, ShardCommits, Totals
@@ -87,8 +91,9 @@ def reads_tars(cfg: RunConfig) -> bool:
     return cfg.prompts.source == "detector" and input_format(cfg.input.uri, cfg.input.format) == "tar"
 
 
-def preflight(cfg: RunConfig) -> tuple[SamWeights, Optional[str], dict[int, str]]:
-    """Check the input has images, resolve weights (fetching official ones once), read class names."""
+def preflight(cfg: RunConfig) -> tuple[SamWeights, Optional[str], Optional[DetectorClasses]]:
+    """Check the input has images, resolve weights (fetching official ones once), read the detector's
+    classes: an open-vocabulary model's class embeddings are made here, once, before any work."""
     check_device(cfg)
     try:
         first = next(work_items(cfg, merged=False), None)
@@ -110,17 +115,14 @@ def preflight(cfg: RunConfig) -> tuple[SamWeights, Optional[str], dict[int, str]
     except WeightsError as exc:
         raise ConfigError(str(exc)) from None
     if det_path is None:
-        return sam, None, {}
-    from pipeline.models.weights import load_yolo
+        return sam, None, None
+    from pipeline.models.detector import resolve_classes
 
-    import torch
-
-    names = load_yolo(det_path, torch.device("cpu")).names
-    if cfg.detector.classes:
-        unknown = [c for c in cfg.detector.classes if c not in names]
-        if unknown:
-            raise ConfigError(f"detector.classes: {unknown} not in the model's classes 0..{len(names) - 1}")
-    return sam, det_path, {int(k): v for k, v in names.items()}
+    try:
+        _, classes = resolve_classes(cfg.detector, det_path)
+    except WeightsError as exc:  # yoloe.TextEncoderError among them: no text encoder here, and how to do without
+        raise ConfigError(str(exc)) from None
+    return sam, det_path, classes
 
 
 def with_manifest_labels(class_names: dict[int, str], labels: list[str]) -> dict[int, str]:
@@ -143,15 +145,20 @@ def runtime_env(local: bool) -> Optional[dict]:
 
 
 def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str], class_names: dict[int, str],
-                  plan: dict, run_uri: str, ledger, models: dict):
+                  plan: dict, run_uri: str, ledger, models: dict, class_embeddings: Optional[ClassEmbeddings] = None):
     """shard files (paths on the output filesystem) -> read bytes and headers (tasks) -> detect
     (actors) -> segment (actors) -> stage (tasks); pixels are decoded inside the two actors.
     ``models``: run.json's models section (each actor checks its weights against the sha256 there).
+    ``class_embeddings``: an open-vocabulary detector's classes, made on the driver.
 
     Retries: a dead task is re-run and a dead actor restarted with its task retried (Ray Data
     restarts actors without limit); an image on which workers keep dying is cut out by the crash
     ledger after ``ray.max_image_crashes`` deaths, so retries cannot loop on it forever.
+
+    Sets Ray Data's current ``DataContext``: call it inside ``cluster.run_data_context()``.
     """
+    import functools
+
     import ray
 
     from pipeline.stages.read import READ_ROWS, read_shards
@@ -164,6 +171,9 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
     # driver as itself, not as Ray Data's generic UserCodeException that drops it.
     context = ray.data.DataContext.get_current()
     context.raise_original_map_exception = True
+    if plan["mode"] == "gpu":  # a cluster that loses every GPU mid-run: wait ray.gpu_wait_s, then fail resumably
+        context.custom_execution_callback_classes = [*context.custom_execution_callback_classes,
+                                                     functools.partial(GpuWatch, cfg.ray.gpu_wait_s)]
     # Start every actor of a pool's minimum before the images stream in, so the first actor up does
     # not take the whole (small) input while the others load their model; on a GPU cluster this is
     # also the wait for GPU nodes (ray.gpu_wait_s), which then fails clearly instead of hanging.
@@ -204,7 +214,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
             num_cpus=plan["detector"]["num_cpus"], num_gpus=plan["detector"]["num_gpus"],
             fn_constructor_kwargs={"cfg": cfg.detector, "max_pixels": cfg.input.max_pixels,
                                    "decode_threads": plan["decode_threads"], **guarded,
-                                   "expected_sha256": models["detector"]["sha256"]},
+                                   "expected_sha256": models["detector"]["sha256"], "class_embeddings": class_embeddings},
             runtime_env=env, **actor_retries,
         )
     ds = ds.map_batches(
@@ -217,6 +227,7 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
             "storage_options": cfg.input.storage_options, "manifest_roots": manifest_roots(cfg),
             "max_pixels": cfg.input.max_pixels, "decode_threads": plan["decode_threads"],
             "qa": cfg.qa if cfg.qa.enabled else None, **guarded,
+            "automatic": cfg.automatic.model_dump(exclude={"enabled"}) if cfg.automatic.enabled else None,  # no detector pool then
             "expected_sha256": models["sam"]["sha256"],  # every node runs the driver's weights
         },
         runtime_env=env, **actor_retries,
@@ -284,10 +295,13 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     """
     folder = RunFolder(cfg)
     previous = folder.previous_run(overwrite or cfg.output.overwrite)
-    sam, det_path, class_names = preflight(cfg)
+    sam, det_path, det_classes = preflight(cfg)
+    class_names = det_classes.names if det_classes is not None else {}
+    embeddings = det_classes.embeddings if det_classes is not None else None
     models = {"sam": {"size": sam.size, "config": sam.config, "checkpoint": redact_uri(sam.source), **weights_identity(sam.path)}}
-    if det_path is not None:
-        models["detector"] = {"weights": redact_uri(cfg.detector.weights), **weights_identity(det_path), "class_names": class_names}
+    if det_path is not None:  # classes: how they were defined (text, file, examples, closed-set), the embeddings' digest
+        models["detector"] = {"weights": redact_uri(cfg.detector.weights), **weights_identity(det_path), "class_names": class_names,
+                              "classes": det_classes.record(CLASS_EMBEDDINGS if embeddings is not None else None)}
     identity = fingerprint(cfg, models)
     if previous is not None:
         folder.check_resumable(previous, identity)
@@ -312,6 +326,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
             "versions": _versions(), "models": models, "class_names": class_names, "attempts": [attempt],
         }
         folder.prepare(manifest)  # clears what was there (only with --overwrite) and proves the folder writable
+        folder.write_class_embeddings(embeddings)
         listing = _listing(cfg, folder, manifest)
         done: dict[str, dict] = {}
     else:
@@ -323,6 +338,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         attempt["shards_done_before"] = len(done)
         manifest["attempts"] = [*previous.get("attempts", []), attempt]
         inp = previous["input"]
+        folder.write_class_embeddings(embeddings)  # the same file (the fingerprint holds its digest), in case it went
         listing = ShardListing(folder.path_to("_shards"), inp["num_shards"], inp["num_images"] or 0, inp["metadata_columns"])
     shard_ids = folder.shard_ids()
     pending = [s for s in shard_ids if s not in done]
@@ -340,13 +356,15 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
         plan = _plan(cfg, folder, previous, manifest, models) if pending else None  # a ConfigError here has written nothing
         folder.write_manifest(manifest)
         if pending:
-            _process(cfg, folder, manifest, pending, listing.meta_columns, totals, progress, plan)
+            _process(cfg, folder, manifest, pending, listing.meta_columns, totals, progress, plan, embeddings)
     except ConfigError:
         raise
     except BaseException as exc:
         write_error = find_cause(exc, OutputWriteError)
         reason = str(write_error).splitlines()[0] if write_error else f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-        if actors_timed_out(exc):
+        if find_cause(exc, GpusLost):
+            reason = str(find_cause(exc, GpusLost))
+        elif actors_timed_out(exc):
             reason = (f"the actors could not start within ray.gpu_wait_s={cfg.ray.gpu_wait_s} s: the cluster cannot give "
                       "them what they ask for (no GPU node came up, or no GPU has 0.75 of it free: see `ray status`); "
                       "add GPU nodes, lower ray.gpus / ray.sam_actors, raise ray.gpu_wait_s, or set sam.device=cpu")
@@ -398,7 +416,7 @@ def _plan(cfg: RunConfig, folder: RunFolder, previous: Optional[dict], manifest:
 
 
 def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[str], meta_columns: list[str],
-             totals: Totals, progress: Progress, plan: dict) -> None:
+             totals: Totals, progress: Progress, plan: dict, class_embeddings: Optional[ClassEmbeddings] = None) -> None:
     """Run the Ray pipeline over the pending shards, committing each shard as soon as all its
     images are staged (so a crash later keeps it), and the stragglers once the data is through."""
     import ray
@@ -410,46 +428,47 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
         log.warning("waiting up to %d s (ray.gpu_wait_s) for a GPU: the cluster has none yet; its autoscaler can add GPU "
                     "nodes for the SAM pool's demand. To segment on CPUs instead, set sam.device=cpu", cfg.ray.gpu_wait_s)
     class_names = manifest["class_names"]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ledger = start_ledger()
-        ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger,
-                           manifest["models"])
-    tracker = ShardTracker(pending)
-    timings = Timings()
-    commits = ShardCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]))
+    with run_data_context():  # Ray Data's settings for this run only (the process may be an API user's)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ledger = start_ledger()
+            ds = build_dataset(cfg, [folder.shard_uri(s) for s in pending], meta_columns, class_names, plan, folder.run_uri, ledger,
+                               manifest["models"], class_embeddings)
+        tracker = ShardTracker(pending)
+        timings = Timings()
+        commits = ShardCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]))
 
-    def record() -> None:
-        log.info(progress.line())
-        manifest.update(progress=progress.as_dict(), totals=totals.as_dict(), timings=timings.as_dict())
-        folder.write_manifest(manifest)
+        def record() -> None:
+            log.info(progress.line())
+            manifest.update(progress=progress.as_dict(), totals=totals.as_dict(), timings=timings.as_dict())
+            folder.write_manifest(manifest)
 
-    def harvest(block: bool) -> None:
-        for marker in commits.finished(block):
-            totals.merge(marker)
-            if progress.shard_done():
-                record()
+        def harvest(block: bool) -> None:
+            for marker in commits.finished(block):
+                totals.merge(marker)
+                if progress.shard_done():
+                    record()
 
-    try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            rows = batch.to_pylist()
-            timings.add(rows)
-            _check_actor_dtypes(timings, manifest["models"]["sam"]["dtype"])
-            for shard_id in tracker.add(rows):
+        try:
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                rows = batch.to_pylist()
+                timings.add(rows)
+                _check_actor_dtypes(timings, manifest["models"]["sam"]["dtype"])
+                for shard_id in tracker.add(rows):
+                    commits.launch(shard_id)
+                if progress.images_staged(len(rows)):
+                    log.info(progress.line())
+                harvest(block=False)
+            for shard_id in tracker.remaining():  # every row is staged now: commit what is left (e.g. empty tars)
                 commits.launch(shard_id)
-            if progress.images_staged(len(rows)):
-                log.info(progress.line())
-            harvest(block=False)
-        for shard_id in tracker.remaining():  # every row is staged now: commit what is left (e.g. empty tars)
-            commits.launch(shard_id)
-        while commits.pending:
-            harvest(block=True)
-    finally:
-        progress.close()
-    manifest["timings"] = timings.as_dict()
-    # "stage:uri" -> worker deaths while it was in flight (recovered ones too), for the record.
-    manifest["worker_deaths"] = ray.get(ledger.crashed.remote())
-    folder.clean_staging(manifest)
+            while commits.pending:
+                harvest(block=True)
+        finally:
+            progress.close()
+        manifest["timings"] = timings.as_dict()
+        # "stage:uri" -> worker deaths while it was in flight (recovered ones too), for the record.
+        manifest["worker_deaths"] = ray.get(ledger.crashed.remote())
+        folder.clean_staging(manifest)
 
 
 def _check_actor_dtypes(timings: Timings, planned: str) -> None:

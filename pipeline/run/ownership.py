@@ -37,7 +37,8 @@ RUN_FILE_NAMES = {
 }
 STAGED_FOLDER = re.compile(rf"shard-{SHARD}")
 STAGED_PART = re.compile(rf"{TMP}(?:images|objects)-[0-9a-f]{{16}}\.parquet")
-RUN_JSON = re.compile(rf"{TMP}run\.json")
+CLASS_EMBEDDINGS = "class_embeddings.npz"  # an open-vocabulary run's classes (models/detector.py), beside run.json
+RUN_RECORDS = re.compile(rf"{TMP}(?:run\.json|class_embeddings\.npz)")  # the run's own files at its top level
 REPORT_FILES = ("report.html", "counts.csv", "summary.json")
 IMPORT = re.compile(r"import-\d{8}T\d{12}Z(?:-\d{3})?")  # review._new_import_id
 
@@ -172,7 +173,7 @@ def run_inventory(fs, root: str, manifest: dict, everything: bool = True) -> Inv
                 _run_data(fs, root, entry.name, inv, listed)
             else:
                 {"report": _report, "exports": _exports, "review": _review}[entry.name](fs, root, inv, manifest)
-        elif RUN_JSON.fullmatch(entry.name) and entry.kind == "file":
+        elif RUN_RECORDS.fullmatch(entry.name) and entry.kind == "file":
             if everything or entry.name != "run.json":
                 inv.files.append(entry.name)
         elif entry.kind in ("link", "other"):

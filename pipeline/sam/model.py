@@ -139,10 +139,7 @@ class SamModel:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        elif cpu_threads:
+        if self.device.type == "cpu" and cpu_threads:
             # Ray pins a fractional-CPU actor to one thread; on a CPU-only node SAM is the
             # bottleneck by far, so it gets the threads the job planned for it.
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
@@ -156,7 +153,8 @@ class SamModel:
         self.feat_sizes = [(self.size // 4,) * 2, (self.size // 8,) * 2, (self.size // 16,) * 2]
         self.mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
-        # A fixed encoder batch on a GPU (the last one padded): one shape for cuDNN and torch.compile.
+        # A fixed encoder batch on a GPU (the last one padded to the current step): one shape for
+        # cuDNN and torch.compile, until an out-of-memory halves the step.
         self.pad_batches = self.device.type == "cuda" or cfg.compile
         # Masks reduced to run boundaries with torch on a GPU; on a CPU pycocotools' C encoder is cheaper.
         self.reduce_on_device = self.device.type == "cuda"
@@ -180,12 +178,17 @@ class SamModel:
 
     def segment_batch(self, images: Sequence[np.ndarray], prompts: Sequence[list[Prompt]], multimask=None,
                       uris: Optional[Sequence[Optional[str]]] = None, keep_all: bool = False,
-                      keep_logits: bool = False) -> list:
+                      keep_logits: bool = False, pad: bool = True) -> list:
         """Answer every valid prompt of every image: per image a list (None for rejected
         prompts), or a ``SegmentOOM`` when the GPU ran out of memory on that image even alone.
 
         ``multimask`` None follows ``sam.multimask``; ``keep_all`` keeps all three candidates of
-        a multimask prompt (else the best one), ``keep_logits`` the low-res logits too.
+        a multimask prompt (else the best one), ``keep_logits`` the low-res logits too; ``pad``
+        False pads no encoder batch (one image at a time after a worker crash: no extra memory).
+
+        An encoder pass out of GPU memory halves the images per pass (padding follows the step,
+        so the pass really shrinks) down to one image, which is tried once more after the cache
+        was emptied; each retry starts after the failed pass's tensors were released.
         """
         import torch
 
@@ -196,23 +199,24 @@ class SamModel:
         with torch.inference_mode(), autocast(self.dtype, self.device):
             step = self.cfg.batch_size
             start = 0
+            retried = False  # the lone image at ``start`` failed once already
             while start < len(wanted):
                 group = wanted[start:start + step]
-                try:
-                    features = self._encode([images[i] for i in group])
-                except torch.OutOfMemoryError as exc:
-                    _free_gpu_memory()
-                    if len(group) > 1:
-                        step = max(1, len(group) // 2)
-                        log.warning("out of GPU memory encoding %d images at once; retrying %d at a time", len(group), step)
-                        continue
-                    try:  # one image alone, once more after emptying the cache
-                        features = self._encode([images[group[0]]])
-                    except torch.OutOfMemoryError as again:
-                        _free_gpu_memory()
-                        results[group[0]] = SegmentOOM(f"out of GPU memory in the image encoder ({_short(again or exc)})")
+                features, oom = self._try_encode([images[i] for i in group], step if pad else None)
+                if features is None:
+                    _free_gpu_memory()  # outside the handler: the failed pass's tensors are gone now
+                    passed = max(len(group), step if pad and self.pad_batches else 0)  # images in the pass, padding included
+                    if passed > 1:
+                        step = max(1, passed // 2)
+                        log.warning("out of GPU memory encoding %d images at once; retrying %d at a time", passed, step)
+                    elif not retried:  # one image alone, once more after emptying the cache
+                        retried = True
+                    else:
+                        results[group[0]] = SegmentOOM(f"out of GPU memory in the image encoder ({oom})")
+                        retried = False
                         start += 1
-                        continue
+                    continue
+                retried = False
                 jobs = [_Job(k, j, p, self._multimask_for(p, policy)) for k, i in enumerate(group)
                         for j, p in enumerate(prompts[i]) if p.error is None]
                 answers, failed = self._decode(features, jobs, [uris[i] for i in group], keep_all, keep_logits)
@@ -227,25 +231,26 @@ class SamModel:
         self._settle()
         return results
 
-    def _mark(self):
-        """A start mark for ``_elapsed``: a CUDA event on a GPU (its work is asynchronous)."""
+    def _event(self):
+        """A timing event recorded on the model's device's current stream (not the current
+        device's: ``predict --device cuda:1`` runs on GPU 1 while GPU 0 is current)."""
         import torch
 
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def _mark(self):
+        """A start mark for ``_elapsed``: a CUDA event on a GPU (its work is asynchronous)."""
         if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
+            return self._event()
         return time.perf_counter()
 
     def _elapsed(self, started, stage: str) -> None:
         """Add the time since ``started`` to ``stage`` and ``busy_s``; on a GPU device time,
         read once the batch is done (``_settle``), so timing never makes the host wait."""
-        import torch
-
         if self.device.type == "cuda":
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events.append((stage, started, end))
+            self._events.append((stage, started, self._event()))
             return
         seconds = time.perf_counter() - started
         self.clock.add(stage, seconds)
@@ -280,14 +285,25 @@ class SamModel:
         x = F.interpolate(x, (self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
-    def _encode(self, images: list[np.ndarray]) -> dict:
-        """``set_image_batch``'s features for these images (padded to ``sam.batch_size`` on a GPU)."""
+    def _try_encode(self, images: list[np.ndarray], pad_to: Optional[int]) -> tuple[Optional[dict], Optional[str]]:
+        """``_encode``, or (None, what the GPU said) when out of memory; the exception and its
+        traceback (holding the failed pass's tensors) are gone on return, so the caller frees."""
+        import torch
+
+        try:
+            return self._encode(images, pad_to), None
+        except torch.OutOfMemoryError as exc:
+            return None, _short(exc)
+
+    def _encode(self, images: list[np.ndarray], pad_to: Optional[int] = None) -> dict:
+        """``set_image_batch``'s features for these images; with ``pad_batches``, the batch is
+        padded with blank images to ``pad_to`` (the current encoder step)."""
         import torch
 
         started = self._mark()
         batch = torch.cat([self._preprocess(im) for im in images])
-        if self.pad_batches and len(images) < self.cfg.batch_size:
-            batch = torch.cat([batch, batch.new_zeros(self.cfg.batch_size - len(images), *batch.shape[1:])])
+        if self.pad_batches and pad_to and len(images) < pad_to:
+            batch = torch.cat([batch, batch.new_zeros(pad_to - len(images), *batch.shape[1:])])
         backbone_out = self.model.forward_image(batch)
         _, vision_feats, _, _ = self.model._prepare_backbone_features(backbone_out)
         if self.model.directly_add_no_mem_embed:
@@ -322,15 +338,17 @@ class SamModel:
             try:
                 self._decode_chunk(features, [jobs[n] for n in part], [uris[jobs[n].image] for n in part], answers, part,
                                    keep_all, keep_logits)
+                continue
             except torch.OutOfMemoryError as exc:
-                _free_gpu_memory()
-                if len(part) > 1:
-                    log.warning("out of GPU memory with %d prompts per decoder call; retrying with %d", len(part), len(part) // 2)
-                    queue[:0] = [part[: len(part) // 2], part[len(part) // 2:]]
-                    continue
-                image = jobs[part[0]].image
-                count = sum(j.image == image for j in jobs)
-                failed[image] = SegmentOOM(f"out of GPU memory even one prompt at a time ({count} prompts; {_short(exc)})")
+                oom = _short(exc)
+            _free_gpu_memory()  # after the handler, as for the encoder: the failed call's tensors are released
+            if len(part) > 1:
+                log.warning("out of GPU memory with %d prompts per decoder call; retrying with %d", len(part), len(part) // 2)
+                queue[:0] = [part[: len(part) // 2], part[len(part) // 2:]]
+                continue
+            image = jobs[part[0]].image
+            count = sum(j.image == image for j in jobs)
+            failed[image] = SegmentOOM(f"out of GPU memory even one prompt at a time ({count} prompts; {oom})")
         return answers, failed
 
     def _prompt_tensors(self, jobs: list[_Job], orig_hw: list):

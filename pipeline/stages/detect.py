@@ -1,4 +1,7 @@
-"""Detect stage: a Ray actor holding one ultralytics YOLO model, boxes for a batch of images."""
+"""Detect stage: a Ray actor holding one ultralytics YOLO model, boxes for a batch of images.
+
+An open-vocabulary model (YOLOE, YOLO-World) gets the class embeddings the driver made
+(models/detector.py), so every actor finds exactly the run's classes."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +14,7 @@ import pyarrow as pa
 from pipeline.config import DetectorConfig
 from pipeline.errors import ImageError
 from pipeline.io.decode import ImageDecoder, decode_budget, fit_groups, pixels_or_error, with_errors
+from pipeline.models.yoloe import ClassEmbeddings
 from pipeline.run.faults import CrashGuard, InjectedFaults
 from pipeline.run.timings import StageClock
 
@@ -21,11 +25,6 @@ DETECTION_COLUMNS = [
     ("det_class_ids", pa.list_(pa.int32())),
     ("det_scores", pa.list_(pa.float32())),
 ]
-
-
-def predict_kwargs(cfg: DetectorConfig) -> dict:
-    """The ultralytics predict arguments that ``detector.*`` maps to."""
-    return dict(conf=cfg.conf, iou=cfg.iou, classes=cfg.classes, max_det=cfg.max_det, imgsz=cfg.imgsz, verbose=False)
 
 
 def detections_of(result) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -100,8 +99,10 @@ class Detector:
     here in threads) to boxes."""
 
     def __init__(self, cfg: DetectorConfig, ledger=None, max_image_crashes: int = 3, max_pixels: Optional[int] = None,
-                 decode_threads: int = 4, expected_sha256: Optional[str] = None):
-        from pipeline.models.weights import load_yolo, pick_device, resolve_detector_weights
+                 decode_threads: int = 4, expected_sha256: Optional[str] = None,
+                 class_embeddings: Optional[ClassEmbeddings] = None):
+        from pipeline.models.detector import load_detector
+        from pipeline.models.weights import pick_device, resolve_detector_weights
         from pipeline.run.console import worker_logging
 
         worker_logging()
@@ -109,13 +110,14 @@ class Detector:
         self.device = pick_device(cfg.device)
         # per node, checked against the driver's copy; storage_options: credentials of a weights URL
         weights_path = resolve_detector_weights(cfg.weights, expected_sha256, cfg.storage_options)
-        self.model = load_yolo(weights_path, self.device)
-        self.kwargs = dict(predict_kwargs(cfg), device=self.device)
+        # class_embeddings: an open-vocabulary model's classes, made once on the driver (small; pickled by Ray)
+        self.model, self.kwargs = load_detector(cfg, weights_path, self.device, class_embeddings)
         self.guard = CrashGuard(ledger, "detect", max_image_crashes)
         self.faults = InjectedFaults.from_env()
         self.decoder = ImageDecoder(decode_threads, max_pixels)
         self.clock = StageClock()
-        log.info("detector %s on %s", weights_path, self.device)
+        log.info("detector %s on %s%s", weights_path, self.device,
+                 f" (classes: {', '.join(class_embeddings.names)})" if class_embeddings is not None else "")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows

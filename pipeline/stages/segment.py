@@ -33,7 +33,7 @@ OBJECT_TYPE = pa.struct(
     [
         ("object_id", pa.int32()),
         ("object_key", pa.string()),  # the manifest's key; null for detector objects
-        ("source", pa.string()),  # detector | manifest
+        ("source", pa.string()),  # detector | manifest | automatic (automatic.enabled: no prompt, no class)
         ("prompt", pa.string()),  # box, points, box+points, mask, ...
         ("candidate", pa.int32()),  # 0 = SAM's best-scoring mask; 1, 2 with sam.candidates=all
         ("status", pa.string()),  # ok | error (an invalid prompt)
@@ -100,10 +100,17 @@ class Segmenter:
     def __init__(self, cfg: SamConfig, class_names: dict[int, str], cpu_threads: Optional[int] = None,
                  storage_options: Optional[dict] = None, ledger=None, max_image_crashes: int = 3,
                  manifest_roots: Optional[list[str]] = None, max_pixels: Optional[int] = None, decode_threads: int = 4,
-                 qa: Optional[QaConfig] = None, expected_sha256: Optional[str] = None):
+                 qa: Optional[QaConfig] = None, expected_sha256: Optional[str] = None, automatic: Optional[dict] = None):
         worker_logging()
         self.qa = qa
         self.sam = SamModel(cfg, cpu_threads, qa, expected_sha256)
+        if self.sam.device.type == "cuda":
+            allow_tf32()  # this actor's process is the job's own: the setting stays inside it
+        self.automatic = None  # automatic.enabled: segment everything (the generator's arguments), beside any manifest prompts
+        if automatic is not None:
+            from pipeline.sam.automatic import AutomaticArgs, AutomaticMaskGenerator
+
+            self.automatic = AutomaticMaskGenerator(self.sam, AutomaticArgs(**automatic))
         self.cfg = cfg
         self.class_names = class_names
         self.class_ids = {name: cid for cid, name in class_names.items()}
@@ -141,6 +148,20 @@ class Segmenter:
         finally:
             self.clock.add("rle", time.perf_counter() - started)
 
+    def _add_automatic(self, images: list, prompts: list[list[Prompt]], answers: list, uris: list) -> list:
+        """Each image's automatic masks after its prompts' answers (``prompts`` grows in place); an
+        image out of GPU memory in either becomes that ``SegmentOOM``, the one error-row path."""
+        found = self.automatic.generate_batch(images, uris=uris)
+        out = []
+        for own, answer, auto in zip(prompts, answers, found):
+            if isinstance(answer, SegmentOOM) or isinstance(auto, SegmentOOM):
+                out.append(answer if isinstance(answer, SegmentOOM) else auto)
+                continue
+            more_prompts, more_answers = auto.as_prompts()
+            own.extend(more_prompts)
+            out.append([*answer, *more_answers])
+        return out
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.started is None:
             self.started = time.perf_counter()
@@ -154,7 +175,7 @@ class Segmenter:
         # each decoded only once it is announced.
         whole = not ok or self.guard.start_batch([rows[i]["uri"] for i in ok])
         prompts = {i: self.prompts_for(rows[i]) for i in ok}
-        need = [i for i in ok if prompts[i]]
+        need = [i for i in ok if prompts[i] or self.automatic is not None]
         # Decoded pixels held at once (in the encoder and decoded ahead) stay within
         # sam.decode_ahead_mp: huge images make smaller encoder passes; one image always goes.
         sizes = {i: rows[i]["width"] * rows[i]["height"] for i in need}
@@ -179,8 +200,12 @@ class Segmenter:
                 else:
                     images[i] = pixels
             order = list(images)
+            # One image at a time after a crash: no padding either (a padded batch could be what killed the worker).
             answers = self.sam.segment_batch([images[i] for i in order], [prompts[i] for i in order],
-                                             uris=[rows[i]["uri"] for i in order], keep_all=self.keep_all)
+                                             uris=[rows[i]["uri"] for i in order], keep_all=self.keep_all, pad=whole)
+            if self.automatic is not None:
+                answers = self._add_automatic([images[i] for i in order], [prompts[i] for i in order], answers,
+                                              [rows[i]["uri"] for i in order])
             images.clear()
             if whole:
                 pending.release(group)  # the next images decode while these are finished
@@ -209,11 +234,24 @@ class Segmenter:
         return batch
 
 
+def allow_tf32() -> None:
+    """TF32 for float32 matmuls and convolutions (tensor-core speed on Ampere and newer, about
+    1e-3 relative precision). These are process-wide settings: only the job's own SAM actors
+    switch them on, never ``predict`` or a Python API user's process."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def _actor_identity() -> tuple[Optional[str], Optional[str]]:
-    """(actor id, node id) of this Ray actor, as Ray names them; (None, None) outside Ray."""
+    """(actor id, node id) of this Ray actor, as Ray names them; (None, None) outside Ray (where
+    ``ray.get_runtime_context`` would start a local Ray instance just to answer)."""
     try:
         import ray
 
+        if not ray.is_initialized():
+            return None, None
         context = ray.get_runtime_context()
         return context.get_actor_id() or None, context.get_node_id() or None
     except Exception:  # noqa: BLE001 - only for the record

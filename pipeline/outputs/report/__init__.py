@@ -59,6 +59,7 @@ def _build(run: RunData, options: ReportOptions, stats: RunStats, image_storage_
         "random_weights": run.manifest.get("random_weights"),
         "filters": {"active": options.filter.active, "description": options.filter.describe(), **options.filter.as_dict()},
         "group_by": options.group_by,
+        "classes": run.class_definition(),
         "totals": totals,
         "histograms": histograms,
         "groups": [{**g, "by_class": [{"class_name": k, **v} for k, v in g["by_class"].items()]} for g in groups],

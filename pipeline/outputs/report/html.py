@@ -261,6 +261,7 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
 {('<h3>Errors by class</h3><table><tr><th>error class</th><th class="n">images</th></tr>' + error_lines + '</table>') if error_lines else ''}
 </section>
 <section id="classes"><h2>Objects per class</h2>
+{_classes_defined(summary["classes"])}
 <div class="charts">{_img(charts['classes'], 'Objects per class', 'classes')}</div>
 <div class="scroll"><table><tr><th>class</th><th class="n">id</th><th class="n">objects</th><th class="n">share</th></tr>{class_rows}</table></div>
 </section>
@@ -278,6 +279,15 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
 <h3>Config</h3><pre>{_e(yaml.safe_dump(m.get('config') or {}, sort_keys=False))}</pre></section>
 </main></body></html>
 """
+
+
+def _classes_defined(c: dict) -> str:
+    """How the classes were defined (text, examples, a file, the detector's own, ...), and which."""
+    shown = ", ".join(c["names"][:40]) + (f" and {len(c['names']) - 40} more" if len(c["names"]) > 40 else "")
+    emb = c.get("embeddings") or {}
+    made = f" Embeddings for {_e(emb.get('model'))}, kept in the run as {_e(emb.get('file'))}." if emb else ""
+    names = f": {_e(shown)}" if c["names"] and c["defined_by"] not in ("closed-set", "automatic") else ""
+    return (f"<p id='classes-defined' data-defined-by='{_e(c['defined_by'])}'>Classes: {_e(c['description'])}{names}.{made}</p>")
 
 
 def _timing_section(m: dict) -> str:
