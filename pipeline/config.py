@@ -132,6 +132,10 @@ class DetectorConfig(_Section):
     max_det: int = Field(300, gt=0)
     imgsz: int = Field(640, gt=0)
     batch_size: int = Field(8, gt=0, description="Images per detector call.")
+    decode_ahead_mp: Optional[float] = Field(
+        None, gt=0, description="Megapixels of decoded images a detector actor holds at once (at least one image, "
+        "however large); null: 12 x batch_size (a batch of 12-MP photos).",
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     class_embeddings: Optional[str] = Field(
         None, description="Class embeddings of a YOLOE / YOLO-World model: an .npz as ultralytics' save_prompt_embeddings "
@@ -229,6 +233,10 @@ class SamConfig(_Section):
     candidates: Literal["best", "all"] = Field("best", description="With multimask: keep the best candidate, or all three ranked.")
     batch_size: int = Field(8, gt=0, description="Images per image-encoder pass (one shape on a GPU: the last batch is padded).")
     box_chunk: int = Field(64, gt=0, description="Prompts per mask-decoder call, gathered across the images of a batch (bounds memory).")
+    decode_ahead_mp: Optional[float] = Field(
+        None, gt=0, description="Megapixels of decoded images a SAM actor holds at once, in the encoder and decoded ahead "
+        "(at least one image, however large); null: 24 x batch_size (two encoder batches of 12-MP photos).",
+    )
     compile: bool = Field(False, description="torch.compile the image encoder (max-autotune; minutes at start, faster after).")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     storage_options: dict[str, Any] = Field(

@@ -104,7 +104,7 @@ def test_run_json_records_config_models_and_totals(labeled, checkpoints):
 
 def test_every_sam_actor_works_and_run_json_says_where_the_time_went(labeled):
     """ray.sam_actors=2: one Ray block per shard, so both SAM actors get images; run.json records
-    each actor's images, and the seconds each stage took."""
+    each actor's images, the seconds each stage took, and the detector's mean batch."""
     timings = labeled["manifest"]["timings"]
     actors = timings["sam_actors"]
     assert len(actors) == 2 and all(a["images"] > 0 for a in actors.values()), actors
@@ -115,6 +115,9 @@ def test_every_sam_actor_works_and_run_json_says_where_the_time_went(labeled):
     assert set(stages) == {"read", "decode", "detect", "encode", "masks", "rle", "write"}, stages
     assert all(v["seconds"] > 0 for v in stages.values()) and sum(v["share"] for v in stages.values()) == pytest.approx(1, abs=1e-3)
     assert timings["images"] == labeled["manifest"]["totals"]["images"]
+    detector = timings["detector"]  # every ok image went through YOLO once; how many per call
+    assert detector["images"] == labeled["manifest"]["totals"]["ok"] and 1 <= detector["calls"] <= detector["images"]
+    assert detector["mean_batch_size"] == round(detector["images"] / detector["calls"], 3)
 
 
 def test_boxes_equal_direct_yolo_predict(labeled, checkpoints):

@@ -177,7 +177,7 @@ def with_errors(batch: pa.Table, errors: dict[int, ImageError]) -> pa.Table:
 class ImageDecoder:
     """Decodes a batch's images in threads next to the model that needs them (Pillow releases the
     GIL while it decodes), so the pixels are ready when the model is; same decoding, EXIF and
-    mode handling and error classes as ``decode_image``."""
+    mode handling and error classes as ``decode_image``. ``ahead`` bounds the pixels held."""
 
     def __init__(self, threads: int = 4, max_pixels: Optional[int] = None):
         import threading
@@ -205,11 +205,86 @@ class ImageDecoder:
         data = batch.column("data")
         return {i: self.submit(data[i].as_py()) for i in wanted}
 
+    def ahead(self, batch: pa.Table, groups: list[list[int]], pixels: dict[int, int], budget: float) -> "DecodeAhead":
+        """The rows of ``groups`` decoded in that order, ahead of the model, within ``budget``
+        pixels (``DecodeAhead``); ``groups`` as ``fit_groups`` cuts them."""
+        return DecodeAhead(self, batch.column("data"), groups, pixels, budget)
+
     def take_seconds(self) -> float:
         """Thread seconds spent decoding since the last call (for the stage timings)."""
         with self._lock:
             seconds, self._seconds = self._seconds, 0.0
         return seconds
+
+
+MP_PER_IMAGE = 12  # the default budget's image: a 12-MP photo (4032x3024, what phone cameras take)
+
+
+def decode_budget(decode_ahead_mp: Optional[float], images_per_call: int) -> float:
+    """Pixels an actor may hold decoded (``detector.decode_ahead_mp``, ``sam.decode_ahead_mp``);
+    null: ``images_per_call`` 12-MP photos, so one Ray batch of photos up to 12 MP decodes whole,
+    as it did before there was a budget, while an 89-MP image cannot multiply that by seven."""
+    mp = decode_ahead_mp if decode_ahead_mp is not None else MP_PER_IMAGE * images_per_call
+    return mp * 1e6
+
+
+def fit_groups(rows: list[int], pixels: dict[int, int], limit: int, budget: float) -> list[list[int]]:
+    """``rows`` in order, cut into groups of at most ``limit`` whose pixels together fit
+    ``budget``; an image larger than the budget is a group of its own (every image runs)."""
+    groups: list[list[int]] = []
+    held = 0
+    for i in rows:
+        if groups and len(groups[-1]) < limit and held + pixels[i] <= budget:
+            groups[-1].append(i)
+            held += pixels[i]
+        else:
+            groups.append([i])
+            held = pixels[i]
+    return groups
+
+
+class DecodeAhead:
+    """One batch's images decoded ahead of the model, bounded in pixels, not images.
+
+    Rows are decoded in the order of their groups while the pixels held (decoding, decoded, or
+    in the model's hands until ``release``) fit the budget; the next row always starts when
+    nothing is held, so an image over the budget still runs, alone. ``pop(i)`` hands over row
+    ``i``'s future; ``release(group)`` gives the group's pixels back once the model is done with
+    them, and more rows start decoding. The groups come from ``fit_groups``, so each fits the
+    budget once the groups before it are released.
+    """
+
+    def __init__(self, decoder: ImageDecoder, data: pa.ChunkedArray, groups: list[list[int]], pixels: dict[int, int],
+                 budget: float):
+        self.decoder, self.data, self.pixels, self.budget = decoder, data, pixels, budget
+        self.order = [i for group in groups for i in group]
+        self.groups = groups
+        self.futures: dict = {}
+        self.started = 0  # rows of ``order`` submitted so far
+        self.held = 0  # pixels submitted and not yet released
+        self.peak = 0  # the most pixels held at once (for tests)
+        self._fill()
+
+    def _fill(self) -> None:
+        while self.started < len(self.order):
+            i = self.order[self.started]
+            if self.held and self.held + self.pixels[i] > self.budget:
+                return
+            self.futures[i] = self.decoder.submit(self.data[i].as_py())
+            self.held += self.pixels[i]
+            self.peak = max(self.peak, self.held)
+            self.started += 1
+
+    def pop(self, i: int):
+        """Row ``i``'s future (``.result()``: pixels, or ImageError); its group must be next."""
+        if i not in self.futures:
+            raise RuntimeError(f"row {i} is not decoding: a group before it was not released")
+        return self.futures.pop(i)
+
+    def release(self, group: list[int]) -> None:
+        """The model is done with these rows' pixels: their budget goes to the rows after them."""
+        self.held -= sum(self.pixels[i] for i in group)
+        self._fill()
 
 
 def pixels_or_error(future, expected: tuple[int, int]):

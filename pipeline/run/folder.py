@@ -29,7 +29,8 @@ RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report",
 # single output row; they may differ on a resume. (The output, ray and report sections are not in
 # the fingerprint at all.)
 PERFORMANCE_ONLY = ("input.storage_options", "detector.storage_options", "sam.storage_options", "detector.batch_size",
-                    "sam.batch_size", "sam.box_chunk", "sam.compile", "automatic.points_per_batch")
+                    "sam.batch_size", "sam.box_chunk", "sam.compile", "automatic.points_per_batch",
+                    "detector.decode_ahead_mp", "sam.decode_ahead_mp")
 # Keys that, while unset (null), are left out of the fingerprint: a run started before they existed
 # resumes as it did.
 ABSENT_WHEN_NULL = ("detector.class_embeddings", "detector.visual_prompts")

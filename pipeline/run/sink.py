@@ -33,13 +33,13 @@ from fsspec.core import url_to_fs
 
 from pipeline.io.listing import protocols_of
 from pipeline.run.ownership import STAGED_PART, is_local
-from pipeline.run.timings import PREFIX as TIMING_PREFIX, StageClock
+from pipeline.run.timings import COUNT_PREFIX, PREFIX as TIMING_PREFIX, StageClock
 from pipeline.run.tables import OBJECTS_SCHEMA, images_schema
 
 STAGING_DIR = "_staging"
 DONE_DIR = "_done"
 # What write_batch tells the driver per image: enough to know when a shard is complete, plus the
-# stage timings (``t_*``) and which SAM actor did it (timings.py).
+# stage timings (``t_*``) and counts (``n_*``), and which SAM actor did it (timings.py).
 SUMMARY_COLUMNS = ("shard_id", "image_id", "shard_rows")
 SAM_ACTOR_COLUMNS = ("sam_actor", "sam_node", "sam_dtype", "sam_busy_s", "sam_wall_s")
 
@@ -202,7 +202,7 @@ def write_batch(batch: pa.Table, run_uri: str, storage_options: Optional[dict] =
         atomic_write(fs, f"{folder}/images-{name}.parquet", _parquet_bytes(images))
     clock = StageClock()
     clock.add("write", time.perf_counter() - started)
-    extra = [c for c in batch.column_names if c.startswith(TIMING_PREFIX) or c in SAM_ACTOR_COLUMNS]
+    extra = [c for c in batch.column_names if c.startswith((TIMING_PREFIX, COUNT_PREFIX)) or c in SAM_ACTOR_COLUMNS]
     return clock.stamp(batch.select([*SUMMARY_COLUMNS, *extra]))
 
 

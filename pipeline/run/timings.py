@@ -7,7 +7,8 @@ over its rows); the sink hands them to the driver with the rest of a row's summa
 (YOLO), ``encode`` (SAM's image encoder), ``masks`` (prompt encoder, mask decoder and the
 masks finished on the device), ``rle`` (COCO strings and rows on the host), ``write`` (staging
 Parquet). The SAM actors also report how busy their device was (``sam_busy_s`` of
-``sam_wall_s``) and how many images each did.
+``sam_wall_s``) and how many images each did. Counts travel the same way in ``n_<name>``
+columns: the detector's calls and the images they held (``timings.detector``: its mean batch).
 """
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ import pyarrow as pa
 
 STAGES = ("read", "decode", "detect", "encode", "masks", "rle", "write")
 PREFIX = "t_"
+COUNT_PREFIX = "n_"
 
 
 class StageClock:
     """A worker's stopwatch: ``time(stage)`` around work, ``add`` for time measured elsewhere
-    (decode threads), ``stamp`` to put what was spent on a batch's rows."""
+    (decode threads), ``count`` for events (detector calls), ``stamp`` to put what was spent on
+    a batch's rows."""
 
     def __init__(self):
         self.spent: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
 
     @contextlib.contextmanager
     def time(self, stage: str) -> Iterator[None]:
@@ -40,11 +44,16 @@ class StageClock:
     def add(self, stage: str, seconds: float) -> None:
         self.spent[stage] += seconds
 
+    def count(self, name: str, n: float = 1) -> None:
+        self.counts[name] += n
+
     def stamp(self, batch: pa.Table) -> pa.Table:
-        """Add this batch's seconds per image to its ``t_<stage>`` columns, then start afresh."""
+        """Add this batch's seconds (and counts) per image to its ``t_<stage>`` (``n_<name>``)
+        columns, then start afresh."""
         n = max(batch.num_rows, 1)
-        for stage, seconds in self.spent.items():
-            name = PREFIX + stage
+        spent = {PREFIX + stage: seconds for stage, seconds in self.spent.items()}
+        spent.update({COUNT_PREFIX + name: value for name, value in self.counts.items()})
+        for name, seconds in spent.items():
             share = [seconds / n] * batch.num_rows
             if name in batch.column_names:
                 before = batch.column(name).to_pylist()
@@ -53,6 +62,7 @@ class StageClock:
             else:
                 batch = batch.append_column(name, pa.array(share, pa.float64()))
         self.spent.clear()
+        self.counts.clear()
         return batch
 
 
@@ -62,6 +72,7 @@ class Timings:
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
         self.images = 0
         self.actors: dict[str, dict] = {}
 
@@ -71,6 +82,8 @@ class Timings:
             for key, value in row.items():
                 if key.startswith(PREFIX) and value:
                     self.seconds[key[len(PREFIX):]] += value
+                elif key.startswith(COUNT_PREFIX) and value:
+                    self.counts[key[len(COUNT_PREFIX):]] += value
             actor = row.get("sam_actor")
             if actor:
                 entry = self.actors.setdefault(actor, {"images": 0, "node": row.get("sam_node"), "dtype": row.get("sam_dtype"),
@@ -91,4 +104,9 @@ class Timings:
                     "busy_fraction": round(entry["busy_s"] / entry["wall_s"], 4) if entry["wall_s"] else None}
             for actor, entry in sorted(self.actors.items())
         }
-        return {"images": self.images, "stages": stages, "sam_actors": actors}
+        timings = {"images": self.images, "stages": stages, "sam_actors": actors}
+        calls = round(self.counts.get("detect_calls", 0))
+        if calls:  # YOLO calls and the images they held: how well mixed sizes batch
+            images = round(self.counts.get("detect_images", 0))
+            timings["detector"] = {"calls": calls, "images": images, "mean_batch_size": round(images / calls, 3)}
+        return timings

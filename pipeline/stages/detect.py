@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from pipeline.config import DetectorConfig
 from pipeline.errors import ImageError
-from pipeline.io.decode import ImageDecoder, pixels_or_error, with_errors
+from pipeline.io.decode import ImageDecoder, decode_budget, fit_groups, pixels_or_error, with_errors
 from pipeline.models.yoloe import ClassEmbeddings
 from pipeline.run.faults import CrashGuard, InjectedFaults
 from pipeline.run.timings import StageClock
@@ -34,6 +34,64 @@ def detections_of(result) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         boxes.cls.cpu().numpy().astype(np.int32),
         boxes.conf.float().cpu().numpy(),
     )
+
+
+def letterbox_geometry(model, imgsz: int) -> tuple[list[int], int]:
+    """(imgsz, stride) as ultralytics' predictor letterboxes with them for this model: the
+    stride of its PyTorch backend (the model's largest, at least 32) and ``check_imgsz``."""
+    from ultralytics.utils.checks import check_imgsz
+
+    net = model.model
+    stride = max(int(net.stride.max()), 32) if hasattr(net, "stride") else 32
+    return check_imgsz(imgsz, stride=stride, min_dim=2), stride
+
+
+def letterbox_shape(height: int, width: int, imgsz: list[int], stride: int) -> tuple[int, int]:
+    """The (h, w) ultralytics' rect inference gives a lone image of this size: its predictor's
+    ``pre_transform``, ``LetterBox(auto=True)`` (the long side to imgsz, the short side padded to
+    a multiple of the stride). Many camera sizes share one: 4032x3024, 1600x1200 and 640x480 all
+    go to 640x480 at imgsz 640. Computed from the size alone, no pixels."""
+    from ultralytics.data.augment import LetterBox
+
+    params = LetterBox(imgsz, auto=True, stride=stride).get_params({"img": np.empty((height, width, 0), np.uint8)})
+    (w, h), top, bottom, left, right = params["new_unpad"], params["top"], params["bottom"], params["left"], params["right"]
+    return h + top + bottom, w + left + right
+
+
+def predict_together(model, images: list, **kwargs) -> list:
+    """One ``model.predict`` over images that share a letterboxed shape, each letterboxed as it
+    would be alone: the model gets each image exactly as a per-image ``predict`` gives it, and
+    each result is bit for bit the one ultralytics gives that image in a batch of same-size
+    images (a per-image ``predict`` differs from any batch in the last bits of its arithmetic).
+
+    ultralytics letterboxes a batch with ``auto`` (the minimum rectangle) only when all its
+    images have one size; images of different sizes would go to an imgsz square instead and
+    their boxes would differ. ``stream=True`` sets the predictor up without running it, so its
+    ``pre_transform`` can be told to take each image alone first (the predictor's own code, its
+    own choice of ``auto``); the stacked batch has the group's shape, and the boxes are scaled
+    back to each original image by ultralytics' own ``postprocess``. Any model with an
+    ultralytics predictor (YOLOE, YOLO-World) can go through it.
+    """
+    results = model.predict(images, stream=True, **kwargs)
+    _letterbox_each_alone(model.predictor)
+    return list(results)
+
+
+def _letterbox_each_alone(predictor) -> None:
+    if getattr(predictor, "_letterbox_each_alone", False):
+        return
+    whole = predictor.pre_transform  # the class's method, bound to this predictor
+
+    def pre_transform(images: list) -> list:
+        if len({im.shape for im in images}) <= 1:
+            return whole(images)
+        out = [whole([im])[0] for im in images]
+        if len({im.shape for im in out}) > 1:  # the stage groups by letterbox_shape: a bug, not an image's fault
+            raise RuntimeError(f"images grouped as one letterbox shape went to {sorted({im.shape for im in out})}")
+        return out
+
+    predictor.pre_transform = pre_transform
+    predictor._letterbox_each_alone = True
 
 
 class Detector:
@@ -74,36 +132,49 @@ class Detector:
         # crash ledger can find the image responsible (run/faults.py): then each is decoded only
         # once it is announced, not ahead in the decode threads.
         one_by_one = bool(ok) and not self.guard.start_batch([uris[i] for i in ok])
-        pending = {} if one_by_one else self.decoder.decode_rows(batch, ok)
-        # Group images by shape: ultralytics letterboxes a same-shape batch exactly as it does a
-        # single image, so boxes equal a per-image YOLO.predict, and no padding is wasted.
+        # Group images by the shape ultralytics' rect inference letterboxes each to alone, not by
+        # their size: images of many sizes go through YOLO together, and predict_together makes
+        # each one's boxes those of a per-image YOLO.predict.
+        if getattr(self, "_geometry", None) is None:  # once per actor (check_imgsz may log a warning)
+            self._geometry = letterbox_geometry(self.model, self.cfg.imgsz)
+        geometry = self._geometry
         by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i in ok:
-            by_shape[(heights[i], widths[i])].append(i)
-        for (h, w), rows in by_shape.items():
-            step = 1 if one_by_one else self.cfg.batch_size
-            for start in range(0, len(rows), step):
-                chunk = rows[start : start + step]
-                if one_by_one and not self.guard.start(uris[chunk[0]]):
-                    errors[chunk[0]] = self.guard.crash_error()
-                    continue
-                if self.faults:
-                    for i in chunk:
-                        self.faults.maybe_kill("detect", uris[i])
-                if one_by_one:
-                    pending.update(self.decoder.decode_rows(batch, chunk))
-                images = {}
+            by_shape[letterbox_shape(heights[i], widths[i], *geometry)].append(i)
+        sizes = {i: heights[i] * widths[i] for i in ok}
+        # Decoded pixels held at once stay within detector.decode_ahead_mp (a group of huge
+        # images is cut smaller; one image always goes).
+        budget = decode_budget(self.cfg.decode_ahead_mp, self.cfg.batch_size)
+        step = 1 if one_by_one else self.cfg.batch_size
+        groups = [chunk for rows in by_shape.values() for chunk in fit_groups(rows, sizes, step, budget)]
+        pending = {} if one_by_one else self.decoder.ahead(batch, groups, sizes, budget)
+        for chunk in groups:
+            if one_by_one and not self.guard.start(uris[chunk[0]]):
+                errors[chunk[0]] = self.guard.crash_error()
+                continue
+            if self.faults:
                 for i in chunk:
-                    pixels = pixels_or_error(pending.pop(i), (h, w))
-                    if isinstance(pixels, ImageError):
-                        errors[i] = pixels
-                    else:
-                        images[i] = pixels[:, :, ::-1]  # ultralytics takes numpy images as BGR (OpenCV order)
-                if images:
-                    with self.clock.time("detect"):
-                        predicted = self.model.predict(list(images.values()), **self.kwargs)
-                    for i, result in zip(images, predicted):
-                        results[i] = detections_of(result)
+                    self.faults.maybe_kill("detect", uris[i])
+            if one_by_one:
+                pending.update(self.decoder.decode_rows(batch, chunk))
+            images = {}
+            for i in chunk:
+                pixels = pixels_or_error(pending.pop(i), (heights[i], widths[i]))
+                if isinstance(pixels, ImageError):
+                    errors[i] = pixels
+                else:
+                    images[i] = pixels[:, :, ::-1]  # ultralytics takes numpy images as BGR (OpenCV order)
+            if images:
+                with self.clock.time("detect"):
+                    predicted = predict_together(self.model, list(images.values()), **self.kwargs)
+                self.clock.count("detect_calls")
+                self.clock.count("detect_images", len(images))
+                for i, result in zip(images, predicted):
+                    results[i] = detections_of(result)
+                del predicted  # results hold the original images
+            images.clear()
+            if not one_by_one:
+                pending.release(chunk)
         self.guard.done()
         self.clock.add("decode", self.decoder.take_seconds())
         batch = with_errors(batch, errors)

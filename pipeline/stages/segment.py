@@ -20,7 +20,7 @@ import pyarrow as pa
 from pipeline.sam import quality
 from pipeline.config import QaConfig, SamConfig
 from pipeline.run.console import worker_logging
-from pipeline.io.decode import ImageDecoder, ImageError, pixels_or_error, with_errors
+from pipeline.io.decode import ImageDecoder, ImageError, decode_budget, fit_groups, pixels_or_error, with_errors
 from pipeline.run.faults import CrashGuard
 from pipeline.sam.prompts import Prompt, manifest_prompts
 from pipeline.sam.model import Candidates, SamModel, SegmentOOM
@@ -176,11 +176,14 @@ class Segmenter:
         whole = not ok or self.guard.start_batch([rows[i]["uri"] for i in ok])
         prompts = {i: self.prompts_for(rows[i]) for i in ok}
         need = [i for i in ok if prompts[i] or self.automatic is not None]
-        pending = self.decoder.decode_rows(batch, need) if whole else {}
-        step = self.cfg.batch_size if whole else 1
+        # Decoded pixels held at once (in the encoder and decoded ahead) stay within
+        # sam.decode_ahead_mp: huge images make smaller encoder passes; one image always goes.
+        sizes = {i: rows[i]["width"] * rows[i]["height"] for i in need}
+        budget = decode_budget(self.cfg.decode_ahead_mp, 2 * self.cfg.batch_size)
+        groups = fit_groups(need, sizes, self.cfg.batch_size, budget) if whole else [[i] for i in need]
+        pending = self.decoder.ahead(batch, groups, sizes, budget) if whole else {}
         built = []  # futures of (row index, objects rows), made by the host thread
-        for start in range(0, len(need), step):
-            group = need[start:start + step]
+        for group in groups:
             if not whole:
                 if not self.guard.start(rows[group[0]]["uri"]):  # this image killed the worker again and again
                     errors[group[0]] = self.guard.crash_error()
@@ -203,6 +206,9 @@ class Segmenter:
             if self.automatic is not None:
                 answers = self._add_automatic([images[i] for i in order], [prompts[i] for i in order], answers,
                                               [rows[i]["uri"] for i in order])
+            images.clear()
+            if whole:
+                pending.release(group)  # the next images decode while these are finished
             for i, answer in zip(order, answers):
                 if isinstance(answer, SegmentOOM):
                     errors[i] = answer
