@@ -49,9 +49,12 @@ def fault_overrides(images: Path, out: Path, checkpoints: dict) -> list[str]:
     # call and per SAM encoder batch: which images share a batch depends on timing, and batching
     # moves boxes and logits in their last float bits, which would make two clean runs differ by
     # a mask pixel now and then.
+    # One prompt per mask-decoder call, for the same reason: the decoder's CPU kernels give a
+    # prompt's logits other last float bits in a call of 4 prompts than alone (a 1-pixel flip at
+    # IoU 0.99998 was seen), and an injected OOM splits calls down to one prompt each.
     # One SAM actor: the kill test kills "the" segment worker.
     return [*run_overrides(images, out, checkpoints), "input.shard_size=1", "detector.batch_size=1", "sam.batch_size=1",
-            "ray.sam_actors=1", "report.enabled=false"]
+            "sam.box_chunk=1", "ray.sam_actors=1", "report.enabled=false"]
 
 
 def read_run(out: Path) -> dict:
@@ -152,13 +155,20 @@ def test_sigkill_of_an_actor_loses_and_duplicates_nothing(ray_local, checkpoints
 def test_poison_images_become_worker_crash_rows_and_oom_retries_smaller_chunks(ray_local, checkpoints, fault_images, clean, tmp_path, monkeypatch):
     """Test-only hooks (AUTOLABEL_TEST_FAULTS) SIGKILL the decode, detect and segment workers
     every time they start one chosen image each, and raise CUDA OOM in SAM's decoder for more
-    than one prompt at a time, and always for a fourth image."""
+    than one prompt at a time, and always for a fourth image.
+
+    This run asks for 64 prompts per decoder call, so every image of several objects hits the
+    OOM and is split in halves down to one prompt per call; the clean run decodes one prompt per
+    call (fault_overrides), so the masks must agree bit for bit: a split that lost, repeated,
+    misplaced or mixed prompts would show. (Against a clean run of 64 prompts per call they
+    would not: CPU kernels round a prompt's logits differently in a batch of 4 than alone.)"""
     monkeypatch.setenv("AUTOLABEL_TEST_FAULTS", json.dumps({
         "kill": {"decode": "bus1", "detect": "zidane1", "segment": "astronaut1"},
         "oom_uri": "coffee1", "oom_over_prompts": 1,
     }))
     out = tmp_path / "out"
-    manifest = run(load_config(None, [*fault_overrides(fault_images, out, checkpoints), "ray.max_image_crashes=2"]))
+    manifest = run(load_config(None, [*fault_overrides(fault_images, out, checkpoints), "ray.max_image_crashes=2",
+                                           "sam.box_chunk=64"]))
     assert manifest["status"] == "finished"
     result = read_run(out)
     by_name = {Path(u).stem: row for u, row in zip(result["images"]["uri"], result["images"].itertuples())}
@@ -173,6 +183,7 @@ def test_poison_images_become_worker_crash_rows_and_oom_retries_smaller_chunks(r
     assert {deaths["decode:bus1"], deaths["detect:zidane1"], deaths["segment:astronaut1"]} == {2}
     # Everything else is exactly the clean run, though every multi-object image hit OOM first.
     assert max(clean["images"]["num_objects"]) > 1
+    assert (manifest["config"]["sam"]["box_chunk"], clean["manifest"]["config"]["sam"]["box_chunk"]) == (64, 1)
     assert_exactly_once(result, clean, skip_uris=("bus1", "zidane1", "astronaut1", "coffee1"))
 
 

@@ -142,6 +142,36 @@ def test_prompts_of_several_images_in_one_decoder_call(checkpoints, tutorial, sc
     assert other < 0.9999
 
 
+def test_a_decoder_call_split_by_oom_answers_as_one_prompt_per_call_bit_for_bit(checkpoints, scenes):
+    """A decoder call out of GPU memory is split in halves down to one prompt (injected OOM for
+    more than one prompt at a time): every prompt gets, to the bit, the answer of a run of one
+    prompt per call (``box_chunk=1``), so no split loses, repeats, misplaces or mixes a prompt.
+    Against one call of all prompts the answers differ only in the last float bits (CPU kernels
+    round a batch of prompts differently; test_faults compares runs with this in mind): the
+    same masks at IoU >= 0.9999, while another prompt's mask is far below (control)."""
+    from pipeline.run.faults import InjectedFaults
+
+    images, prompts = [rgb for rgb, _, _ in scenes], [_prompts(b, c) for _, b, c in scenes]
+
+    def answers(box_chunk, faults=None):
+        sam = SamModel(SamConfig(checkpoint=str(checkpoints["sam"]), image_size=SAM_IMAGE_SIZE, batch_size=4, box_chunk=box_chunk))
+        sam.faults = faults
+        calls = []
+        hook = sam.model.sam_mask_decoder.register_forward_hook(lambda m, args, out: calls.append(len(out[0])))
+        found = [a for image in sam.segment_batch(images, prompts) for a in image]
+        hook.remove()
+        return found, calls
+
+    split, split_calls = answers(64, InjectedFaults(oom_over_prompts=1))
+    alone, alone_calls = answers(1)
+    together, together_calls = answers(64)
+    assert split_calls == alone_calls == [1] * 32 and together_calls == [24, 8]
+    assert [(a.rles, a.scores.tolist()) for a in split] == [(a.rles, a.scores.tolist()) for a in alone]
+    ious = [mask_codec.iou(a.masks[0], b.masks[0]) for a, b in zip(split, together)]
+    assert min(ious) >= 0.9999, min(ious)
+    assert mask_codec.iou(split[0].masks[0], together[1].masks[0]) < 0.9999  # control: another box's mask
+
+
 def test_the_gpu_reduction_of_masks_gives_the_cpu_s_answers(checkpoints, scenes):
     """On a GPU the masks are reduced with torch (run boundaries, areas, boxes) and only the runs
     cross to the host; on a CPU pycocotools encodes them. Both ways, on the same images and
