@@ -183,11 +183,14 @@ def test_summaries_on_an_object_store_merge_to_the_scan(tmp_path, qa):
     assert report(src, tmp_path / "scanned", summaries=False)[:2] == (merged, merged_csv)
 
 
-def test_the_first_crowded_images_and_errors_of_many_shards_come_from_a_few_summaries(tmp_path):
-    """80 shards: the gallery's 32 most crowded images and the first 20 error rows are read from the
-    summaries of the shards that may hold them only, and are those of a scan."""
+def test_the_first_crowded_images_and_errors_of_many_shards_come_from_a_few_summaries(tmp_path, monkeypatch):
+    """80 shards, their summaries read 7 at a time: the gallery's 32 most crowded images and the first
+    20 error rows are read from the summaries of the shards that may hold them only, and are those of a scan."""
+    from pipeline.outputs.report import stats as report_stats
     from pipeline.outputs.report.stats import RunStats
     from pipeline.outputs.rundata import RunData
+
+    monkeypatch.setattr(report_stats, "SUMMARY_BATCH", 7)
 
     run = tmp_path / "run"
     write_synthetic_run(str(run), num_images=400, mean_objects=5.0, images_per_part=5, error_every=7, seed=8, summaries=True)
@@ -195,10 +198,31 @@ def test_the_first_crowded_images_and_errors_of_many_shards_come_from_a_few_summ
     for summaries in (True, False):
         stats = RunStats(RunData(str(run)), ReportOptions(gallery=64, summaries=summaries))
         try:
-            got[summaries] = (stats.gallery_picks(), stats.errors_sample(), stats.totals())
+            got[summaries] = (stats.gallery_picks(), stats.errors_sample(), stats.totals(), stats.histograms(), stats.groups())
             if summaries:
                 assert len(stats.summarized) == 80 and 20 <= len(stats._sample_sources()) < 80
         finally:
             stats.close()
     assert got[True] == got[False]
     assert [p["why"] for p in got[True][0]].count("most objects") == 32 and len(got[True][1]) == 20
+
+
+def test_scale_benchmark_simulation_runs_small(tmp_path):
+    """benchmarks/report_scale.py --simulate, small: the summaries of 30 shards, copies of two real ones."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import report_scale
+    finally:
+        sys.path.pop(0)
+    result = report_scale.simulate(tmp_path, shards=30, objects_per_shard=300)
+    templates = [pq.read_table(p).to_pandas() for p in sorted((tmp_path / "templates" / "summaries").glob("*.parquet"))]
+    per_template = [int(t[t.kind == "class"].objects.sum()) for t in templates]
+    assert result["shards"] == {"from_summaries": 30, "scanned": 0}
+    assert result["simulated_objects"] == 15 * sum(per_template)
+    assert result["peak_rss_mib"] > 0 and result["numbers_s"] >= 0
+    summary = json.loads((tmp_path / "run" / "report" / "summary.json").read_text())
+    assert all(g["drawn"] == g["n"] for g in summary["gallery"])  # the gallery found its images' rows in the stand-in parts

@@ -6,16 +6,16 @@ Which shards are counted from their summaries and which from their rows:
 - a shard whose commit wrote a summary (of this version, covering ``--group-by``) is merged as it is;
 - a shard without one (a run made before summaries, or a shard committed by such a version before a
   resume) is scanned;
-- review decisions change counts: a shard holding an image a decision is about (found by the URI
-  range its summary records) is scanned with the decisions applied; the review table is small;
+- review decisions change counts: a shard holding an image a decision is about (the review table is
+  small: its URIs are looked up in the URI range each summary records, then its image ids in those
+  shards' images parts) is scanned with the decisions applied;
 - a filtered report (``--classes``, ``--flagged``, ...) or one grouped by a column that is not the
   folder or a manifest metadata key scans every shard.
 
 The scanned shards go through the very queries the commits ran (summaries.py), with duckdb over
 their Parquet parts, column by column, spilling past ``DUCKDB_MEMORY_LIMIT`` to a private temp
-folder; the result is merged with the other summaries. The galleries read a bounded number of rows:
-the most crowded images come from the summaries, the random and flagged samples from a few shards
-chosen pseudo-randomly (repeatable with --seed), plus the scanned ones.
+folder; the result is merged with the other summaries. The summaries are read SUMMARY_BATCH files
+per query, keeping a few facts per shard; the galleries read a bounded number of rows (samples.py).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ log = logging.getLogger("autolabel.report")
 
 MAX_GROUPS = 1000  # groups kept in summary.json (the page shows TOP_GROUPS_SHOWN; counts.csv has all)
 DUCKDB_MEMORY_LIMIT = "1GB"
+SUMMARY_BATCH = 1000  # summaries read by one duckdb query
 
 
 class ReportError(ValueError):
@@ -103,19 +104,28 @@ class RunStats(GalleryRows):
     # ------------------------------------------------------------------ building the merged table
 
     def _read_summaries(self, stems: list[str]) -> str:
-        """A view of the summaries of these shards (duckdb reads local files itself; remote ones through pyarrow)."""
+        """SQL naming the summaries of these shards as a table (duckdb reads local files itself; remote
+        ones through pyarrow)."""
         files = [f"{self.run.root}/{SUMMARIES_DIR}/{s}.parquet" for s in stems]
-        self._views = getattr(self, "_views", 0) + 1
-        name = f"summaries_{self._views}"
         if self.run.is_local:
-            quoted = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            self.con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet([{quoted}])")
-        else:
-            import pyarrow.dataset as pads
+            return "read_parquet([" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "])"
+        import pyarrow.dataset as pads
 
-            self.con.register(f"{name}_ds", pads.dataset(files, schema=SCHEMA, filesystem=self.run.arrow_fs(), format="parquet"))
-            self.con.execute(f"CREATE VIEW {name} AS SELECT * FROM {name}_ds")
-        return name
+        self._sources = getattr(self, "_sources", 0) + 1
+        self.con.register(f"summaries_{self._sources}", pads.dataset(files, schema=SCHEMA, filesystem=self.run.arrow_fs(), format="parquet"))
+        return f"summaries_{self._sources}"
+
+    def _load(self, stems: list[str], table: str, where: str, sign: str = "") -> None:
+        """CREATE TABLE ``table``: the summaries' rows that ``where`` selects, counts summed (negated with
+        ``sign="-"``), read SUMMARY_BATCH files at a time, so reading more files takes no more memory."""
+        sums = ", ".join(f"{sign}sum({c}) AS {c}" for c in COUNTS)
+        self.con.execute(f"CREATE TABLE {table}_parts AS SELECT {', '.join(KEYS)}, {', '.join(COUNTS)} FROM empty_summary")
+        for start in range(0, len(stems), SUMMARY_BATCH):
+            source = self._read_summaries(stems[start:start + SUMMARY_BATCH])
+            self.con.execute(f"INSERT INTO {table}_parts SELECT {', '.join(KEYS)}, {sums} FROM {source} WHERE {where} GROUP BY ALL")
+        self.con.execute(f"CREATE TABLE {table} AS SELECT {', '.join(KEYS)}, {', '.join(f'sum({c}) AS {c}' for c in COUNTS)} "
+                         f"FROM {table}_parts GROUP BY ALL")
+        self.con.execute(f"DROP TABLE {table}_parts")
 
     def _plan(self) -> tuple[list[str], set[str]]:
         """(shards whose summaries were loaded into the table ``loaded``, shards to scan)."""
@@ -124,17 +134,14 @@ class RunStats(GalleryRows):
         opts = self.options
         served = opts.group_by == FOLDER or opts.group_by not in IMAGES_SCHEMA.names  # the folder, or a metadata key
         have = [s for s in map(stem, self.run.summary_files) if s in self.image_parts]
+        self.con.register("empty_summary", SCHEMA.empty_table())
         if not (opts.summaries and self.sink_layout and have and not opts.filter.active and served):
-            self.con.register("loaded_empty", SCHEMA.empty_table())
-            self.con.execute("CREATE TABLE loaded AS SELECT * FROM loaded_empty")
+            self.con.execute("CREATE TABLE loaded AS SELECT * FROM empty_summary")
             return [], set(self.image_parts)
-        source = self._read_summaries(have)
-        sums = ", ".join(f"sum({c}) AS {c}" for c in COUNTS)
         # One pass over every summary; the gallery's and the error list's rows (SAMPLES) later, from the few
         # shards that may hold the run's first ones, so memory grows with a few rows per shard, not dozens.
         samples = ", ".join(f"'{k}'" for k in SAMPLES)
-        self.con.execute(f"CREATE TABLE loaded AS SELECT {', '.join(KEYS)}, {sums} FROM {source} "
-                         f"WHERE (version = {VERSION} OR kind = 'shard') AND kind NOT IN ({samples}) GROUP BY ALL")
+        self._load(have, "loaded", f"(version = {VERSION} OR kind = 'shard') AND kind NOT IN ({samples})")
         facts = self.con.sql("SELECT kind, shard, key, value, version, ok, flagged, objects, bin, uri, image_id FROM loaded "
                              "WHERE kind IN ('shard', 'shard_reason', 'group_key', 'first_error')").fetchall()
         for kind, shard, key, value, version, ok, flagged, objects, most, uri, image_id in facts:
@@ -199,15 +206,9 @@ class RunStats(GalleryRows):
         self.con.register("minus_shards", pa.table({"shard": pa.array(minus, pa.string())}))
         parts = [f"SELECT {', '.join(KEYS)}, {', '.join(COUNTS)} FROM loaded "
                  "WHERE shard IS NULL OR shard NOT IN (SELECT shard FROM minus_shards)"]
-        if minus:
-            source = self._read_summaries(minus)
-            parts.append(f"SELECT {', '.join(KEYS)}, {', '.join(f'-{c} AS {c}' for c in COUNTS)} FROM {source} "
-                         f"WHERE version = {VERSION} AND shard IS NULL")
-        sampled = self._sample_sources()
-        if sampled:
-            source = self._read_summaries(sampled)
-            parts.append(f"SELECT {', '.join(KEYS)}, {', '.join(COUNTS)} FROM {source} WHERE version = {VERSION} "
-                         f"AND kind IN ({', '.join(repr(k) for k in SAMPLES)})")
+        self._load(minus, "minus", f"version = {VERSION} AND shard IS NULL", sign="-")
+        self._load(self._sample_sources(), "sampled", f"version = {VERSION} AND kind IN ({', '.join(repr(k) for k in SAMPLES)})")
+        parts += [f"SELECT {', '.join(KEYS)}, {', '.join(COUNTS)} FROM {t}" for t in ("minus", "sampled")]
         parts.append(f"SELECT {', '.join(KEYS)}, {', '.join(COUNTS)} FROM scan_summary")
         sums = ", ".join(f"sum({c}) AS {c}" for c in COUNTS)
         nonzero = " OR ".join(f"coalesce(sum({c}), 0) <> 0" for c in COUNTS)
