@@ -232,6 +232,7 @@ def write_synthetic_run(
     image_uri_base: Optional[str] = None,
     qa: bool = False,
     legacy: bool = False,
+    summaries: bool = False,
 ) -> dict:
     """Write a run; returns its totals. ``image_folder`` set: real PNG files are written and used as URIs;
     with ``image_uri_base`` too, the URIs are ``image_uri_base/<path under image_folder>`` instead (for
@@ -241,6 +242,8 @@ def write_synthetic_run(
     error row; object counts per image are Poisson around ``mean_objects`` (some images have none).
     ``qa``: with the quality-control columns filled in (see the module's doc); otherwise they are null.
     ``legacy``: without the quality-control columns at all, as runs made before them were written.
+    ``summaries``: with a shard summary beside each part, as the sink's commit writes it (without, the
+    run is like one made before summaries).
     """
     rng = np.random.default_rng(seed)
     fs, root = url_to_fs(run_uri, **(storage_options or {}))
@@ -275,7 +278,13 @@ def write_synthetic_run(
         if legacy:
             objects = objects.drop_columns([f.name for f in QA_OBJECT_FIELDS if f.name in objects.column_names])
             images = images.drop_columns([c for c in ("num_flagged",) if c in images.column_names])
-        for sub, table in (("images", images), ("objects", objects)):
+        tables = [("images", images), ("objects", objects)]
+        if summaries:
+            from pipeline.outputs.report.summaries import shard_summary
+
+            tables.append(("summaries", shard_summary(images, objects, [], name.removesuffix(".parquet"))))
+        for sub, table in tables:
+            fs.makedirs(f"{root}/{sub}", exist_ok=True)
             with fs.open(f"{root}/{sub}/{name}", "wb") as f:
                 pq.write_table(table, f, compression="zstd")
         totals["images"] += images.num_rows

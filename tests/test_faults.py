@@ -270,9 +270,18 @@ def test_a_resume_in_another_dtype_is_refused(ray_local, checkpoints, fault_imag
     with pytest.raises(ConfigError, match=r"sam.dtype: 'bfloat16' -> 'float32'(.|\n)*segmented in another dtype"):
         run(load_config(None, overrides))
     assert (out / "run.json").read_bytes() == before and not (out / "_done" / "shard-000001.json").exists()
+    stale = out / "summaries" / "shard-000001.parquet"  # the interrupted shard's summary, left behind
+    stale.write_bytes(b"left behind")
     resumed = run(load_config(None, [*overrides, "sam.dtype=bfloat16"]))
     assert resumed["status"] == "finished" and resumed["progress"]["shards_done_before_this_attempt"] == 1
     assert resumed["totals"]["images"] == 2
+    # The resumed run's report: both shards from their summaries (the stale one was removed and written
+    # again by the shard's new commit), and the numbers equal a scan of every row.
+    assert stale.read_bytes() != b"left behind"
+    from test_counting import assert_merged_equals_scan
+
+    how = assert_merged_equals_scan(out, tmp_path / "report")
+    assert (how["from_summaries"], how["scanned"]) == (2, 0)
 
 
 def _unshare_works() -> bool:

@@ -280,7 +280,7 @@ def _bound_run(fs, root: str, storage_options: Optional[dict] = None) -> dict:
     """A synthetic run written where ``root`` is, with run.json bound there as a run writes it
     (``run_id``, ``location``) and its bookkeeping files (listing, done markers)."""
     location = fs.unstrip_protocol(root)
-    write_synthetic_run(location, num_images=6, images_per_part=4, storage_options=storage_options)
+    write_synthetic_run(location, num_images=6, images_per_part=4, storage_options=storage_options, summaries=True)
     manifest = json.loads(fs.cat_file(f"{root}/run.json"))
     manifest.update(run_id="0" * 31 + "1", location=location)
     _put(fs, f"{root}/run.json", json.dumps(manifest).encode())
@@ -330,7 +330,7 @@ def _storage(where: str, tmp_path: Path, request) -> tuple:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 @pytest.mark.parametrize("intruder", ["images/cat.jpg", "objects/shard-000099.parquet", "_staging/shard-000000/notes.txt",
-                                      "_done/shard-000000.json.bak"])
+                                      "_done/shard-000000.json.bak", "summaries/notes.txt"])
 def test_overwrite_and_resume_refuse_a_file_the_run_did_not_write(tmp_path, request, where, intruder):
     """In the run's own folders every file must be one the run wrote (a shard id of its listing, the sink's
     names); anything else is named and nothing is deleted, --overwrite or resume."""
@@ -360,7 +360,8 @@ def test_overwrite_removes_exactly_the_runs_files(tmp_path, request, where):
     _put(fs, f"{root}/_staging/shard-000001/images-0123456789abcdef.parquet", b"staged")
     _put(fs, f"{root}/images/.tmp-{'a' * 32}-shard-000001.parquet", b"half written")
     before = _keys(fs, root)
-    assert {"images/shard-000000.parquet", "objects/shard-000001.parquet", "_shards/shard-000001.parquet"} <= set(before)
+    assert {"images/shard-000000.parquet", "objects/shard-000001.parquet", "_shards/shard-000001.parquet",
+            "summaries/shard-000001.parquet"} <= set(before)
     folder = _run_folder(fs.unstrip_protocol(root) + "/images/../", options)
     assert folder.path == root
     assert folder.previous_run(overwrite=True) is None

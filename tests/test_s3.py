@@ -242,6 +242,11 @@ def test_job_reads_from_and_writes_to_s3_without_leaking_credentials(s3, checkpo
     written = decoded_files(fs, "runs/r1")
     assert any(p.endswith("report/report.html") for p in written) and any("/_shards/" in p for p in written)
     assert any(p.endswith("exports/labelstudio/tasks.json") for p in written)
+    # Each commit wrote its shard's summary on the object store, and the run's report merged them (read remotely).
+    summaries = [p for p in written if "/summaries/shard-" in p]
+    report_summary = json.loads(written[next(p for p in written if p.endswith("report/summary.json"))])
+    assert len(summaries) == len([p for p in written if "/images/shard-" in p]) == report_summary["shards"]["from_summaries"]
+    assert report_summary["shards"]["scanned"] == 0 and report_summary["totals"]["objects"] == len(objects)
     assert_no_secret([KEY, SECRET, HTTP_PASSWORD, SIGNATURE, CREDENTIAL], {**logs, **written, **ray_records(loopback_ray)})
 
 

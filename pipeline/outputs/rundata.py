@@ -19,7 +19,7 @@ from fsspec.core import url_to_fs
 
 from pipeline.io.credentials import redact
 from pipeline.outputs.columns import DUPLICATE, UNLABELED
-from pipeline.run.ownership import normalised_path
+from pipeline.run.ownership import SUMMARIES_DIR, normalised_path
 
 
 # run.json's classes.defined_by -> what the report says about it
@@ -45,6 +45,15 @@ COCO_NAMES = [  # ultralytics' cfg/datasets/coco.yaml, the official YOLOv8 / YOL
 
 class RunError(ValueError):
     """RUN_DIR is not a readable autolabel run; the message says why."""
+
+
+def counted_sql(columns: list[str], include_duplicates: bool = False, alias: str = "") -> str:
+    """Rows that are objects: runs with prompt-error rows and extra SAM candidates mark them
+    (``status``, ``candidate``); ``num_objects`` counts exactly these. ``include_duplicates``:
+    also masks marked ``status=duplicate`` (never counted in ``num_objects``)."""
+    status = f"{alias}status IN ('ok', 'duplicate')" if include_duplicates else f"{alias}status = 'ok'"
+    parts = ([status] if "status" in columns else []) + ([f"{alias}candidate = 0"] if "candidate" in columns else [])
+    return "(" + " AND ".join(parts) + ")" if parts else "TRUE"
 
 
 class RunData:
@@ -91,6 +100,13 @@ class RunData:
             return []
         return sorted(n for n in names if n.endswith(".parquet") and not n.rsplit("/", 1)[-1].startswith("."))
 
+    @property
+    def summary_files(self) -> list[str]:
+        """``RUN/summaries/shard-X.parquet``: the shard summaries the commits wrote (report/summaries.py)."""
+        if not hasattr(self, "_summary_files"):
+            self._summary_files = self._parts(SUMMARIES_DIR)
+        return self._summary_files
+
     def arrow_fs(self) -> pafs.FileSystem:
         return pafs.LocalFileSystem() if self.is_local else pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
@@ -100,14 +116,26 @@ class RunData:
         return self._datasets[table]
 
     def _open_dataset(self, table: str) -> pads.Dataset:
-        from pipeline.run.tables import IMAGES_SCHEMA, OBJECTS_SCHEMA
+        return self.dataset_of(table, self.image_files if table == "images" else self.object_files)
 
-        files = self.image_files if table == "images" else self.object_files
-        schema = IMAGES_SCHEMA if table == "images" else OBJECTS_SCHEMA
-        if files:
-            # Unify with the files' own schema so extra metadata columns (e.g. from a prompt manifest) stay visible.
-            schema = pads.dataset(files[:1], filesystem=self.arrow_fs(), format="parquet").schema
-        return pads.dataset(files, schema=schema, filesystem=self.arrow_fs(), format="parquet")
+    def schema(self, table: str):
+        """The table's schema: its first part's (extra metadata columns, e.g. from a prompt manifest, stay
+        visible), read from that part alone, so asking costs one file however many parts there are."""
+        if not hasattr(self, "_schemas"):
+            self._schemas = {}
+        if table not in self._schemas:
+            from pipeline.run.tables import IMAGES_SCHEMA, OBJECTS_SCHEMA
+
+            files = self.image_files if table == "images" else self.object_files
+            schema = IMAGES_SCHEMA if table == "images" else OBJECTS_SCHEMA
+            if files:
+                schema = pads.dataset(files[:1], filesystem=self.arrow_fs(), format="parquet").schema
+            self._schemas[table] = schema
+        return self._schemas[table]
+
+    def dataset_of(self, table: str, files: list[str]) -> pads.Dataset:
+        """Some parts of a table (all of them: ``dataset``), read with the table's schema."""
+        return pads.dataset(files, schema=self.schema(table), filesystem=self.arrow_fs(), format="parquet")
 
     def class_names(self) -> dict[int, str]:
         """The run's classes from run.json (all of them, also those never detected)."""
@@ -137,16 +165,10 @@ class RunData:
 
     @property
     def object_columns(self) -> list[str]:
-        return self.dataset("objects").schema.names if self.object_files else []
+        return self.schema("objects").names if self.object_files else []
 
     def counted_sql(self, include_duplicates: bool = False, alias: str = "") -> str:
-        """Rows that are objects: runs with prompt-error rows and extra SAM candidates mark them
-        (``status``, ``candidate``); ``num_objects`` counts exactly these. ``include_duplicates``:
-        also masks marked ``status=duplicate`` (never counted in ``num_objects``)."""
-        cols = self.object_columns
-        status = f"{alias}status IN ('ok', 'duplicate')" if include_duplicates else f"{alias}status = 'ok'"
-        parts = ([status] if "status" in cols else []) + ([f"{alias}candidate = 0"] if "candidate" in cols else [])
-        return "(" + " AND ".join(parts) + ")" if parts else "TRUE"
+        return counted_sql(self.object_columns, include_duplicates, alias)
 
     def counted_expression(self, include_duplicates: bool = False) -> Optional[pc.Expression]:
         cols, expr = self.object_columns, None

@@ -28,13 +28,15 @@ from pipeline.io.listing import protocols_of
 
 SHARD = r"(?P<shard>\d{6,})"  # write_shards' ids: 000000, 000001, ...
 TMP = r"(?:\.tmp-[0-9a-f]{32}-)?"  # sink.atomic_write's temporary name on local disks
-RUN_DATA = ("_shards", "_staging", "_done", "images", "objects", "videos", "tracks")  # the run's own folders: all of it must be the run's
+SUMMARIES_DIR = "summaries"  # a shard's counts, written by its commit beside images/ and objects/ (outputs/report/summaries.py)
+RUN_DATA = ("_shards", "_staging", "_done", "images", "objects", "videos", "tracks", SUMMARIES_DIR)  # the run's own folders: all of it must be the run's
 RUN_FILE_NAMES = {
     "_shards": re.compile(rf"shard-{SHARD}\.parquet"),
     "images": re.compile(rf"{TMP}shard-{SHARD}\.parquet"),
     "objects": re.compile(rf"{TMP}shard-{SHARD}\.parquet"),
     "videos": re.compile(rf"{TMP}shard-{SHARD}\.parquet"),  # video shards only (stages/track.py)
     "tracks": re.compile(rf"{TMP}shard-{SHARD}\.parquet"),
+    SUMMARIES_DIR: re.compile(rf"{TMP}shard-{SHARD}\.parquet"),
     "_done": re.compile(rf"{TMP}shard-{SHARD}\.json"),
 }
 STAGED_FOLDER = re.compile(rf"shard-{SHARD}")

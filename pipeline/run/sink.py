@@ -7,8 +7,9 @@ a resumed run writes exactly what an uninterrupted one would:
    ``RUN/_staging/shard-X/`` and returns one small row per image to the driver.
 2. ``commit_shard`` (a Ray task the driver launches once every image of a shard is staged) merges the staged parts
    into the shard's two files, deterministic in name and content (one row per image however
-   often a retried task staged it), then writes ``RUN/_done/shard-X.json`` with the shard's
-   totals. That marker is what makes the shard count as done on a resume.
+   often a retried task staged it), and its summary (``RUN/summaries/shard-X.parquet``: the
+   report's counts of the shard, outputs/report/summaries.py), then writes ``RUN/_done/shard-X.json``
+   with the shard's totals. That marker is what makes the shard count as done on a resume.
 
 Every file is written atomically (a temporary name and a rename on local disks; one PUT on an
 object store), through fsspec, so the run folder can be local or remote. A write that fails
@@ -32,7 +33,8 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from pipeline.io.listing import protocols_of
-from pipeline.run.ownership import STAGED_PART, is_local
+from pipeline.outputs.report.summaries import shard_summary
+from pipeline.run.ownership import STAGED_PART, SUMMARIES_DIR, is_local
 from pipeline.run.timings import COUNT_PREFIX, PREFIX as TIMING_PREFIX, StageClock
 from pipeline.run.tables import OBJECTS_SCHEMA, images_schema
 
@@ -252,6 +254,9 @@ def commit_shard(fs, root: str, shard_id: str, meta_columns: list[str] = ()) -> 
     name = f"shard-{shard_id}.parquet"
     atomic_write(fs, f"{root}/objects/{name}", _parquet_bytes(objects))
     atomic_write(fs, f"{root}/images/{name}", _parquet_bytes(images))
+    # The report's counts of this shard, so a report merges summaries instead of scanning every row.
+    summary = shard_summary(images, objects, list(meta_columns), f"shard-{shard_id}")
+    atomic_write(fs, f"{root}/{SUMMARIES_DIR}/{name}", _parquet_bytes(summary))
     totals = Totals()
     totals.add(images.select(["status", "error_class", "num_objects", "class_counts", "num_prompt_errors", "num_flagged"]).to_pylist())
     totals.add_flags(objects)

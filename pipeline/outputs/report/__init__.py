@@ -1,12 +1,14 @@
 """``autolabel report RUN``: one self-contained HTML page (plus counts.csv, summary.json) about a run.
 
-Every number comes from the Parquet tables through duckdb, which scans the pyarrow datasets
-column by column with a memory limit: a run with tens of millions of objects reports in bounded
-memory, and only the gallery images' masks are ever decoded. Charts are matplotlib (Agg) SVGs and
+Every number comes from the shard summaries the commits wrote (summaries.py), merged, so a run with
+a billion objects reports in seconds; shards without one (runs made before them, shards a review
+touched, a filtered report) are scanned by duckdb column by column with a memory limit, with the
+same queries. Only the gallery images' masks are ever decoded. Charts are matplotlib (Agg) SVGs and
 gallery pictures JPEGs, both inlined as data: URIs, so the page opens from disk with no network,
 no scripts and no external fonts (a Content-Security-Policy forbids anything else).
 
-The parts: stats.py (the numbers), charts.py, gallery.py (the pictures) and html.py (the page);
+The parts: summaries.py (one shard's numbers), stats.py (the numbers merged), charts.py, gallery.py
+(the pictures) and html.py (the page);
 here the driver that puts them together and writes the files.
 """
 from __future__ import annotations
@@ -46,9 +48,7 @@ def build_report(run: RunData, options: ReportOptions, image_storage_options: Op
 
 
 def _build(run: RunData, options: ReportOptions, stats: RunStats, image_storage_options: Optional[dict]) -> tuple[str, dict, RunStats]:
-    known = {**run.class_names(), **{int(i): n for i, n in stats.rows("SELECT DISTINCT class_id, class_name FROM objects_ds WHERE class_id IS NOT NULL")}}
-    options.filter.check_classes(known)
-    log.info("report: counting %s (%d images parts, %d objects parts)", run.uri, len(run.image_files), len(run.object_files))
+    options.filter.check_classes({**run.class_names(), **stats.known_classes()})
     totals = stats.totals()
     histograms = stats.histograms()
     groups, num_groups = stats.groups()
@@ -68,6 +68,8 @@ def _build(run: RunData, options: ReportOptions, stats: RunStats, image_storage_
         "run_json_mismatch": None if options.filter.active or stats.review else _compare_with_manifest(totals, run.manifest),
         "quality": stats.quality(),
         "review": {"imported": bool(stats.review), **stats.review.counts(), "imports": stats.review.logs},
+        # Shards counted from their summaries, and scanned (no summary, touched by a review, a filter): see stats.py.
+        "shards": {"from_summaries": len(stats.summarized), "scanned": len(stats.scanned)},
     }
     import matplotlib
 

@@ -115,7 +115,7 @@ def draw_flagged(stats: "RunStats", picks: list[tuple[str, int]], image_storage_
     if not picks:
         return []
     image_ids = sorted({i for i, _ in picks})
-    info = {r[0]: r for r in stats.rows("SELECT image_id, uri, width, height FROM images WHERE list_contains(?, image_id)", [image_ids])}
+    info = stats.image_rows(image_ids)
     objects = stats.objects_of(image_ids)
     by_key = {(o["image_id"], o["object_id"]): o for rows in objects.values() for o in rows}
     out, pixels = [], {}

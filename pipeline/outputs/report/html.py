@@ -266,7 +266,7 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
 <div class="scroll"><table><tr><th>class</th><th class="n">id</th><th class="n">objects</th><th class="n">share</th></tr>{class_rows}</table></div>
 </section>
 <section id="distributions"><h2>Distributions</h2><div class="charts">{hist}</div>
-{('<p class="muted">Mask area (pixels): ' + ', '.join(f'{k} {v:,.0f}' for k, v in summary['histograms']['area']['quantiles'].items()) + '</p>') if summary['histograms']['area'].get('quantiles') else ''}
+{('<p class="muted">Mask area (pixels; quantiles to within about 1 %): ' + ', '.join(f'{k} {v:,.0f}' for k, v in summary['histograms']['area']['quantiles'].items()) + '</p>') if summary['histograms']['area'].get('quantiles') else ''}
 </section>
 {_quality_section(summary, charts, flagged)}
 <section id="groups"><h2>Counts by {_e(group_label)}{' (parent folder of the URI)' if group_label == FOLDER else ''}</h2>
