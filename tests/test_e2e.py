@@ -97,7 +97,8 @@ def test_run_json_records_config_models_and_totals(labeled, checkpoints):
     assert manifest["config"]["sam"]["image_size"] == SAM_IMAGE_SIZE
     for package in ("torch", "sam2", "ultralytics", "ray", "autolabel"):
         assert manifest["versions"][package]
-    assert manifest["input"] == {"uri": str(labeled["cfg"].input.uri), "format": "images", "num_images": 6, "num_shards": 3, "metadata_columns": []}
+    assert manifest["input"] == {"uri": str(labeled["cfg"].input.uri), "format": "images", "num_images": 6, "num_shards": 3, "metadata_columns": [],
+                                 "num_videos": 0, "video_shards": []}  # no video in this folder (docs/video.md)
     assert manifest["started_at"] <= manifest["finished_at"]
     assert manifest["models"]["sam"]["dtype"] == "float32"  # sam.dtype=auto on a CPU-only cluster
 
