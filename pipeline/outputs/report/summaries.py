@@ -206,7 +206,7 @@ def shard_summary(images: pa.Table, objects: pa.Table, meta_columns: list[str], 
         create_views(con, images.column_names, objects.schema)
         keys = [FOLDER]
         for key in meta_columns:
-            if con.sql(f"SELECT count(DISTINCT {quote(key)}) FROM images").fetchone()[0] <= MAX_GROUP_VALUES:
+            if con.sql(f"SELECT count(DISTINCT {quote(key)}) FROM images").fetchall()[0][0] <= MAX_GROUP_VALUES:
                 keys.append(key)
         return summarize(con, objects.column_names, keys, shard=shard)
     finally:
