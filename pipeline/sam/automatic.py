@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline.sam import masks as mask_codec
 from pipeline.sam.prompts import Prompt
-from pipeline.sam.model import MASK_PIXELS, Candidates, SamModel, SegmentOOM, _free_gpu_memory, _short, autocast
+from pipeline.sam.model import MASK_PIXELS, Candidates, SamModel, SegmentOOM, _free_gpu_memory, _short, autocast, rles_of
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class AutoMasks:
     def rles(self) -> list[dict]:
         """N dicts ``{"size": [h, w], "counts": str}``, exactly as ``pycocotools.mask.encode`` gives."""
         if self._rles is None:
-            self._rles = [run if isinstance(run, dict) else mask_codec.rle_from_changes(*run, *self.size) for run in self.runs]
+            self._rles = rles_of(self.runs, self.size)
         return self._rles
 
     @property

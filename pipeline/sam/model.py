@@ -41,6 +41,12 @@ class SegmentOOM(ImageError):
         super().__init__("oom", message)
 
 
+def rles_of(runs: list, size) -> list[dict]:
+    """COCO RLE dicts from a mask list's runs: (first value, change positions) pairs, or RLE dicts
+    already (a cleaned mask), as the answers of this model and the automatic generator hold them."""
+    return [run if isinstance(run, dict) else mask_codec.rle_from_changes(*run, *size) for run in runs]
+
+
 @dataclass
 class Candidates:
     """SAM's answer for one prompt: candidate masks ranked best first (three with multimask, or
@@ -62,7 +68,7 @@ class Candidates:
     def rles(self) -> list[dict]:
         """C dicts ``{"size": [h, w], "counts": str}``, exactly as ``pycocotools.mask.encode`` gives."""
         if self._rles is None:
-            self._rles = [run if isinstance(run, dict) else mask_codec.rle_from_changes(*run, *self.size) for run in self.runs]
+            self._rles = rles_of(self.runs, self.size)
         return self._rles
 
     @property
