@@ -447,3 +447,21 @@ def test_a_bad_count_line_is_refused_naming_the_key(value):
     with pytest.raises(ConfigError, match="count_line"):
         load_config(None, [f"video.count_line={value}"])
     assert load_config(None, ["video.count_line=[0, 10, 100, 10.5]"]).video.count_line == [0.0, 10.0, 100.0, 10.5]
+
+
+def test_a_track_missing_on_a_kept_frame_is_not_drawn_over_the_gap():
+    """Label Studio interpolates a box from an enabled keyframe to the next one: a track's keyframe
+    before a kept frame where its mask is missing, and its last one, are disabled (by hand)."""
+    from pipeline.outputs.export.labelstudio_video import track_region
+    from pipeline.outputs.export.videos import VideoTracks
+
+    video = VideoTracks("file:///v/a.mp4", 200, 100, frames={f: f"file:///v/a.mp4#frame={f}" for f in (0, 2, 4, 6, 8)})
+    video.tracks[3] = {f: {"box": [10 * f, 20, 10 * f + 50, 70], "class_id": 0, "class_name": "car", "mask_score": 0.5} for f in (0, 2, 6, 8)}
+    region = track_region(3, video, fps=25.0, frames_count=9, duration=0.36)
+    sequence = region["value"]["sequence"]
+    assert [k["frame"] for k in sequence] == [1, 3, 7, 9]
+    assert [k["enabled"] for k in sequence] == [True, False, True, False]
+    assert sequence[2]["x"] == pytest.approx(60 / 200 * 100) and sequence[2]["width"] == pytest.approx(25.0)
+    assert sequence[2]["y"] == pytest.approx(20.0) and sequence[2]["height"] == pytest.approx(50.0)
+    assert sequence[2]["time"] == pytest.approx(7 / 25)
+    assert region["id"] == "t3" and region["value"]["labels"] == ["car"] and region["score"] == 0.5

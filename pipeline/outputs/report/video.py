@@ -70,6 +70,8 @@ def video_report(run: RunData, stats, image_storage_options: Optional[dict] = No
         "line_in": _merge_counts(r.get("line_in") for r in rows) if has_line else None,
         "line_out": _merge_counts(r.get("line_out") for r in rows) if has_line else None,
         "listed": [{k: r.get(k) for k in keys} for r in rows[:VIDEOS_LISTED]],
+        # The numbers are the videos table's, as committed: filters and review decisions change the frames drawn only.
+        "as_committed": bool(stats.options.filter.active or stats.review),
     }
     report = VideoReport(summary)
     charted = [r for r in rows if r["status"] == "ok" and r.get("num_tracks")][:VIDEOS_CHARTED]
@@ -217,8 +219,8 @@ def _e(value) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _counts(counts) -> str:
-    return ", ".join(f"{_e(c['class_name'])} {c['count']:,}" for c in counts or []) or "–"
+def _counts(counts, empty: str = "–") -> str:
+    return ", ".join(f"{_e(c['class_name'])} {c['count']:,}" for c in counts or []) or empty
 
 
 def video_section(report: Optional[VideoReport]) -> str:
@@ -236,7 +238,7 @@ def video_section(report: Optional[VideoReport]) -> str:
         f"<tr data-video='{_e(v['uri'])}'><td>{_e(v['uri'])}</td><td>{_e(v['status'] if v['status'] == 'ok' else v['error_class'])}</td>"
         f"<td class='n'>{_e(v.get('frames_processed'))}</td><td class='n'>{_seconds(v.get('duration_s'))}</td>"
         f"<td class='n'>{_e(v.get('num_tracks'))}</td><td>{_counts(v.get('class_counts'))}</td>"
-        + (f"<td>{_counts(v.get('line_in'))}</td><td>{_counts(v.get('line_out'))}</td>" if has_line else "") + "</tr>"
+        + (f"<td>{_counts(v.get('line_in'), '0')}</td><td>{_counts(v.get('line_out'), '0')}</td>" if has_line else "") + "</tr>"
         for v in s["listed"])
     more = f"<p class='muted'>{s['videos'] - len(s['listed']):,} more videos in summary.json's totals.</p>" if s["videos"] > len(s["listed"]) else ""
     charts = "".join(f'<img src="{src}" alt="Tracks alive over time: {_e(uri)}" data-chart="tracks-over-time" data-video="{_e(uri)}">'
@@ -259,7 +261,7 @@ def video_section(report: Optional[VideoReport]) -> str:
 <div class="card"><div class="v" data-stat="unique_objects">{sum(c['count'] for c in s['unique_by_class']):,}</div><div class="k">unique objects</div></div>
 </div>
 <p class="muted">Unique objects: tracks with at least {s['min_track_frames']} frames (<code>video.min_track_frames</code>), each counted once
-however many frames it spans.</p>{line}
+however many frames it spans.{' These numbers are the run&#x27;s as committed: the filters and review decisions apply to the frames drawn only.' if s['as_committed'] else ''}</p>{line}
 <div class="scroll"><table id="video-classes"><tr><th>class</th><th class="n">unique objects</th>{line_head}</tr>{unique_rows}</table></div>
 <h3>Per video</h3>
 <div class="scroll"><table id="video-list"><tr><th>video</th><th>status</th><th class="n">frames</th><th class="n">duration</th><th class="n">tracks</th><th>unique objects</th>{'<th>crossed in</th><th>crossed out</th>' if has_line else ''}</tr>{video_rows}</table></div>{more}
