@@ -49,13 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_report)
     export = sub.add_parser(
         "export",
-        help="export a run's masks as COCO, YOLO-seg, PNG, cutouts or Label Studio tasks",
+        help="export a run's masks as COCO, YOLO-seg, PNG, cutouts, Label Studio tasks, or videos' tracks (YouTube-VIS, MOT, Label Studio video)",
         description="Export the ok images of RUN_DIR, streaming image by image, to --out (default RUN_DIR/exports/FORMAT).",
     )
     export.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (output.uri of `autolabel run`), any fsspec URL")
-    export.add_argument("--format", required=True, choices=["coco", "yolo", "png", "cutouts", "labelstudio"],
+    export.add_argument("--format", required=True, choices=["coco", "yolo", "png", "cutouts", "labelstudio", "ytvis", "mot", "labelstudio-video"],
                         help="coco: instances.json; yolo: YOLO-seg images/ labels/ data.yaml; png: instance-id PNGs; cutouts: RGBA PNG per object; "
-                        "labelstudio: tasks.json (masks as brush predictions) + labeling-config.xml, for review")
+                        "labelstudio: tasks.json (masks as brush predictions) + labeling-config.xml, for review; videos' tracks: "
+                        "ytvis: YouTube-VIS instances.json (RLE per frame); mot: MOT Challenge NAME.txt per video (boxes); "
+                        "labelstudio-video: tasks.json (tracks as videorectangle boxes) + labeling-config.xml")
     export.add_argument("--out", help="destination folder, any fsspec URL (default: RUN_DIR/exports/FORMAT)")
     export.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export in --out (a folder holding only an export, recognised by its "

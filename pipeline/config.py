@@ -349,6 +349,23 @@ class VideoConfig(_Section):
     min_track_frames: int = Field(3, ge=1, description="Tracks with at least this many frames count as unique objects (videos.class_counts).")
     reverse: bool = Field(False, description="Prompted tracking also propagates backwards from prompts after the first frame.")
     offload_state_to_cpu: bool = Field(False, description="Keep SAM 2's tracking state in host memory (slower, less GPU memory).")
+    count_line: Optional[list[float]] = Field(
+        None, description="[x1, y1, x2, y2] in frame pixels: count the tracks crossing this line, in and out, per class "
+                          "(videos.line_in, videos.line_out; sam/crossings.py). null: no line.")
+
+    @field_validator("count_line", mode="before")
+    @classmethod
+    def _two_points(cls, value):
+        import math
+
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or len(value) != 4 or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
+            raise ValueError(f"must be four numbers [x1, y1, x2, y2] (pixels of the frame), got {value!r}")
+        if (value[0], value[1]) == (value[2], value[3]):
+            raise ValueError(f"the line's two points must differ, got {value!r}")
+        return [float(v) for v in value]
 
 
 class ReportConfig(_Section):

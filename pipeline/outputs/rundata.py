@@ -107,6 +107,25 @@ class RunData:
             self._summary_files = self._parts(SUMMARIES_DIR)
         return self._summary_files
 
+    @property
+    def video_files(self) -> list[str]:
+        """``RUN/videos/shard-X.parquet``: one row per video (none for a run of still images)."""
+        if not hasattr(self, "_video_files"):
+            self._video_files = self._parts("videos")
+        return self._video_files
+
+    def table_of(self, table: str, columns: Optional[list[str]] = None, filter=None):
+        """A small table of the run read whole (``videos``, ``tracks``): None when the run has none."""
+        files = self.video_files if table == "videos" else self._parts(table)
+        if not files:
+            return None
+        return pads.dataset(files, filesystem=self.arrow_fs(), format="parquet").to_table(columns=columns, filter=filter)
+
+    def video_rows(self) -> dict[str, dict]:
+        """The ``videos`` rows by ``uri`` ({} for a run without videos)."""
+        table = self.table_of("videos")
+        return {} if table is None else {r["uri"]: r for r in table.to_pylist()}
+
     def arrow_fs(self) -> pafs.FileSystem:
         return pafs.LocalFileSystem() if self.is_local else pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
@@ -233,13 +252,11 @@ def read_rgb(uri: str, storage_options: Optional[dict] = None):
 
     video, mark, frame = uri.rpartition("#frame=")
     if mark and frame.isdigit() and is_video(video):  # a video frame's row (stages/track.py): that decoded frame
-        from PIL import Image
-
         from pipeline.errors import ImageError
         from pipeline.io.video import iter_frames
 
         for decoded in iter_frames(video, max_frames=1, start=int(frame), storage_options=storage_options):
-            return Image.fromarray(decoded.rgb)
+            return decoded.rgb  # HxWx3 uint8, as decode_rgb gives a still image
         raise ImageError("not_found", f"{video} has no frame {frame}")
     return decode_rgb(read_image(uri, storage_options))
 

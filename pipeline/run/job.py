@@ -266,7 +266,7 @@ def _listing(cfg: RunConfig, folder: RunFolder, manifest: dict) -> ShardListing:
     try:
         listing = write_shards(work_items(cfg), 1 if tars else cfg.input.shard_size, folder.fs, folder.path,
                                cfg.input.storage_options, tars=tars)
-        if listing.num_images == 0:
+        if listing.num_images == 0 and listing.num_videos == 0:  # a folder of videos alone is an input too
             raise no_images(cfg.prompts.manifest or cfg.input.uri, cfg.input.extensions)
     except (SourceError, FileNotFoundError, PermissionError) as exc:
         folder.clear()  # nothing was labeled: leave no half-made run behind to block the next try

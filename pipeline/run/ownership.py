@@ -282,6 +282,9 @@ EXPORT_NAMES = {
     "png": re.compile(rf"index\.csv|(?:instances|classes)/{NAME}\.png"),
     "cutouts": re.compile(rf"index\.csv|{NAME}/\d{{4,}}_[A-Za-z0-9._-]+\.png"),
     "labelstudio": re.compile(r"tasks\.json|labeling-config\.xml"),
+    "ytvis": re.compile(r"instances\.json"),
+    "mot": re.compile(rf"sequences\.json|{NAME}\.txt"),
+    "labelstudio-video": re.compile(r"tasks\.json|labeling-config\.xml"),
 }
 EXPORT_FORMATS = tuple(EXPORT_NAMES)
 

@@ -57,6 +57,9 @@ VIDEOS_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
         ("num_tracks", pa.int32()),  # all tracks, short ones too
         ("class_counts", pa.list_(CLASS_COUNT_TYPE)),  # unique tracks per class with >= video.min_track_frames frames
+        # video.count_line (run/line_counts.py, at the commit): counted tracks whose centre crossed it, per class; null: no line
+        ("line_in", pa.list_(CLASS_COUNT_TYPE)),
+        ("line_out", pa.list_(CLASS_COUNT_TYPE)),
         ("shard_id", pa.string()),
     ]
 )

@@ -18,6 +18,7 @@ from fsspec.core import url_to_fs
 
 from pipeline.config import RunConfig
 from pipeline.io.video import VIDEO_SUFFIXES
+from pipeline.run.line_counts import count_line_crossings
 from pipeline.run.sink import DONE_DIR, ShardCommits, _parquet_bytes, _read, atomic_write, commit_shard, staging_path
 from pipeline.run.tables import TRACKS_SCHEMA, VIDEOS_SCHEMA
 
@@ -45,7 +46,7 @@ def build_video_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: li
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sam["max_size"]),
         num_cpus=sam["num_cpus"], num_gpus=sam["num_gpus"],
         fn_constructor_kwargs={
-            "sam_cfg": cfg.sam, "video": cfg.video.model_dump(), "class_names": class_names, "run_uri": run_uri,
+            "sam_cfg": cfg.sam, "video": cfg.video.model_dump(exclude={"count_line"}), "class_names": class_names, "run_uri": run_uri,
             "run_storage_options": cfg.output.storage_options, "storage_options": cfg.input.storage_options,
             "max_pixels": cfg.input.max_pixels, "detector_cfg": cfg.detector if cfg.uses_detector else None,
             "expected_sha256": expected, "class_embeddings": class_embeddings, "manifest_roots": manifest_roots,
@@ -84,6 +85,7 @@ def commit_video_shard(fs, root: str, shard_id: str, meta_columns: list[str] = (
         names = []
     videos = _merge(fs, names, "videos", VIDEOS_SCHEMA, "uri", [("uri", "ascending")])
     tracks = _merge(fs, names, "tracks", TRACKS_SCHEMA, "video_uri", [("video_uri", "ascending"), ("track_id", "ascending")])
+    videos = count_line_crossings(fs, root, names, videos, tracks)  # video.count_line -> videos.line_in/line_out (run/line_counts.py)
     name = f"shard-{shard_id}.parquet"
     atomic_write(fs, f"{root}/tracks/{name}", _parquet_bytes(tracks))
     atomic_write(fs, f"{root}/videos/{name}", _parquet_bytes(videos))

@@ -1,4 +1,4 @@
-"""``autolabel export RUN --format coco|yolo|png|cutouts|labelstudio``: the run's masks in other tools' formats.
+"""``autolabel export RUN --format coco|yolo|png|cutouts|labelstudio|ytvis|mot|labelstudio-video``: the run's masks in other tools' formats.
 
 Exports stream image by image: the sink writes ``images/shard-X.parquet`` and
 ``objects/shard-X.parquet`` side by side, one image's objects in one part, so each images part is
@@ -24,8 +24,15 @@ rejected objects are left out, corrected ones carry the person's mask and label 
 included, both with ``source = "review"``. ``labelstudio`` writes Label Studio tasks with the masks
 as brush predictions (outputs/labelstudio.py) for that review.
 
+Video frames (images rows with ``video_uri``) are images to coco, yolo, png and cutouts; the
+video formats gather them per video and track (videos.py): ``ytvis`` (YouTube-VIS, RLE per frame),
+``mot`` (MOT Challenge boxes) and ``labelstudio-video`` (``videorectangle`` tracks: Label Studio has
+no video masks). ``labelstudio`` leaves video frames out (Label Studio cannot open a frame inside a
+video file) and says to use ``labelstudio-video``.
+
 The parts: labels.py (the images and objects every format writes from), destination.py (the
-export folder), and one writer per format: coco.py, yolo.py, png.py, cutouts.py, labelstudio.py.
+export folder), videos.py (frames gathered per video), and one writer per format: coco.py, yolo.py,
+png.py, cutouts.py, labelstudio.py, ytvis.py, mot.py, labelstudio_video.py.
 """
 from __future__ import annotations
 
@@ -39,14 +46,18 @@ from pipeline.outputs.export.destination import MARKER, Destination, remove_expo
 from pipeline.outputs.export.labels import (ExportError, ExportResult, count_ok_images, iter_images, mask_polygons, package_version,
                                             utc_now)
 from pipeline.outputs.export.labelstudio import LabelStudioWriter, labelstudio_urls
+from pipeline.outputs.export.labelstudio_video import LabelStudioVideoWriter
+from pipeline.outputs.export.mot import MotWriter
 from pipeline.outputs.export.png import PngWriter
 from pipeline.outputs.export.yolo import YoloWriter
+from pipeline.outputs.export.ytvis import YtvisWriter
 from pipeline.outputs.filters import ObjectFilter
 from pipeline.outputs.rundata import RunData, RunError, known_classes
 
 log = logging.getLogger("autolabel.export")
 
-FORMATS = ("coco", "yolo", "png", "cutouts", "labelstudio")
+FORMATS = ("coco", "yolo", "png", "cutouts", "labelstudio", "ytvis", "mot", "labelstudio-video")
+VIDEO_FORMATS = ("ytvis", "mot", "labelstudio-video")  # video frames only, gathered per video and track
 
 
 def export(
@@ -99,6 +110,13 @@ def export(
             writer = PngWriter(dest, classes, class_png)
         elif fmt == "cutouts":
             writer = CutoutWriter(dest, image_storage_options)
+        elif fmt == "ytvis":
+            writer = YtvisWriter(dest, run, categories)
+        elif fmt == "mot":
+            writer = MotWriter(dest, run)
+        elif fmt == "labelstudio-video":
+            urls = labelstudio_urls(run, image_root, image_root_url, result, uris=list(run.video_rows()))
+            writer = LabelStudioVideoWriter(dest, run, classes, urls)
         else:
             urls = labelstudio_urls(run, image_root, image_root_url, result)
             writer = LabelStudioWriter(dest, run, classes, urls, every_image=not filt.active)
@@ -107,12 +125,20 @@ def export(
         log.info("export %s: %d ok images from %s to %s (filters: %s)", fmt, total, run.url(), dest.url, filt.describe())
         _export_all(run, filt, classes, writer, fmt, total, progress, result)
         result.files = writer.close()
-        if fmt == "labelstudio":
-            result.images = writer.tasks
+        if fmt in VIDEO_FORMATS:
+            result.notes += writer.notes(fmt)
+            if not writer.videos:
+                result.notes.append(f"{fmt}: the run has no video frames to export")
+        if fmt == "labelstudio" and writer.video_frames:
+            result.notes.append(f"Label Studio: {writer.video_frames:,} video frames left out (Label Studio cannot open a frame "
+                                "inside a video file); export the videos with --format labelstudio-video")
+        if fmt in ("labelstudio", "labelstudio-video"):
             for scheme, n in sorted(writer.urls.as_is.items()):
                 if scheme not in ("http", "https"):
-                    result.notes.append(f"Label Studio: {n:,} tasks link their image as a {scheme}:// URI; add that bucket to the project "
+                    result.notes.append(f"Label Studio: {n:,} tasks link their file as a {scheme}:// URI; add that bucket to the project "
                                         "as a source cloud storage (Label Studio then presigns the URIs), or pass --image-root/--image-root-url")
+        if fmt == "labelstudio":
+            result.images = writer.tasks
             if writer.urls.tar_members:
                 result.notes.append(f"Label Studio: {writer.urls.tar_members:,} tasks show members of tar shards, which Label "
                                     "Studio cannot open; extract them and export with --image-root/--image-root-url")
@@ -145,7 +171,7 @@ def _export_all(run: RunData, filt: ObjectFilter, classes: dict[int, str], write
                 result.objects += writer.add(image)
                 result.images += 1
             except (OSError, ImageError, ExportError) as exc:  # a source image gone, unreadable or changed: record it, go on
-                if fmt in ("coco", "labelstudio"):  # they read no image: an error here is the export's, not one image's
+                if fmt in ("coco", "labelstudio", *VIDEO_FORMATS):  # they read no image: an error here is the export's, not one image's
                     raise
                 why = f"{exc.error_class}: {exc}" if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
                 log.warning("export %s: %s failed: %s", fmt, image.uri, why)
@@ -153,4 +179,4 @@ def _export_all(run: RunData, filt: ObjectFilter, classes: dict[int, str], write
             bar.update(1)
 
 
-__all__ = ["export", "ExportError", "ExportResult", "FORMATS", "MARKER", "mask_polygons", "iter_images", "remove_export", "RunError"]
+__all__ = ["export", "ExportError", "ExportResult", "FORMATS", "VIDEO_FORMATS", "MARKER", "mask_polygons", "iter_images", "remove_export", "RunError"]

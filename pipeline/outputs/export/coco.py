@@ -43,6 +43,8 @@ class CocoWriter:
         self.image_id += 1
         entry = {"id": self.image_id, "file_name": _local_name(image.uri), "width": image.width, "height": image.height,
                  "uri": image.uri, "autolabel_image_id": image.image_id}
+        if image.video_uri is not None:  # a video frame: which video and frame (its annotations carry track_id)
+            entry.update(video_uri=image.video_uri, frame_index=image.frame_index)
         self.out.write(("" if self.image_id == 1 else ", ") + json.dumps(entry))
         written = 0
         for obj in image.objects:
@@ -60,6 +62,8 @@ class CocoWriter:
                 "det_box": [round(float(v), 2) for v in (obj["box"][0], obj["box"][1], obj["box"][2] - obj["box"][0], obj["box"][3] - obj["box"][1])],
                 "source": obj.get("source"),
             }
+            if obj.get("track_id") is not None:
+                ann["track_id"] = int(obj["track_id"])
             for key in ("flags", "review"):  # QA reasons (runs that recorded them); review decision (after an import)
                 if obj.get(key) is not None:
                     ann[key] = obj[key]

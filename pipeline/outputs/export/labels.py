@@ -19,6 +19,8 @@ from pipeline.outputs.columns import UNLABELED, normalize_objects
 from pipeline.outputs.filters import ObjectFilter
 from pipeline.outputs.rundata import RunData
 
+FRAME_COLUMNS = ("video_uri", "frame_index", "time_s")  # run/tables.py's FRAME_COLUMNS: a video frame's images row
+
 
 class ExportError(ValueError):
     """The export cannot be done as asked (bad option, destination in use, damaged run)."""
@@ -67,6 +69,9 @@ class ImageLabels:
     width: int
     height: int
     objects: list[dict]
+    video_uri: Optional[str] = None  # a video frame's video (its objects carry track_id); None for still images
+    frame_index: Optional[int] = None  # the decoded frame's 0-based index
+    time_s: Optional[float] = None
 
     @property
     def name(self) -> str:
@@ -90,9 +95,11 @@ def iter_images(run: RunData, filt: ObjectFilter, result: ExportResult, unlabele
     counted = run.counted_expression()
     shown = run.counted_expression(filt.include_duplicates)
     review = run.review
+    frame_columns = [c for c in FRAME_COLUMNS if c in run.schema("images").names]  # runs made before videos have none
     for images_path in run.image_files:
         name = images_path.rsplit("/", 1)[-1]
-        images = pq.read_table(images_path, filesystem=afs, columns=["image_id", "uri", "width", "height", "status", "num_objects"])
+        images = pq.read_table(images_path, filesystem=afs,
+                               columns=["image_id", "uri", "width", "height", "status", "num_objects", *frame_columns])
         images = images.filter(pc.field("status") == "ok")
         if not images.num_rows:
             continue
@@ -126,7 +133,8 @@ def iter_images(run: RunData, filt: ObjectFilter, result: ExportResult, unlabele
                     result.skipped_empty += 1
                 else:
                     objects.append(obj)
-            yield ImageLabels(row["image_id"], row["uri"], int(row["width"]), int(row["height"]), objects)
+            yield ImageLabels(row["image_id"], row["uri"], int(row["width"]), int(row["height"]), objects,
+                              row.get("video_uri"), row.get("frame_index"), row.get("time_s"))
 
 
 def count_ok_images(run: RunData) -> int:

@@ -39,10 +39,15 @@ class LabelStudioWriter:
         self.out = dest.open("tasks.json", "w")
         self.out.write("[")
         self.tasks = 0
+        self.video_frames = 0
 
     def skips(self, image: ImageLabels) -> bool:
         """With a filter, images left without objects make no task (nothing to review); without, every image
-        does (a person may draw what the model missed)."""
+        does (a person may draw what the model missed). Video frames make none: Label Studio cannot show a
+        frame inside a video file (``--format labelstudio-video`` exports the videos)."""
+        if image.video_uri is not None:
+            self.video_frames += 1
+            return True
         return not image.objects and not self.every_image
 
     def add(self, image: ImageLabels) -> int:
@@ -78,11 +83,14 @@ class LabelStudioWriter:
         return [self.dest.full("tasks.json"), self.dest.write("labeling-config.xml", self.config.encode())]
 
 
-def labelstudio_urls(run: RunData, image_root: Optional[str], image_root_url: Optional[str], result: ExportResult) -> ls.ImageUrls:
-    """How tasks point at the images (``ls.ImageUrls``); the default root is the folder holding every local image."""
+def labelstudio_urls(run: RunData, image_root: Optional[str], image_root_url: Optional[str], result: ExportResult,
+                     uris: Optional[list[str]] = None) -> ls.ImageUrls:
+    """How tasks point at the images (``ls.ImageUrls``); the default root is the folder holding every local image
+    (every local file of ``uris``: the videos, for labelstudio-video)."""
     root = image_root
     if root is None:
-        uris = run.dataset("images").to_table(columns=["uri"], filter=pc.field("status") == "ok").column("uri").to_pylist()
+        if uris is None:
+            uris = run.dataset("images").to_table(columns=["uri"], filter=pc.field("status") == "ok").column("uri").to_pylist()
         root = ls.common_folder(uris)
     urls = ls.ImageUrls(root, image_root_url)
     if image_root_url is not None:

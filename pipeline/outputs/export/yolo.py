@@ -35,6 +35,8 @@ class YoloWriter:
         """The original file's bytes, unless its EXIF rotates it or YOLO cannot read its format: then a PNG of the pixels."""
         from pipeline.io.decode import open_image
 
+        if image.video_uri is not None:  # a video frame has no file of its own: its decoded pixels as PNG
+            return png_bytes(read_rgb(image.uri, self.image_storage_options)), ".png"
         data = read_image(image.uri, self.image_storage_options)
         with open_image(data) as img:
             size = img.size

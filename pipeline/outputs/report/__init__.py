@@ -8,7 +8,7 @@ gallery pictures JPEGs, both inlined as data: URIs, so the page opens from disk 
 no scripts and no external fonts (a Content-Security-Policy forbids anything else).
 
 The parts: summaries.py (one shard's numbers), stats.py (the numbers merged), charts.py, gallery.py
-(the pictures) and html.py (the page);
+(the pictures), video.py (the videos section: runs with videos only) and html.py (the page);
 here the driver that puts them together and writes the files.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pipeline.outputs.report.charts import (METRIC_TITLES, STYLE, chart_classes,
 from pipeline.outputs.report.gallery import draw_flagged, render_gallery_image
 from pipeline.outputs.report.html import UNREADABLE_HINT, render_html
 from pipeline.outputs.report.stats import FOLDER, ReportError, ReportOptions, RunStats
+from pipeline.outputs.report.video import video_report
 from pipeline.outputs.rundata import RunData, RunError
 
 log = logging.getLogger("autolabel.report")
@@ -85,7 +86,10 @@ def _build(run: RunData, options: ReportOptions, stats: RunStats, image_storage_
     unreadable = {p["uri"]: p["note"] for p in [*picks, *flagged] if p["note"]}
     summary["gallery_unreadable"] = [{"uri": u, "reason": why} for u, why in unreadable.items()]
     summary["gallery_images"] = len({p["uri"] for p in [*picks, *flagged]})
-    page = render_html(summary, groups, charts, picks, stats.errors_sample(), run, flagged)
+    with matplotlib.rc_context(STYLE):
+        videos = video_report(run, stats, image_storage_options)  # None: no videos in the run (report/video.py)
+    summary["videos"] = None if videos is None else videos.summary
+    page = render_html(summary, groups, charts, picks, stats.errors_sample(), run, flagged, videos)
     return page, summary, stats
 
 

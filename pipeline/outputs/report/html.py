@@ -14,6 +14,7 @@ from pipeline.outputs.colors import class_color
 from pipeline.outputs.report.charts import REASON_COLORS, TOP_GROUPS_SHOWN
 from pipeline.outputs.report.gallery import LABELS_PER_IMAGE
 from pipeline.outputs.report.stats import FOLDER
+from pipeline.outputs.report.video import video_section
 from pipeline.outputs.rundata import RunData
 
 UNREADABLE_HINT = (
@@ -153,7 +154,7 @@ Duplicates are masks marked <code>status = duplicate</code> in favour of another
 
 
 def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[dict], errors: list[tuple], run: RunData,
-                flagged: list[dict] = ()) -> str:
+                flagged: list[dict] = (), videos=None) -> str:
     t = summary["totals"]
     m = run.manifest
     warn = []
@@ -268,6 +269,7 @@ def render_html(summary: dict, groups: list[dict], charts: dict, gallery: list[d
 <section id="distributions"><h2>Distributions</h2><div class="charts">{hist}</div>
 {('<p class="muted">Mask area (pixels; quantiles to within about 1 %): ' + ', '.join(f'{k} {v:,.0f}' for k, v in summary['histograms']['area']['quantiles'].items()) + '</p>') if summary['histograms']['area'].get('quantiles') else ''}
 </section>
+{video_section(videos)}
 {_quality_section(summary, charts, flagged)}
 <section id="groups"><h2>Counts by {_e(group_label)}{' (parent folder of the URI)' if group_label == FOLDER else ''}</h2>
 <div class="charts">{_img(charts['groups'], 'Objects by ' + group_label, 'groups')}</div>

@@ -165,7 +165,7 @@ class GalleryRows:
         if filt.expression() is not None:
             table = table.filter(filt.expression())
         columns = ["image_id", "object_id", "class_id", "class_name", "det_score", "mask_score", "box", "area", "mask",
-                   *QA_COLUMNS, "review", "source"]
+                   *QA_COLUMNS, "review", "source", "track_id"]
         table = table.select([c for c in columns if c in table.column_names])
         for row in table.sort_by([("image_id", "ascending"), ("object_id", "ascending")]).to_pylist():
             row["class_name"] = row["class_name"] if row["class_name"] is not None else UNLABELED
