@@ -315,6 +315,10 @@ def test_chunk_plans_cover_every_frame_once(tmp_path):
     names = ["shard-000001.plan.json", "shard-000001-c0000.objects.parquet", "shard-000001-c0000.images.parquet",
              "shard-000001-c0000.tracks.parquet", "shard-000001-c0000.json", "shard-000001-c0001.objects.parquet",
              "shard-000002.plan.json", "shard-000002-c0000.json", f".tmp-{'0' * 32}-shard-000001-c0001.json"]
+    from pipeline.run.ownership import RUN_FILE_NAMES
+
+    assert all(RUN_FILE_NAMES["_chunks"].fullmatch(n) for n in names), "the run's own names: --overwrite and a resume may delete them"
+    assert not RUN_FILE_NAMES["_chunks"].fullmatch("shard-000001-c0000.notes.txt")
     assert sorted(unfinished_chunk_files(names, {"000001"})) == sorted(
         ["shard-000001-c0001.objects.parquet", "shard-000002.plan.json", "shard-000002-c0000.json", f".tmp-{'0' * 32}-shard-000001-c0001.json"])
 

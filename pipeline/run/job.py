@@ -445,19 +445,9 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
         timings = Timings()
         commits = VideoCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]), videos,
                                cfg.video.model_dump())
-
-        def video_batches():
-            """The video chunks, once the images are through: plans collected, the chunks committed
-            before this attempt counted (a video whose chunks are all done is committed now)."""
-            video_work.collect()
-            done_before = video_work.done_rows()
-            progress.videos_planned(video_work.total_frames(), sum(r["video_frames"] for r in done_before))
-            for shard_id in tracker.add(done_before):
-                commits.launch(shard_id)
-            vds = build_video_dataset(cfg, video_work.items(), meta_columns, class_names, plan, folder.run_uri, manifest["models"],
-                                      runtime_env(plan["local"]), class_embeddings, manifest_roots(cfg), ledger)
-            if vds is not None:
-                yield from vds.iter_batches(batch_format="pyarrow", batch_size=None)
+        video_batches = video_work.batches(progress, tracker, commits, lambda items: build_video_dataset(
+            cfg, items, meta_columns, class_names, plan, folder.run_uri, manifest["models"], runtime_env(plan["local"]),
+            class_embeddings, manifest_roots(cfg), ledger))
 
         def record() -> None:
             log.info(progress.line())
@@ -472,7 +462,7 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
 
         try:
             image_batches = ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ()
-            for batch in itertools.chain(image_batches, video_batches() if video_work.shard_ids else ()):
+            for batch in itertools.chain(image_batches, video_batches):
                 rows = batch.to_pylist()
                 timings.add(rows)
                 _check_actor_dtypes(timings, manifest["models"]["sam"]["dtype"])

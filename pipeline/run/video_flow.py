@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 from fsspec.core import url_to_fs
 
@@ -96,6 +96,19 @@ class VideoWork:
                 write_plan(self.fs, self.root, plan)
             self.plans[shard_id] = plan
         self.launched.clear()
+
+    def batches(self, progress, tracker, commits, build) -> Iterator:
+        """The track actors' summary batches, started once the images are through (a generator):
+        the plans collected, the chunks committed before this attempt counted (a video whose
+        chunks are all done is committed at once), then ``build(items)``'s dataset iterated."""
+        self.collect()
+        done = self.done_rows()
+        progress.videos_planned(self.total_frames(), sum(r["video_frames"] for r in done))
+        for shard_id in tracker.add(done):
+            commits.launch(shard_id)
+        dataset = build(self.items())
+        if dataset is not None:
+            yield from dataset.iter_batches(batch_format="pyarrow", batch_size=None)
 
     def total_frames(self) -> int:
         """Kept frames of the videos still to do, as far as their plans know them."""
