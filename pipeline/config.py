@@ -344,7 +344,7 @@ class VideoConfig(_Section):
     stride: int = Field(1, ge=1, description="Keep every Nth decoded frame.")
     max_frames: Optional[int] = Field(None, ge=1, description="At most this many kept frames per video (null: all).")
     detect_every: int = Field(5, ge=1, description="Detector-driven tracking: run the detector on every Nth kept frame (keyframes).")
-    match_iou: float = Field(0.5, gt=0.0, le=1.0, description="Mask IoU at which a keyframe detection continues a live track.")
+    match_iou: float = Field(0.5, gt=0.0, le=1.0, description="Mask IoU at which a keyframe detection continues a live track (and neighbouring chunks' tracks are joined).")
     max_missing: int = Field(30, ge=1, description="A track whose mask is empty this many kept frames in a row ends.")
     min_track_frames: int = Field(3, ge=1, description="Tracks with at least this many frames count as unique objects (videos.class_counts).")
     reverse: bool = Field(False, description="Prompted tracking also propagates backwards from prompts after the first frame.")
@@ -352,6 +352,9 @@ class VideoConfig(_Section):
     count_line: Optional[list[float]] = Field(
         None, description="[x1, y1, x2, y2] in frame pixels: count the tracks crossing this line, in and out, per class "
                           "(videos.line_in, videos.line_out; sam/crossings.py). null: no line.")
+    chunk_frames: Optional[int] = Field(None, ge=2, description="Detector-driven tracking: split a video of more kept frames into chunks "
+                                        "of this many, tracked apart (one unit of work each) and joined (null: one chunk per video).")
+    chunk_overlap: int = Field(10, ge=1, description="Kept frames two neighbouring chunks share: their tracks are joined by mask IoU there.")
 
     @field_validator("count_line", mode="before")
     @classmethod
@@ -366,6 +369,13 @@ class VideoConfig(_Section):
         if (value[0], value[1]) == (value[2], value[3]):
             raise ValueError(f"the line's two points must differ, got {value!r}")
         return [float(v) for v in value]
+
+    @model_validator(mode="after")
+    def _chunks_overlap_and_advance(self) -> "VideoConfig":
+        if self.chunk_frames is not None and self.chunk_frames < self.chunk_overlap + self.detect_every:
+            raise ValueError(f"video.chunk_frames={self.chunk_frames} must be at least video.chunk_overlap + video.detect_every "
+                             f"({self.chunk_overlap} + {self.detect_every}): chunks start on keyframes and share chunk_overlap frames")
+        return self
 
 
 class ReportConfig(_Section):

@@ -18,7 +18,6 @@ from collections import Counter, defaultdict
 from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
@@ -145,12 +144,11 @@ def test_crossings_of_random_walks_equal_the_references():
 # ------------------------------------------------------------------------------ the commit, without Ray
 
 
-def _staged_video(fs, root: str, shard_id: str, uri: str, tracks: dict, classes: dict) -> None:
-    """A video's staged parts as the track stage writes them (stages/track.stage_video's layout), from
+def _chunked_video(fs, root: str, shard_id: str, uri: str, tracks: dict, classes: dict) -> None:
+    """A video's one chunk as the track stage writes it (run/video_chunks.py: its plan, its chunk's files), from
     ``tracks``: {track id: [(frame, centre x), ...]} (boxes 10x10 around (x, 40))."""
     from pipeline.io.listing import image_id_for
-    from pipeline.run.sink import _parquet_bytes, atomic_write, staging_path
-    from pipeline.run.tables import OBJECTS_SCHEMA, TRACKS_SCHEMA, VIDEOS_SCHEMA, images_schema
+    from pipeline.run.video_chunks import VideoPlan, write_chunk, write_plan
 
     frames = sorted({f for steps in tracks.values() for f, _ in steps})
     objects, images = [], []
@@ -169,23 +167,20 @@ def _staged_video(fs, root: str, shard_id: str, uri: str, tracks: dict, classes:
                   for t, steps in sorted(tracks.items())]
     video = {"uri": uri, "status": "ok", "width": W, "height": H, "frames": max(frames) + 1, "frames_processed": len(frames),
              "num_tracks": len(tracks), "class_counts": [], "shard_id": shard_id}
-    folder, name = staging_path(root, shard_id), image_id_for(uri)
-    for kind, table in (("objects", pa.Table.from_pylist(objects, schema=OBJECTS_SCHEMA)),
-                        ("tracks", pa.Table.from_pylist(track_rows, schema=TRACKS_SCHEMA)),
-                        ("images", pa.Table.from_pylist(images, schema=images_schema([]))),
-                        ("videos", pa.Table.from_pylist([video], schema=VIDEOS_SCHEMA))):
-        atomic_write(fs, f"{folder}/{kind}-{name}.parquet", _parquet_bytes(table))
+    plan = VideoPlan(shard_id, image_id_for(uri), uri, 1, [[0, max(frames) + 1]], {"width": W, "height": H, "fps": 10.0,
+                     "frames": max(frames) + 1, "duration_s": None}, max(frames) + 1)
+    write_plan(fs, root, plan)
+    write_chunk(fs, root, shard_id, 0, (0, max(frames) + 1), images, objects, track_rows, video, [])
 
 
 @pytest.mark.parametrize("line", [[64, 0, 64, 96], None])
 def test_the_commit_writes_the_line_counts_per_class(tmp_path, line):
-    """commit_video_shard fills videos.line_in/line_out from the staged rows and run.json's line; a
+    """commit_video_shard fills videos.line_in/line_out from the chunk's rows and the run's line; a
     track too short to be a unique object does not count; without a line both stay null."""
     from fsspec.core import url_to_fs
 
     from pipeline.run.video_flow import commit_video_shard
 
-    (tmp_path / "run.json").write_text(json.dumps({"config": {"video": {"count_line": line, "min_track_frames": 3}}}))
     fs, root = url_to_fs(str(tmp_path))
     tracks = {1: [(0, 40), (1, 50), (2, 60), (3, 70)],  # car: in (moving right)
               2: [(0, 90), (1, 80), (3, 60), (4, 50)],  # person: out, across a frame it was not seen on
@@ -193,8 +188,8 @@ def test_the_commit_writes_the_line_counts_per_class(tmp_path, line):
               4: [(0, 10), (1, 20), (2, 30), (3, 40)],  # dog: never reaches the line
               5: [(2, 70), (3, 80), (4, 60), (5, 70)]}  # car: starts past the line, crosses left (out), then back: counted once
     classes = {1: (2, "car"), 2: (0, "person"), 3: (2, "car"), 4: (16, "dog"), 5: (2, "car")}
-    _staged_video(fs, root, "000000", "file:///v/clip.mp4", tracks, classes)
-    marker = commit_video_shard(fs, root, "000000")
+    _chunked_video(fs, root, "000000", "file:///v/clip.mp4", tracks, classes)
+    marker = commit_video_shard(fs, root, "000000", [], {"count_line": line, "min_track_frames": 3, "match_iou": 0.5})
     assert marker["images"] == 6
     row = pq.read_table(tmp_path / "videos").to_pylist()[0]
     if line is None:

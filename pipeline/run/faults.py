@@ -124,8 +124,9 @@ class InjectedFaults:
     """Test-only fault injection, from the ``AUTOLABEL_TEST_FAULTS`` environment variable.
 
     - ``kill``: ``{stage: text}``; that stage (``decode``, ``detect`` or ``segment``) SIGKILLs its
-      own process when it starts an image whose URI contains the text: a poison image. The
-      process death is real; only its trigger is artificial.
+      own process when it starts an image whose URI contains the text: a poison image; ``track``
+      when it has tracked a video frame whose URI (``VIDEO#frame=N``) contains it. The process
+      death is real; only its trigger is artificial.
     - ``oom_uri``: the SAM decoder raises CUDA out-of-memory on every call for that image.
     - ``oom_over_prompts``: the SAM decoder raises CUDA out-of-memory when asked for more than
       this many prompts at once (a GPU running short of memory; CPUs cannot run out on demand).

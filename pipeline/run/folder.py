@@ -19,18 +19,19 @@ from fsspec.core import url_to_fs
 from pipeline.config import ConfigError, RunConfig, redact_uri, redacted_config
 from pipeline.io.locations import normalise_uri
 from pipeline.io.shards import SHARDS_DIR
-from pipeline.run.ownership import CLASS_EMBEDDINGS, RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
+from pipeline.run.ownership import CHUNKS_DIR, CLASS_EMBEDDINGS, RUN_DATA, RUN_FILE_NAMES, Inventory, normalised_path, run_inventory
 from pipeline.run.sink import DONE_DIR, STAGING_DIR, OutputWriteError, atomic_write
+from pipeline.run.video_chunks import unfinished_chunk_files
 
 log = logging.getLogger("autolabel")
 
-RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, "report", "exports", "review")
+RUN_FOLDERS = ("images", "objects", SHARDS_DIR, STAGING_DIR, DONE_DIR, CHUNKS_DIR, "report", "exports", "review")
 # Keys that change speed or memory (or how storage is reached: credentials, endpoints) but not a
 # single output row; they may differ on a resume. (The output, ray and report sections are not in
 # the fingerprint at all.)
 PERFORMANCE_ONLY = ("input.storage_options", "detector.storage_options", "sam.storage_options", "detector.batch_size",
                     "sam.batch_size", "sam.box_chunk", "sam.compile", "automatic.points_per_batch",
-                    "detector.decode_ahead_mp", "sam.decode_ahead_mp")
+                    "detector.decode_ahead_mp", "sam.decode_ahead_mp", "video.offload_state_to_cpu")
 # Keys that, while unset (null), are left out of the fingerprint: a run started before they existed
 # resumes as it did.
 ABSENT_WHEN_NULL = ("detector.class_embeddings", "detector.visual_prompts")
@@ -40,7 +41,7 @@ NORMALISED_URIS = (("input", "uri"), ("prompts", "manifest"))
 
 def fingerprint(cfg: RunConfig, models: dict, dtype: Optional[str] = None) -> dict:
     """What must not change between a run and its resume: the config that shapes the output
-    (input, prompts, detector, sam, qa; not output/ray/report) and the weights, by content.
+    (input, prompts, detector, sam, qa, video; not output/ray/report) and the weights, by content.
     ``models`` is run.json's models section (``weights_identity`` of each).
 
     ``sam.dtype`` enters as the dtype SAM actually ran in (``dtype``, known once Ray says where
@@ -50,6 +51,7 @@ def fingerprint(cfg: RunConfig, models: dict, dtype: Optional[str] = None) -> di
     sections = ("input", "prompts", "detector", "sam", "qa") if cfg.uses_detector else ("input", "prompts", "sam", "qa")
     if cfg.automatic.enabled:  # only then: runs made before the section existed resume as they did
         sections += ("automatic",)
+    sections += ("video",)  # stride, keyframes, matching and chunks shape a video's rows as the sam keys do
     config = {s: dict(data[s]) for s in sections}
     for key in PERFORMANCE_ONLY:
         section, name = key.split(".")
@@ -329,8 +331,12 @@ class RunFolder:
         how many were removed."""
         inventory = self.inventory(manifest, everything=False)
         unfinished = Inventory(self.path, folders=[f for f in inventory.folders if f.split("/")[0] == STAGING_DIR])
+        chunks = [rel.rpartition("/")[2] for rel in inventory.files if rel.rpartition("/")[0] == CHUNKS_DIR]
+        unfinished.files.extend(f"{CHUNKS_DIR}/{name}" for name in unfinished_chunk_files(chunks, pending))  # whole chunks stay
         for rel in inventory.files:
             folder, _, name = rel.rpartition("/")
+            if folder == CHUNKS_DIR:
+                continue
             if folder.split("/")[0] == STAGING_DIR or name.startswith(".tmp-"):
                 unfinished.files.append(rel)
             elif folder in RUN_FILE_NAMES and folder != SHARDS_DIR and RUN_FILE_NAMES[folder].fullmatch(name)["shard"] in pending:
@@ -341,5 +347,6 @@ class RunFolder:
         """After the last commit: the staging area's leftovers (only the run's own parts and folders;
         anything else there stays, and the next resume or --overwrite names it)."""
         inventory = run_inventory(self.fs, self.path, manifest, everything=False)
-        staged = [rel for rel in inventory.files if rel.split("/")[0] == STAGING_DIR]
-        Inventory(self.path, staged, [f for f in inventory.folders if f.split("/")[0] == STAGING_DIR]).remove(self.fs)
+        leftovers = (STAGING_DIR, CHUNKS_DIR)  # every video is committed: its plan and chunks are done with
+        staged = [rel for rel in inventory.files if rel.split("/")[0] in leftovers]
+        Inventory(self.path, staged, [f for f in inventory.folders if f.split("/")[0] in leftovers]).remove(self.fs)

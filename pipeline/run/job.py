@@ -6,6 +6,7 @@ listing) is checked before Ray starts, so a mistake costs seconds, not a cluster
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import os
 import platform
@@ -31,7 +32,7 @@ from pipeline.io.listing import SourceError, WorkItem, input_format, iter_image_
 from pipeline.io.manifest import iter_manifest, merge_repeated_uris
 from pipeline.io.shards import ShardListing, write_shards
 from pipeline.run.timings import Timings
-from pipeline.run.video_flow import VideoCommits, build_video_dataset, listed_extensions, video_frames
+from pipeline.run.video_flow import VideoCommits, VideoWork, build_video_dataset, listed_extensions, video_frames
 
 log = logging.getLogger("autolabel")
 
@@ -266,7 +267,7 @@ def _listing(cfg: RunConfig, folder: RunFolder, manifest: dict) -> ShardListing:
     try:
         listing = write_shards(work_items(cfg), 1 if tars else cfg.input.shard_size, folder.fs, folder.path,
                                cfg.input.storage_options, tars=tars)
-        if listing.num_images == 0 and listing.num_videos == 0:  # a folder of videos alone is an input too
+        if listing.num_images + listing.num_videos == 0:  # a folder of videos alone is work too
             raise no_images(cfg.prompts.manifest or cfg.input.uri, cfg.input.extensions)
     except (SourceError, FileNotFoundError, PermissionError) as exc:
         folder.clear()  # nothing was labeled: leave no half-made run behind to block the next try
@@ -351,7 +352,9 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     totals = Totals()
     for marker in done.values():
         totals.merge(marker)
-    progress = Progress(len(shard_ids), len(done), totals, total_images=None if reads_tars(cfg) else listing.num_images + listing.num_videos)
+    video_shards = set(listing.video_shards)
+    progress = Progress(len(shard_ids), len(done), totals, total_images=None if reads_tars(cfg) else listing.num_images,
+                        videos=listing.num_videos, done_frames=sum(m["images"] for s, m in done.items() if s in video_shards))
     manifest["progress"] = progress.as_dict()
     manifest["status"] = "running"
     try:
@@ -436,11 +439,15 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
             ledger = start_ledger()
             images = [folder.shard_uri(s) for s in pending if s not in videos]  # video shards: the track actors (video_flow.py)
             ds = build_dataset(cfg, images, meta_columns, class_names, plan, folder.run_uri, ledger, manifest["models"], class_embeddings) if images else None
-            vds = build_video_dataset(cfg, [folder.shard_uri(s) for s in pending if s in videos], meta_columns, class_names, plan,
-                                      folder.run_uri, manifest["models"], runtime_env(plan["local"]), class_embeddings, manifest_roots(cfg))
+        video_work = VideoWork(cfg, folder, [s for s in pending if s in videos], runtime_env(plan["local"]))
+        video_work.start()  # each video planned by a Ray task while the images are labeled
         tracker = ShardTracker(pending)
         timings = Timings()
-        commits = VideoCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]), videos)
+        commits = VideoCommits(folder.run_uri, cfg.output.storage_options, meta_columns, cfg.ray.task_retries, runtime_env(plan["local"]), videos,
+                               cfg.video.model_dump())
+        video_batches = video_work.batches(progress, tracker, commits, lambda items: build_video_dataset(
+            cfg, items, meta_columns, class_names, plan, folder.run_uri, manifest["models"], runtime_env(plan["local"]),
+            class_embeddings, manifest_roots(cfg), ledger))
 
         def record() -> None:
             log.info(progress.line())
@@ -454,13 +461,14 @@ def _process(cfg: RunConfig, folder: RunFolder, manifest: dict, pending: list[st
                     record()
 
         try:
-            for batch in (b for d in (ds, vds) if d is not None for b in d.iter_batches(batch_format="pyarrow", batch_size=None)):
+            image_batches = ds.iter_batches(batch_format="pyarrow", batch_size=None) if ds is not None else ()
+            for batch in itertools.chain(image_batches, video_batches):
                 rows = batch.to_pylist()
                 timings.add(rows)
                 _check_actor_dtypes(timings, manifest["models"]["sam"]["dtype"])
                 for shard_id in tracker.add(rows):
                     commits.launch(shard_id)
-                if progress.images_staged(len(rows)):
+                if progress.rows_staged(rows):
                     log.info(progress.line())
                 harvest(block=False)
             for shard_id in tracker.remaining():  # every row is staged now: commit what is left (e.g. empty tars)
@@ -506,6 +514,10 @@ def format_summary(manifest: dict) -> str:
         lines.append(f"    ... {len(t['objects_by_class']) - 20} more classes in run.json")
     if manifest.get("images_per_second") is not None:
         lines.append(f"  speed      {manifest['images_per_second']:.2f} images/s over {manifest['duration_s']:.1f} s")
+    if p.get("frames_total") is not None:  # a run with videos: their frames and the rate they were tracked at
+        rate = p.get("frames_per_second")
+        lines.append(f"  videos     {p['frames_done']}/{p['frames_total']} frames, {p['frames_this_attempt']} tracked in this attempt"
+                     + (f", {rate:.2f} frames/s" if rate else ""))
     lines.append(f"  output     {manifest.get('output_uri', manifest['config']['output']['uri'])}  (run.json, images/, objects/)")
     if manifest.get("report_uri"):
         lines.append(f"  report     {manifest['report_uri']}")

@@ -29,7 +29,10 @@ from pipeline.io.listing import protocols_of
 SHARD = r"(?P<shard>\d{6,})"  # write_shards' ids: 000000, 000001, ...
 TMP = r"(?:\.tmp-[0-9a-f]{32}-)?"  # sink.atomic_write's temporary name on local disks
 SUMMARIES_DIR = "summaries"  # a shard's counts, written by its commit beside images/ and objects/ (outputs/report/summaries.py)
-RUN_DATA = ("_shards", "_staging", "_done", "images", "objects", "videos", "tracks", SUMMARIES_DIR)  # the run's own folders: all of it must be the run's
+CHUNKS_DIR = "_chunks"  # a video's plan and its chunks' files until the video is committed (run/video_chunks.py)
+RUN_DATA = ("_shards", "_staging", "_done", "images", "objects", "videos", "tracks", SUMMARIES_DIR, CHUNKS_DIR)  # the run's own folders: all of it must be the run's
+# _chunks/: shard-X.plan.json, shard-X-cNNNN.{objects,images,tracks}.parquet and the chunk's marker shard-X-cNNNN.json
+CHUNK_FILE = re.compile(rf"{TMP}shard-{SHARD}(?:\.plan\.json|-c(?P<chunk>\d{{4,}})(?P<kind>\.json|\.(?:images|objects|tracks)\.parquet))")
 RUN_FILE_NAMES = {
     "_shards": re.compile(rf"shard-{SHARD}\.parquet"),
     "images": re.compile(rf"{TMP}shard-{SHARD}\.parquet"),
@@ -38,6 +41,7 @@ RUN_FILE_NAMES = {
     "tracks": re.compile(rf"{TMP}shard-{SHARD}\.parquet"),
     SUMMARIES_DIR: re.compile(rf"{TMP}shard-{SHARD}\.parquet"),
     "_done": re.compile(rf"{TMP}shard-{SHARD}\.json"),
+    CHUNKS_DIR: CHUNK_FILE,
 }
 STAGED_FOLDER = re.compile(rf"shard-{SHARD}")
 STAGED_PART = re.compile(rf"{TMP}(?:images|objects|videos|tracks)-[0-9a-f]{{16}}\.parquet")

@@ -249,6 +249,21 @@ def commit_shard(fs, root: str, shard_id: str, meta_columns: list[str] = ()) -> 
     schema = images_schema(list(meta_columns))
     images = pa.concat_tables([t.cast(schema) for t in image_parts]) if image_parts else schema.empty_table()
     objects = pa.concat_tables([t.cast(OBJECTS_SCHEMA) for t in object_parts]) if object_parts else OBJECTS_SCHEMA.empty_table()
+    marker = write_shard(fs, root, shard_id, images, objects, meta_columns)
+    staged = [n for n in names if STAGED_PART.fullmatch(n.rsplit("/", 1)[-1])]  # the parts it merged: nothing else
+    if staged:
+        try:
+            fs.rm(staged)
+            if is_local(fs):
+                os.rmdir(folder)
+        except OSError:
+            pass  # the shard is committed; the end of the run (or a resume) removes _staging
+    return marker
+
+
+def write_shard(fs, root: str, shard_id: str, images: pa.Table, objects: pa.Table, meta_columns: list[str] = ()) -> dict:
+    """A shard's committed files from its rows (sorted here, so name and content are deterministic):
+    ``objects/``, ``images/``, its summary, and last its done marker, whose totals it returns."""
     images = images.sort_by([("uri", "ascending"), ("image_id", "ascending")])
     objects = objects.sort_by([("uri", "ascending"), ("image_id", "ascending"), ("object_id", "ascending"), ("candidate", "ascending")])
     name = f"shard-{shard_id}.parquet"
@@ -261,15 +276,7 @@ def commit_shard(fs, root: str, shard_id: str, meta_columns: list[str] = ()) -> 
     totals.add(images.select(["status", "error_class", "num_objects", "class_counts", "num_prompt_errors", "num_flagged"]).to_pylist())
     totals.add_flags(objects)
     marker = {"shard_id": shard_id, **totals.as_dict()}
-    atomic_write(fs, marker_path, json.dumps(marker).encode())
-    staged = [n for n in names if STAGED_PART.fullmatch(n.rsplit("/", 1)[-1])]  # the parts it merged: nothing else
-    if staged:
-        try:
-            fs.rm(staged)
-            if is_local(fs):
-                os.rmdir(folder)
-        except OSError:
-            pass  # the shard is committed; the end of the run (or a resume) removes _staging
+    atomic_write(fs, f"{root}/{DONE_DIR}/shard-{shard_id}.json", json.dumps(marker).encode())
     return marker
 
 

@@ -48,9 +48,15 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def match(detection_masks: np.ndarray, track_masks: np.ndarray, iou_threshold: float) -> Matches:
     """The assignment of detections to tracks with the largest total IoU among pairs of IoU >=
     ``iou_threshold`` (pairs under it count as no match)."""
+    return assign(mask_iou(np.asarray(detection_masks, bool), np.asarray(track_masks, bool)), iou_threshold)
+
+
+def assign(iou: np.ndarray, iou_threshold: float) -> Matches:
+    """Rows matched to columns of an (N, M) IoU matrix: the pairs of largest total IoU among those
+    of IoU >= ``iou_threshold`` (``linear_sum_assignment``); also used to join tracks across chunks."""
     from scipy.optimize import linear_sum_assignment
 
-    iou = mask_iou(np.asarray(detection_masks, bool), np.asarray(track_masks, bool))
+    iou = np.asarray(iou, float)
     allowed = np.where(iou >= iou_threshold, iou, 0.0)
     pairs = []
     if allowed.size:
@@ -78,6 +84,7 @@ class Track:
     mask_score_sum: float = 0.0
     det_scores: list = field(default_factory=list)
     classes: Counter = field(default_factory=Counter)
+    votes: list = field(default_factory=list)  # (frame, class id, score) of each matched detection: chunks are joined by them
     missing: int = 0  # consecutive empty frames so far
     ended: bool = False
 
@@ -132,7 +139,7 @@ class KeyframeTracker:
                              bool).reshape(len(detections), height, width)
         found = match(det_masks, np.array([held[t].mask for t in live], bool).reshape(len(live), height, width), self.match_iou)
         for d, t in found.pairs:
-            self._vote(live[t], detections[d])
+            self._vote(live[t], frame, detections[d])
         masks = {t: held[t] for t in live}
         for d in found.new:
             track_id, det = self._next_id, detections[d]
@@ -140,7 +147,7 @@ class KeyframeTracker:
             prompt = ObjectPrompt(track_id, frame, box=det.box) if det.box is not None else ObjectPrompt(track_id, frame, mask=det_masks[d])
             masks[track_id] = self.tracker.add(prompt)[track_id]
             self.tracks[track_id] = Track(track_id, frame, frame)
-            self._vote(track_id, det)
+            self._vote(track_id, frame, det)
         yield frame, self._account(frame, masks)
         self._held, self._expect = None, frame + self.detect_every
         last = min(frame + self.detect_every, self.num_frames - 1)
@@ -179,9 +186,11 @@ class KeyframeTracker:
                     del masks[track_id]
         return masks
 
-    def _vote(self, track_id: int, det: Detection) -> None:
-        self.tracks[track_id].classes[det.class_id] += 1
-        self.tracks[track_id].det_scores.append(float(det.score))
+    def _vote(self, track_id: int, frame: int, det: Detection) -> None:
+        track = self.tracks[track_id]
+        track.classes[det.class_id] += 1
+        track.det_scores.append(float(det.score))
+        track.votes.append((frame, det.class_id, float(det.score)))
 
     def _drop_ended(self) -> None:
         for track_id in [t for t in self.tracker.obj_ids if self.tracks.get(t) and self.tracks[t].ended]:

@@ -80,10 +80,13 @@ class FrameSource:
     the frame asked for, so a backward sweep decodes each block once (from the file's start:
     O(n^2 / cache_frames) decoded frames; a seek would make it O(n)). The cache holds the resized
     uint8 frames (3 bytes a pixel at ``image_size``^2) and normalises on access.
+
+    ``keep_rgb(i)`` True: frame ``i``'s full RGB is kept when it is decoded until ``rgb(i)`` takes
+    it (the detector's keyframes), so one decode serves both the tracker and the detector.
     """
 
     def __init__(self, open_frames: Callable[[int], Iterator[VideoFrame]], num_frames: int, image_size: int,
-                 cache_frames: int = 16, start: int = 0, stride: int = 1):
+                 cache_frames: int = 16, start: int = 0, stride: int = 1, keep_rgb: Optional[Callable[[int], bool]] = None):
         if num_frames < 1:
             raise ValueError("a FrameSource needs at least one frame")
         import torch
@@ -97,6 +100,8 @@ class FrameSource:
         self._mean = torch.tensor(IMG_MEAN, dtype=torch.float32)[:, None, None]
         self._std = torch.tensor(IMG_STD, dtype=torch.float32)[:, None, None]
         self._times: OrderedDict[int, float] = OrderedDict()  # position -> time_s, the latest decoded
+        self.keep_rgb = keep_rgb
+        self._rgb: OrderedDict[int, np.ndarray] = OrderedDict()  # kept full frames, until taken
         first = self._fill(0)
         self.height, self.width = first.rgb.shape[:2]
         self.decodes = 1  # how many times the video was opened (the cost of going back)
@@ -104,7 +109,8 @@ class FrameSource:
     @classmethod
     def from_video(cls, source, image_size: int, stride: int = 1, max_frames: Optional[int] = None, start: int = 0,
                    stop: Optional[int] = None, max_pixels: Optional[int] = None, storage_options: Optional[dict] = None,
-                   num_frames: Optional[int] = None, cache_frames: int = 16) -> "FrameSource":
+                   num_frames: Optional[int] = None, cache_frames: int = 16,
+                   keep_rgb: Optional[Callable[[int], bool]] = None) -> "FrameSource":
         """The frames ``iter_frames`` keeps from a video file or URL; ``num_frames`` is counted
         (``probe(count=True)``: demuxing, no decoding) when not given."""
         if num_frames is None:
@@ -115,7 +121,7 @@ class FrameSource:
             return iter_frames(source, stride=stride, max_frames=num_frames - i, start=start + i * stride, stop=stop,
                                max_pixels=max_pixels, storage_options=storage_options)
 
-        return cls(open_frames, num_frames, image_size, cache_frames, start, stride)
+        return cls(open_frames, num_frames, image_size, cache_frames, start, stride, keep_rgb)
 
     def __len__(self) -> int:
         return self.num_frames
@@ -134,6 +140,11 @@ class FrameSource:
         img -= self._mean
         img /= self._std
         return img
+
+    def rgb(self, i: int) -> np.ndarray:
+        """Frame ``i`` as decoded (HxWx3 uint8): the copy ``keep_rgb`` kept, else decoded again."""
+        kept = self._rgb.pop(i, None)
+        return kept if kept is not None else self._fill(i).rgb
 
     def decoded_index(self, i: int) -> int:
         return self.start + i * self.stride
@@ -175,6 +186,10 @@ class FrameSource:
             self._times[pos] = frame.time_s
             if len(self._times) > 4 * self.cache_frames:
                 self._times.popitem(last=False)
+            if self.keep_rgb is not None and self.keep_rgb(pos):
+                self._rgb[pos] = frame.rgb
+                while len(self._rgb) > 2:  # one is taken before the next is decoded: never more than a couple
+                    self._rgb.popitem(last=False)
             if pos > i - self.cache_frames:
                 small = self._cache[pos] = self._resize(frame.rgb)
                 while len(self._cache) > self.cache_frames:
@@ -188,6 +203,7 @@ class FrameSource:
             self._frames = None
         self._cache.clear()
         self._times.clear()
+        self._rgb.clear()
 
 
 class ObjectPrompt(NamedTuple):
