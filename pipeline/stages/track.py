@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -69,6 +69,22 @@ def video_prompts(objects_json: Optional[str], base_uri: Optional[str], class_id
     return out
 
 
+class FrameMask(NamedTuple):
+    """A tracked mask as the output keeps it: COCO RLE, box, area and score."""
+    rle: dict
+    box: list
+    area: int
+    score: float
+
+
+def compact(found: dict) -> dict[int, FrameMask]:
+    """A frame's tracked masks ({track id: TrackedMask}) as they are stored, the empty ones left out.
+    Done as each frame comes, so a video's rows hold a few KB per mask, not every frame's
+    frame-sized masks until the end (memory flat in the video's length, issue 19)."""
+    return {track_id: FrameMask(rle.encode(t.mask[None])[0], _box(t.mask), int(t.mask.sum()), t.score)
+            for track_id, t in found.items() if t.mask.any()}
+
+
 def _box(mask: np.ndarray) -> list[float]:
     ys, xs = np.nonzero(mask)
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
@@ -101,12 +117,12 @@ def track_video(predictor, uri: str, shard_id: str, *, stride: int = 1, max_fram
     video = out.video = video_row(uri, shard_id)
     tracker = source = keyer = None
     meta: dict[int, dict] = {}  # track id -> object_key, class, source
-    per_frame: dict[int, dict] = {}  # kept frame -> {track id: TrackedMask}
+    per_frame: dict[int, dict] = {}  # kept frame -> {track id: FrameMask}, its non-empty masks only
 
     def tracked(frame: int, found: dict) -> None:
         if faults is not None:
             faults.maybe_kill("track", frame_uri(uri, source.decoded_index(frame)))
-        per_frame[frame] = found
+        per_frame[frame] = compact(found)
 
     try:
         if info is None or window is None or window[1] is None:
@@ -199,15 +215,12 @@ def _rows(out: VideoRows, uri: str, shard_id: str, source: FrameSource, frames, 
         found = per_frame.get(frame, {})
         for track_id in sorted(found):
             tracked = found[track_id]
-            if not tracked.mask.any():
-                continue
             info = meta[track_id]
-            mask_rle = rle.encode(tracked.mask[None])[0]
             objects.append({
                 "image_id": image_id_for(furi), "uri": furi, "object_id": len(objects), "object_key": info["object_key"],
                 "source": info["source"], "prompt": info["prompt"], "candidate": 0, "status": "ok", "error": None,
                 "class_id": info["class_id"], "class_name": info["class_name"], "det_score": info["det_score"],
-                "mask_score": tracked.score, "box": _box(tracked.mask), "area": int(tracked.mask.sum()), "mask": mask_rle,
+                "mask_score": tracked.score, "box": tracked.box, "area": tracked.area, "mask": tracked.rle,
                 "track_id": track_id,
             })
             t = tracks.setdefault(track_id, {"first": decoded, "last": decoded, "n": 0, "score": 0.0})
