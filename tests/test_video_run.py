@@ -219,12 +219,12 @@ class _Frames:
 
 
 def truth_chunk(uri: str, window, ids: dict, hidden=(), detect_every: int = 3):
-    """One chunk's rows as the track stage makes them (``stages.track._rows``), with the true
+    """One chunk's rows as the track stage makes them (``stages.track.compact`` then ``_rows``), with the true
     shape masks of the clip as the tracked masks: ``ids`` maps shape -> the chunk's track id;
     on the decoded frames in ``hidden`` the shapes are not there (no mask, no detection)."""
     from pipeline.sam.tracks import box_mask
     from pipeline.sam.video import TrackedMask
-    from pipeline.stages.track import VideoRows, _rows, video_row
+    from pipeline.stages.track import VideoRows, _rows, compact, video_row
 
     start, stop = window
     meta, per_frame = {}, {}
@@ -234,8 +234,8 @@ def truth_chunk(uri: str, window, ids: dict, hidden=(), detect_every: int = 3):
         meta[track_id] = {"object_key": None, "class_id": shape, "class_name": f"shape{shape}", "source": "detector", "prompt": "box",
                           "det_score": sum(v["score"] for v in votes) / len(votes) if votes else None, "votes": votes}
     for i, frame in enumerate(range(start, stop)):
-        per_frame[i] = {track_id: TrackedMask(box_mask(shape_boxes(frame, W, H)[shape], H, W) & (frame not in hidden), 0.75)
-                        for shape, track_id in ids.items()}
+        per_frame[i] = compact({track_id: TrackedMask(box_mask(shape_boxes(frame, W, H)[shape], H, W) & (frame not in hidden), 0.75)
+                                for shape, track_id in ids.items()})
     out = VideoRows(video=video_row(uri, "000000", {"width": W, "height": H, "fps": 10.0, "frames": CN, "duration_s": CN / 10}))
     _rows(out, uri, "000000", _Frames(start, stop - start), range(stop - start), per_frame, meta, 2)
     return out
