@@ -254,6 +254,7 @@ class PixelBudget:
 
         self.pixels = pixels
         self.held = 0
+        self.peak = 0  # the most pixels held at once (for tests)
         self.lock = threading.RLock()
         self.waiting: list["DecodeAhead"] = []  # batches with rows not started yet, oldest first
 
@@ -305,6 +306,7 @@ class DecodeAhead:
                 self.budget.held += self.pixels[i]
                 self.held += self.pixels[i]
                 self.peak = max(self.peak, self.budget.held)
+                self.budget.peak = max(self.budget.peak, self.budget.held)
                 self.started += 1
             if self in self.budget.waiting:
                 self.budget.waiting.remove(self)
