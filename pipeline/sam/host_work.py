@@ -116,11 +116,9 @@ def mask_crop(run, size: tuple, bbox) -> tuple[np.ndarray, int, int]:
     changes = np.asarray(changes)
     lo, hi = x0 * h, x1 * h  # the box's columns, in COCO's column-major pixel order
     before = int(np.searchsorted(changes, lo, side="right"))  # value changes at or before pixel lo
-    inside = changes[before:int(np.searchsorted(changes, hi, side="left"))] - lo
-    toggles = np.zeros(hi - lo, np.uint8)
-    toggles[0] = bool(first) ^ (before % 2)
-    toggles[inside] ^= 1
-    columns = np.bitwise_xor.accumulate(toggles).view(bool).reshape(x1 - x0, h)
+    bounds = np.concatenate([[lo], changes[before:int(np.searchsorted(changes, hi, side="left"))], [hi]])
+    values = np.arange(len(bounds) - 1) % 2 == (0 if bool(first) ^ (before % 2) else 1)  # runs alternate
+    columns = np.repeat(values, np.diff(bounds)).reshape(x1 - x0, h)
     return columns.T[y0:y1], x0, y0
 
 
