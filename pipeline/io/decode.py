@@ -205,9 +205,9 @@ class ImageDecoder:
         data = batch.column("data")
         return {i: self.submit(data[i].as_py()) for i in wanted}
 
-    def ahead(self, batch: pa.Table, groups: list[list[int]], pixels: dict[int, int], budget: float) -> "DecodeAhead":
+    def ahead(self, batch: pa.Table, groups: list[list[int]], pixels: dict[int, int], budget) -> "DecodeAhead":
         """The rows of ``groups`` decoded in that order, ahead of the model, within ``budget``
-        pixels (``DecodeAhead``); ``groups`` as ``fit_groups`` cuts them."""
+        pixels (a number, or a ``PixelBudget`` shared by batches); ``groups`` as ``fit_groups`` cuts them."""
         return DecodeAhead(self, batch.column("data"), groups, pixels, budget)
 
     def take_seconds(self) -> float:
@@ -243,48 +243,98 @@ def fit_groups(rows: list[int], pixels: dict[int, int], limit: int, budget: floa
     return groups
 
 
+class PixelBudget:
+    """Pixels an actor may hold decoded, shared by the batches in its hands at once (the segment
+    actor's two calls: one on the device, the next decoding ahead): a row starts decoding when
+    its pixels fit beside everything held, or when nothing is held (an image larger than the
+    budget still runs, alone). Releases by one batch let the others' rows start."""
+
+    def __init__(self, pixels: float):
+        import threading
+
+        self.pixels = pixels
+        self.held = 0
+        self.peak = 0  # the most pixels held at once (for tests)
+        self.lock = threading.RLock()
+        self.waiting: list["DecodeAhead"] = []  # batches with rows not started yet, oldest first
+
+    def fits(self, pixels: int) -> bool:
+        return not self.held or self.held + pixels <= self.pixels
+
+    def release(self, pixels: int) -> None:
+        with self.lock:
+            self.held -= pixels
+            for ahead in list(self.waiting):
+                ahead._fill()
+
+
 class DecodeAhead:
     """One batch's images decoded ahead of the model, bounded in pixels, not images.
 
     Rows are decoded in the order of their groups while the pixels held (decoding, decoded, or
-    in the model's hands until ``release``) fit the budget; the next row always starts when
-    nothing is held, so an image over the budget still runs, alone. ``pop(i)`` hands over row
-    ``i``'s future; ``release(group)`` gives the group's pixels back once the model is done with
-    them, and more rows start decoding. The groups come from ``fit_groups``, so each fits the
-    budget once the groups before it are released.
+    in the model's hands until ``release``) fit the budget (a number, or a ``PixelBudget`` shared
+    with other batches); the next row always starts when nothing is held, so an image over the
+    budget still runs, alone. ``pop(i)`` hands over row ``i``'s future; ``release(group)`` gives
+    the group's pixels back once the model is done with them, and more rows start decoding. The
+    groups come from ``fit_groups``, so each fits the budget once the groups before it are
+    released.
     """
 
     def __init__(self, decoder: ImageDecoder, data: pa.ChunkedArray, groups: list[list[int]], pixels: dict[int, int],
-                 budget: float):
-        self.decoder, self.data, self.pixels, self.budget = decoder, data, pixels, budget
+                 budget):
+        self.decoder, self.data, self.pixels = decoder, data, pixels
+        self.budget = budget if isinstance(budget, PixelBudget) else PixelBudget(budget)
         self.order = [i for group in groups for i in group]
         self.groups = groups
         self.futures: dict = {}
         self.started = 0  # rows of ``order`` submitted so far
-        self.held = 0  # pixels submitted and not yet released
+        self.held = 0  # this batch's pixels submitted and not yet released
         self.peak = 0  # the most pixels held at once (for tests)
-        self._fill()
+        with self.budget.lock:
+            self.budget.waiting.append(self)
+            self._fill()
 
     def _fill(self) -> None:
-        while self.started < len(self.order):
-            i = self.order[self.started]
-            if self.held and self.held + self.pixels[i] > self.budget:
-                return
-            self.futures[i] = self.decoder.submit(self.data[i].as_py())
-            self.held += self.pixels[i]
-            self.peak = max(self.peak, self.held)
-            self.started += 1
+        with self.budget.lock:
+            if self.budget.waiting and self.budget.waiting[0] is not self:
+                return  # first come, first served: an earlier batch's rows start first (it is on the device first)
+            while self.started < len(self.order):
+                i = self.order[self.started]
+                if not self.budget.fits(self.pixels[i]):
+                    return
+                self.futures[i] = self.decoder.submit(self.data[i].as_py())
+                self.budget.held += self.pixels[i]
+                self.held += self.pixels[i]
+                self.peak = max(self.peak, self.budget.held)
+                self.budget.peak = max(self.budget.peak, self.budget.held)
+                self.started += 1
+            if self in self.budget.waiting:
+                self.budget.waiting.remove(self)
 
     def pop(self, i: int):
         """Row ``i``'s future (``.result()``: pixels, or ImageError); its group must be next."""
-        if i not in self.futures:
-            raise RuntimeError(f"row {i} is not decoding: a group before it was not released")
-        return self.futures.pop(i)
+        with self.budget.lock:
+            if i not in self.futures:
+                raise RuntimeError(f"row {i} is not decoding: a group before it was not released")
+            return self.futures.pop(i)
 
     def release(self, group: list[int]) -> None:
-        """The model is done with these rows' pixels: their budget goes to the rows after them."""
-        self.held -= sum(self.pixels[i] for i in group)
-        self._fill()
+        """The model is done with these rows' pixels: their budget goes to the rows after them
+        (and to other batches sharing it)."""
+        pixels = sum(self.pixels[i] for i in group)
+        with self.budget.lock:
+            self.held -= pixels
+            self.budget.release(pixels)
+
+    def close(self) -> None:
+        """This batch is over (or failed): no more of its rows start, and what it still held goes
+        back to the budget."""
+        with self.budget.lock:
+            self.started = len(self.order)
+            if self in self.budget.waiting:
+                self.budget.waiting.remove(self)
+            held, self.held = self.held, 0
+            self.budget.release(held)
 
 
 def pixels_or_error(future, expected: tuple[int, int]):

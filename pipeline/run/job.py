@@ -43,6 +43,7 @@ FORWARDED_ENV = ("YOLO_OFFLINE", "MPLCONFIGDIR", "HF_HUB_OFFLINE", "AUTOLABEL_TE
 # and its YOLO_CONFIG_DIR, which the CLI otherwise sets to the driver's cache: console.py).
 LOCAL_ONLY_ENV = ("HF_HOME", "AUTOLABEL_CHECKPOINTS", "AUTOLABEL_CACHE", "YOLO_CONFIG_DIR")
 ACTOR_START_TIMEOUT_S = 600  # CPU pools whose actors cannot start fail after this
+SEGMENT_CALLS = 2  # Ray batches a SAM actor holds at once: one on the device, one decoding or finishing (segment.py)
 
 
 def _versions() -> dict:
@@ -220,9 +221,11 @@ def build_dataset(cfg: RunConfig, shard_paths: list[str], meta_columns: list[str
             runtime_env=env, **actor_retries,
         )
     ds = ds.map_batches(
-        # two encoder batches per call: the host finishes one while the device works on the next
+        # Two encoder batches per call, and two calls at once per actor (threads): the host finishes
+        # one call's images and the next call's decode while the device works (stages/segment.py).
         Segmenter, batch_format="pyarrow", batch_size=2 * cfg.sam.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=plan["sam"]["min_size"], max_size=plan["sam"]["max_size"]),
+        compute=ray.data.ActorPoolStrategy(min_size=plan["sam"]["min_size"], max_size=plan["sam"]["max_size"],
+                                           max_concurrent_calls_per_actor=SEGMENT_CALLS, enable_true_multi_threading=True),
         num_cpus=plan["sam"]["num_cpus"], num_gpus=plan["sam"]["num_gpus"],
         fn_constructor_kwargs={
             "cfg": cfg.sam, "class_names": class_names, "cpu_threads": plan["sam"].get("cpu_threads"),

@@ -5,8 +5,8 @@ Each stage adds its time to columns ``t_<stage>`` (seconds per image: a batch's 
 over its rows); the sink hands them to the driver with the rest of a row's summary. Stages:
 ``read`` (bytes and headers), ``decode`` (pixels, in the model actors' threads), ``detect``
 (YOLO), ``encode`` (SAM's image encoder), ``masks`` (prompt encoder, mask decoder and the
-masks finished on the device), ``rle`` (COCO strings and rows on the host), ``write`` (staging
-Parquet). The SAM actors also report how busy their device was (``sam_busy_s`` of
+masks finished on the device), ``rle`` (the host threads' work on finished masks: quality metrics
+and clean-up, COCO strings, rows), ``write`` (staging Parquet). The SAM actors also report how busy their device was (``sam_busy_s`` of
 ``sam_wall_s``) and how many images each did. Counts travel the same way in ``n_<name>``
 columns: the detector's calls and the images they held (``timings.detector``: its mean batch).
 """

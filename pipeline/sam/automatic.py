@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.sam import masks as mask_codec
+from pipeline.sam.host_work import quality_of
 from pipeline.sam.prompts import Prompt
 from pipeline.sam.model import MASK_PIXELS, Candidates, SamModel, SegmentOOM, _free_gpu_memory, _short, autocast, rles_of
 
@@ -333,8 +334,7 @@ class AutomaticMaskGenerator:
         if self.sam.qa is not None:
             result.quality = []
             for m in range(n):
-                metrics = self.sam._crop_quality(mask_codec.decode(result.rles[m]),
-                                                 result.boxes[m], None, float(result.stability[m]))
+                metrics = quality_of(self.sam.qa, result.runs[m], result.size, result.boxes[m], None, float(result.stability[m]))
                 if "cleaned" in metrics:
                     result.runs[m], result.areas[m], result.boxes[m] = metrics.pop("cleaned")
                 result.quality.append(metrics)

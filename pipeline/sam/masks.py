@@ -1,6 +1,8 @@
 """Binary masks <-> COCO compressed RLE (pycocotools), the form masks take in the objects table."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -47,11 +49,15 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 # masks' own device, so only the run boundaries (a few KB per mask) cross to the host, where
 # pycocotools compresses them into exactly the string ``pycocotools.mask.encode`` would give.
 
-def device_stats(masks) -> dict:
+def device_stats(masks, capacity: Optional[int] = None) -> dict:
     """(n, h, w) bool tensor -> per mask ``area`` (n,), ``bbox`` (n, 4) xyxy (pixel edges, zeros
     when empty), and the COCO run boundaries: ``first`` (n,) the first pixel's value,
     ``changes`` the positions (in column-major order, as COCO RLE counts) where a mask's value
-    changes, concatenated, and ``num_changes`` (n,) how many belong to each mask."""
+    changes, concatenated, and ``num_changes`` (n,) how many belong to each mask.
+
+    ``capacity``: ``changes`` is a buffer of that many positions (``torch.nonzero_static``), so
+    nothing waits for the device; its first ``num_changes.sum()`` are valid when they fit (the
+    caller checks, once the numbers are on the host). None: exactly the positions (this waits)."""
     import torch
 
     n, h, w = masks.shape
@@ -66,10 +72,13 @@ def device_stats(masks) -> dict:
     bbox = torch.where((area > 0)[:, None], bbox, torch.zeros_like(bbox))
     flat = masks.transpose(1, 2).reshape(n, h * w)  # column-major, as COCO RLE counts pixels
     changed = flat[:, 1:] != flat[:, :-1]
-    which, where = changed.nonzero(as_tuple=True)
+    if capacity is None:
+        where = changed.nonzero(as_tuple=True)[1]
+    else:
+        where = torch.nonzero_static(changed, size=capacity, fill_value=-1)[:, 1]
     return {
         "area": area, "bbox": bbox, "first": flat[:, 0], "changes": (where + 1).to(torch.int32),
-        "num_changes": torch.bincount(which, minlength=n),
+        "num_changes": changed.sum(dim=1, dtype=torch.int64),
     }
 
 

@@ -1,14 +1,17 @@
 """SAM 2.1 in batches: several images through the image encoder at once, the prompts of all of
-them through the mask decoder together, and every mask finished on the model's device.
+them through the mask decoder together, every mask finished on the model's device, and one copy
+to the host per encoder batch.
 
 The arithmetic is the SAM 2 tutorial's (``SAM2ImagePredictor.set_image`` + ``predict``), done
 so that a GPU stays busy: images are resized and normalised on the device (antialiased
 bilinear, exactly ``SAM2Transforms``), ``sam.batch_size`` of them per encoder pass; prompts of
 one shape are gathered across those images (each with its own image's features) into decoder
-calls of ``sam.box_chunk``; the low-res logits are upsampled to the image in slices of at most
-``MASK_PIXELS`` pixels, thresholded, and reduced to area, box and COCO run boundaries on the
-device (``masks.device_stats``). Only scores and run boundaries reach the host, so memory per
-image stays bounded however many objects it holds, and no full-resolution bitmap is copied.
+calls of ``sam.box_chunk``; the low-res logits are upsampled, thresholded and reduced to area,
+box, stability and COCO run boundaries on the device (sam/reduction.py). Nothing in the device
+loop waits for the device until the batch's one packed copy to the host; what is left (quality
+metrics, clean-up, RLE strings) is host work (sam/host_work.py), which the segment stage runs on
+a thread pool while this loop issues the next batch. Only scores and run boundaries reach the
+host, so memory per image stays bounded however many objects it holds.
 """
 from __future__ import annotations
 
@@ -17,20 +20,23 @@ import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline.sam import masks as mask_codec
 from pipeline.config import QaConfig, SamConfig
 from pipeline.io.decode import ImageError
+from pipeline.sam import reduction
+from pipeline.sam.host_work import Candidates, Pending, finish, rles_of
 from pipeline.sam.prompts import Prompt
+from pipeline.sam.reduction import MASK_PIXELS, stability_score
 from pipeline.run.timings import StageClock
+
+__all__ = ["Candidates", "MASK_PIXELS", "SamModel", "SegmentOOM", "rles_of", "stability_score"]  # their old home
 
 log = logging.getLogger(__name__)
 
-MASK_PIXELS = 1 << 26  # upsampled float32 logits per slice (256 MB), whatever the image size
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SAM2Transforms' normalisation
 
 
@@ -39,44 +45,6 @@ class SegmentOOM(ImageError):
 
     def __init__(self, message: str):
         super().__init__("oom", message)
-
-
-def rles_of(runs: list, size) -> list[dict]:
-    """COCO RLE dicts from a mask list's runs: (first value, change positions) pairs, or RLE dicts
-    already (a cleaned mask), as the answers of this model and the automatic generator hold them."""
-    return [run if isinstance(run, dict) else mask_codec.rle_from_changes(*run, *size) for run in runs]
-
-
-@dataclass
-class Candidates:
-    """SAM's answer for one prompt: candidate masks ranked best first (three with multimask, or
-    only the best of them when the caller keeps one), with their area and tight box. The masks
-    arrive as COCO run boundaries from the device; the RLE strings are made on first use (by
-    the thread that builds the rows, while the device works on the next batch)."""
-
-    scores: np.ndarray  # (C,) float32, descending
-    areas: np.ndarray  # (C,) int64
-    boxes: np.ndarray  # (C, 4) float32 xyxy, the masks' tight boxes (zeros when empty)
-    size: tuple[int, int]  # (h, w) of the image
-    runs: list = field(repr=False)  # C (first pixel value, change positions) pairs, or an RLE dict (a cleaned mask)
-    logits: Optional[np.ndarray] = None  # (C, h, w) low-res logits, when asked for: reusable as mask_input
-    quality: Optional[list] = None  # C dicts of quality.py's metrics, when the model was given a QaConfig
-    _rles: Optional[list] = field(default=None, repr=False)
-    _masks: Optional[np.ndarray] = field(default=None, repr=False)
-
-    @property
-    def rles(self) -> list[dict]:
-        """C dicts ``{"size": [h, w], "counts": str}``, exactly as ``pycocotools.mask.encode`` gives."""
-        if self._rles is None:
-            self._rles = rles_of(self.runs, self.size)
-        return self._rles
-
-    @property
-    def masks(self) -> np.ndarray:
-        """(C, H, W) bool, decoded from the RLE on first use (the pipeline itself never needs them)."""
-        if self._masks is None:
-            self._masks = np.stack([mask_codec.decode(r) for r in self.rles])
-        return self._masks
 
 
 def resolve_dtype(requested: str, device) -> str:
@@ -184,13 +152,15 @@ class SamModel:
 
     def segment_batch(self, images: Sequence[np.ndarray], prompts: Sequence[list[Prompt]], multimask=None,
                       uris: Optional[Sequence[Optional[str]]] = None, keep_all: bool = False,
-                      keep_logits: bool = False, pad: bool = True) -> list:
+                      keep_logits: bool = False, pad: bool = True, pending: bool = False) -> list:
         """Answer every valid prompt of every image: per image a list (None for rejected
         prompts), or a ``SegmentOOM`` when the GPU ran out of memory on that image even alone.
 
         ``multimask`` None follows ``sam.multimask``; ``keep_all`` keeps all three candidates of
         a multimask prompt (else the best one), ``keep_logits`` the low-res logits too; ``pad``
         False pads no encoder batch (one image at a time after a worker crash: no extra memory).
+        Answers are ``Candidates``; with ``pending``, ``host_work.Pending`` answers whose host
+        work (quality metrics, clean-up: ``host_work.finish``) the caller does, off this loop.
 
         An encoder pass out of GPU memory halves the images per pass (padding follows the step,
         so the pass really shrinks) down to one image, which is tried once more after the cache
@@ -235,6 +205,8 @@ class SamModel:
                 del features
                 start += len(group)
         self._settle()
+        if not pending:
+            results = [r if isinstance(r, SegmentOOM) else [finish(a, self.qa) for a in r] for r in results]
         return results
 
     def _event(self):
@@ -325,10 +297,12 @@ class SamModel:
     def _decode(self, features: dict, jobs: list[_Job], uris: list, keep_all: bool, keep_logits: bool) -> tuple[list, dict]:
         """All prompts of the encoded images through the decoder, grouped by shape across images,
         ``sam.box_chunk`` at a time; a chunk out of GPU memory is split in halves down to one
-        prompt, and an image whose single prompt still does not fit is failed on its own."""
+        prompt, and an image whose single prompt still does not fit is failed on its own. Every
+        call's masks reach the host together, in one copy (``reduction.to_host``), as ``Pending``
+        answers."""
         import torch
 
-        answers: list[Optional[Candidates]] = [None] * len(jobs)
+        answers: list[Optional[Pending]] = [None] * len(jobs)
         failed: dict[int, SegmentOOM] = {}
         groups: dict[tuple, list[int]] = defaultdict(list)
         for n, job in enumerate(jobs):
@@ -337,13 +311,14 @@ class SamModel:
             groups[(p.signature, job.multi, n if p.signature == (False, 0, True) else None)].append(n)
         chunk = self.cfg.box_chunk
         queue = [members[i:i + chunk] for members in groups.values() for i in range(0, len(members), chunk)]
+        issued = []  # (device chunk, its jobs' slots)
         while queue:
             part = [n for n in queue.pop(0) if jobs[n].image not in failed]
             if not part:
                 continue
             try:
-                self._decode_chunk(features, [jobs[n] for n in part], [uris[jobs[n].image] for n in part], answers, part,
-                                   keep_all, keep_logits)
+                issued.append((self._decode_chunk(features, [jobs[n] for n in part], [uris[jobs[n].image] for n in part],
+                                                  keep_all, keep_logits), part))
                 continue
             except torch.OutOfMemoryError as exc:
                 oom = _short(exc)
@@ -355,36 +330,53 @@ class SamModel:
             image = jobs[part[0]].image
             count = sum(j.image == image for j in jobs)
             failed[image] = SegmentOOM(f"out of GPU memory even one prompt at a time ({count} prompts; {oom})")
+        for host, (_, part) in zip(self._to_host([c for c, _ in issued]), issued):
+            for n, slot in enumerate(part):
+                answers[slot] = Pending(host, n)
         return answers, failed
+
+    def _to_host(self, chunks: list) -> list:
+        """The device chunks of one encoder batch -> ``HostChunk``s: one copy, one sync."""
+        return reduction.to_host(chunks, self.device)
+
+    def _upload(self, array, dtype):
+        """A host array -> a tensor on the device, without waiting for it (pinned, non-blocking on a GPU)."""
+        import torch
+
+        tensor = torch.as_tensor(array, dtype=dtype)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
     def _prompt_tensors(self, jobs: list[_Job], orig_hw: list):
         """The tutorial's ``_prep_prompts`` + the box/point concatenation of ``_predict``, for
-        prompts of several images (each scaled by its own image's size)."""
+        prompts of several images (each scaled by its own image's size). Built on the host and
+        uploaded without waiting (``_upload``), so the device loop never waits here."""
         import torch
 
         # (x / w) * size, in this order, as SAM2Transforms.transform_coords computes it (bit for bit)
-        wh = torch.tensor([[orig_hw[j.image][1], orig_hw[j.image][0]] for j in jobs], dtype=torch.float32, device=self.device)[:, None, :]
+        wh = self._upload([[orig_hw[j.image][1], orig_hw[j.image][0]] for j in jobs], torch.float32)[:, None, :]
         coords, labels = [], []
         first = jobs[0].prompt
         if first.box is not None:
-            boxes = torch.as_tensor(np.stack([j.prompt.box for j in jobs]), dtype=torch.float32, device=self.device)
+            boxes = self._upload(np.stack([j.prompt.box for j in jobs]), torch.float32)
             coords.append(boxes.reshape(-1, 2, 2) / wh * self.size)
-            labels.append(torch.tensor([[2, 3]], dtype=torch.int, device=self.device).repeat(len(jobs), 1))
+            labels.append(self._upload(np.tile(np.array([[2, 3]], np.int32), (len(jobs), 1)), torch.int))
         if first.points is not None:
-            points = torch.as_tensor(np.stack([j.prompt.points for j in jobs]), dtype=torch.float32, device=self.device)
+            points = self._upload(np.stack([j.prompt.points for j in jobs]), torch.float32)
             coords.append(points / wh * self.size)
-            labels.append(torch.as_tensor(np.stack([j.prompt.point_labels for j in jobs]), dtype=torch.int, device=self.device))
+            labels.append(self._upload(np.stack([j.prompt.point_labels for j in jobs]), torch.int))
         points = (torch.cat(coords, dim=1), torch.cat(labels, dim=1)) if coords else None
         masks = None
         if first.has_mask:
             from pipeline.sam.prompts import mask_to_logits
 
-            masks = torch.as_tensor(np.stack([mask_to_logits(j.prompt.mask, self.low_res) if j.prompt.mask is not None
-                                              else j.prompt.mask_input[None] for j in jobs]), dtype=torch.float32, device=self.device)
+            masks = self._upload(np.stack([mask_to_logits(j.prompt.mask, self.low_res) if j.prompt.mask is not None
+                                           else j.prompt.mask_input[None] for j in jobs]), torch.float32)
         return points, masks
 
-    def _decode_chunk(self, features: dict, jobs: list[_Job], uris: list, answers: list, slots: list[int],
-                      keep_all: bool, keep_logits: bool) -> None:
+    def _decode_chunk(self, features: dict, jobs: list[_Job], uris: list, keep_all: bool, keep_logits: bool) -> reduction.DeviceChunk:
+        """One decoder call and its masks' reduction, issued on the device (nothing waited for)."""
         import torch
 
         if self.faults:
@@ -399,7 +391,7 @@ class SamModel:
             k = jobs[0].image
             embed, high_res = features["image_embed"][k:k + 1], [level[k:k + 1] for level in features["high_res_feats"]]
         else:
-            index = torch.tensor([j.image for j in jobs], device=self.device)
+            index = self._upload([j.image for j in jobs], torch.int64)
             embed = features["image_embed"].index_select(0, index)
             high_res = [level.index_select(0, index) for level in features["high_res_feats"]]
         low_res, iou, _, _ = self.model.sam_mask_decoder(
@@ -418,92 +410,7 @@ class SamModel:
         low_res = torch.gather(low_res, 1, order[:, :, None, None].expand(-1, -1, *low_res.shape[-2:]))
         scores = torch.gather(iou, 1, order)
         sizes = [tuple(int(v) for v in features["orig_hw"][j.image]) for j in jobs]
-        runs, areas, boxes, quality = self._finish(low_res, sizes, [j.prompt.box for j in jobs])
-        scores_np = scores.cpu().numpy().astype(np.float32)
-        logits_np = torch.clamp(low_res, -32.0, 32.0).cpu().numpy() if keep_logits else None
+        chunk = reduction.reduce(low_res, scores, sizes, [j.prompt.box for j in jobs], self.reduce_on_device,
+                                 self.qa is not None, keep_logits)
         self._elapsed(started, "masks")
-        for n, slot in enumerate(slots):
-            answers[slot] = Candidates(scores_np[n], areas[n], boxes[n], sizes[n], runs[n], None if logits_np is None else logits_np[n],
-                                       quality[n] if self.qa is not None else None)
-
-    # ------------------------------------------------------------------ masks, on the device
-
-    def _finish(self, low_res, sizes: list[tuple[int, int]], prompt_boxes: list) -> tuple[list, np.ndarray, np.ndarray, list]:
-        """(n, C, h, w) low-res logits -> per prompt: C masks as run boundaries (or RLE), areas,
-        tight boxes, and (with a QaConfig) quality metrics. Upsampled (``postprocess_masks``:
-        bilinear to the image size) and thresholded at 0 on the device, ``MASK_PIXELS`` at a time,
-        and reduced there (``masks.device_stats`` on a GPU, pycocotools on a CPU; the stability
-        score); only each mask's bounding-box crop goes to the host for its shape (and clean-up)."""
-        import torch
-        import torch.nn.functional as F
-
-        n, c = low_res.shape[:2]
-        runs: list = [[None] * c for _ in range(n)]
-        areas = np.zeros((n, c), np.int64)
-        boxes = np.zeros((n, c, 4), np.float32)
-        quality: list = [[None] * c for _ in range(n)]
-        by_size: dict[tuple, list[int]] = defaultdict(list)
-        for i, hw in enumerate(sizes):
-            by_size[hw].append(i)
-        for (h, w), members in by_size.items():
-            flat = [(i, k) for i in members for k in range(c)]
-            step = max(1, MASK_PIXELS // (h * w))
-            for start in range(0, len(flat), step):
-                part = flat[start:start + step]
-                logits = F.interpolate(torch.stack([low_res[i, k] for i, k in part])[:, None], (h, w), mode="bilinear",
-                                       align_corners=False)[:, 0]
-                masks = logits > 0.0
-                stability = stability_score(logits).cpu().numpy() if self.qa is not None else None
-                del logits
-                if self.reduce_on_device:  # on a GPU: only run boundaries cross to the host
-                    stats = {key: value.cpu().numpy() for key, value in mask_codec.device_stats(masks).items()}
-                    offsets = np.concatenate([[0], np.cumsum(stats["num_changes"])])
-                    part_runs = [(bool(stats["first"][m]), stats["changes"][offsets[m]:offsets[m + 1]]) for m in range(len(part))]
-                else:  # the host is the device: pycocotools' C encoder is the cheapest reduction here
-                    masks = masks.numpy()
-                    part_runs = mask_codec.encode(masks)
-                    stats = {"area": np.array([mask_codec.area(r) for r in part_runs]), "bbox": np.array(
-                        [[x, y, x + bw, y + bh] for x, y, bw, bh in (mask_codec.bbox_xywh(r) for r in part_runs)], np.float32)}
-                for m, (i, k) in enumerate(part):
-                    runs[i][k] = part_runs[m]
-                    areas[i, k] = stats["area"][m]
-                    boxes[i, k] = stats["bbox"][m]
-                    if self.qa is not None:
-                        quality[i][k] = self._crop_quality(masks[m], stats["bbox"][m], prompt_boxes[i], float(stability[m]))
-                        if "cleaned" in quality[i][k]:
-                            runs[i][k], areas[i, k], boxes[i, k] = quality[i][k].pop("cleaned")
-                del masks
-        return runs, areas, boxes, quality
-
-    def _crop_quality(self, mask, bbox, prompt_box, stability: float) -> dict:
-        """A mask's shape metrics and the pixels inside its prompt box, from its bounding-box crop
-        on the host; with clean-up on, the cleaned mask too (``cleaned``: RLE, area, box)."""
-        from pipeline.sam import quality
-
-        x0, y0, x1, y1 = (int(v) for v in bbox)
-        crop = mask[y0:y1, x0:x1] if x1 > x0 else np.zeros((0, 0), bool)
-        crop = crop.cpu().numpy() if hasattr(crop, "cpu") else crop
-        out: dict = {"stability": stability}
-        if crop.size and (self.qa.remove_islands_below or self.qa.fill_holes_below):
-            cleaned, changed = quality.clean(crop, self.qa.remove_islands_below, self.qa.fill_holes_below)
-            if changed:
-                full = np.zeros(mask.shape, bool)
-                full[y0:y1, x0:x1] = cleaned
-                ys, xs = np.nonzero(cleaned)
-                box = np.array([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1], np.float32) if len(xs) else np.zeros(4, np.float32)
-                out["cleaned"] = (mask_codec.encode(full[None])[0], int(cleaned.sum()), box)
-                crop = cleaned
-        out["regions"], out["largest_region"], out["hole_area"] = quality.shape(crop)
-        out["inside"] = quality.pixels_inside(crop, x0, y0, prompt_box) if prompt_box is not None else None
-        return out
-
-
-def stability_score(logits, offset: float = 1.0):
-    """SAM's stability score (``sam2.utils.amg.calculate_stability_score`` at threshold 0): the
-    IoU of the mask at logit > +offset and > -offset; 1.0 for a mask empty at both (as SAM's
-    decoder defines it)."""
-    import torch
-
-    inside = (logits > offset).sum(dim=(-2, -1), dtype=torch.int64)
-    union = (logits > -offset).sum(dim=(-2, -1), dtype=torch.int64)
-    return torch.where(union > 0, inside / union.clamp(min=1), torch.ones_like(inside, dtype=torch.float32))
+        return chunk
