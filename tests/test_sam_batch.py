@@ -202,7 +202,7 @@ def test_device_rle_equals_pycocotools():
     masks += [np.asarray(Image.fromarray(rng.random((64, 64)) > 0.5).resize((300, 200), Image.NEAREST)) for _ in range(9)]
     assert len(masks) >= 50
     for mask in masks:
-        stats = mask_codec.device_stats(torch.from_numpy(np.ascontiguousarray(mask))[None])
+        stats = mask_codec.device_stats(torch.from_numpy(np.array(mask, copy=True))[None])
         rle = mask_codec.rle_from_changes(bool(stats["first"][0]), stats["changes"].numpy(), *mask.shape)
         assert rle == mask_codec.encode(mask[None])[0]
         assert int(stats["area"][0]) == mask.sum()
