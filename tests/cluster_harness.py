@@ -7,6 +7,12 @@ register within 30 s, hard to meet on 2 busy cores when several start at once). 
 set on every node and handed to the drivers (``env``), as ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN``
 must be in the environment before ``import ray``.
 
+A killed node is declared dead after ``health_check_failure_threshold`` (5) failed health checks
+of the GCS in a row; a dead raylet fails each at once, so the wait is 5 periods. The period is
+1 s here instead of Ray's 3 s (``HEALTH_CHECK_PERIOD_MS``): tests that kill a node wait about
+5 s instead of 15 s for Ray to notice. A raylet that is only slow still has 5 checks of Ray's
+10 s timeout each to answer, as by default.
+
 Each node is ``ray start --block`` in a session of its own; the cluster is stopped by signalling
 those processes, then killing whatever is left in their sessions: never ``ray stop`` (it kills
 every Ray on the machine), never ``ray.cluster_utils`` (its shutdown runs ``ray stop --force``,
@@ -32,6 +38,7 @@ from session_processes import alive, using
 
 RAY = str(Path(sys.executable).parent / "ray")
 OBJECT_STORE_BYTES = 300_000_000  # per node (Ray's default is 30% of the machine's memory, per node)
+HEALTH_CHECK_PERIOD_MS = 1000  # how often the GCS checks each node (Ray's default: 3000); see above
 
 # Ports every node opens; each node gets its own free ones (the head also its GCS and dashboard).
 NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
@@ -116,7 +123,8 @@ class LoopbackCluster:
         cluster = cls(root)
         cluster.node_env = node_env or {}
         merged = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                  "RAY_USAGE_STATS_ENABLED": "0"}
+                  "RAY_USAGE_STATS_ENABLED": "0",
+                  "RAY_health_check_period_ms": str(HEALTH_CHECK_PERIOD_MS)}
         cluster.env = {k: v for k, v in merged.items() if v is not None}  # None in ``env``: unset
         try:
             cluster.gcs_port, cluster.dashboard_port = gcs_port or free_port(), free_port()
