@@ -7,6 +7,12 @@ register within 30 s, hard to meet on 2 busy cores when several start at once). 
 set on every node and handed to the drivers (``env``), as ``RAY_AUTH_MODE``/``RAY_AUTH_TOKEN``
 must be in the environment before ``import ray``.
 
+A killed node is declared dead after ``health_check_failure_threshold`` (5) failed health checks
+of the GCS in a row; a dead raylet fails each at once, so the wait is 5 periods. The period is
+1 s here instead of Ray's 3 s (``HEALTH_CHECK_PERIOD_MS``): tests that kill a node wait about
+5 s instead of 15 s for Ray to notice. A raylet that is only slow still has 5 checks of Ray's
+10 s timeout each to answer, as by default.
+
 Each node is ``ray start --block`` in a session of its own; the cluster is stopped by signalling
 those processes, then killing whatever is left in their sessions: never ``ray stop`` (it kills
 every Ray on the machine), never ``ray.cluster_utils`` (its shutdown runs ``ray stop --force``,
@@ -24,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -32,6 +40,8 @@ from session_processes import alive, using
 
 RAY = str(Path(sys.executable).parent / "ray")
 OBJECT_STORE_BYTES = 300_000_000  # per node (Ray's default is 30% of the machine's memory, per node)
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through an http_proxy
+HEALTH_CHECK_PERIOD_MS = 1000  # how often the GCS checks each node (Ray's default: 3000); see above
 
 # Ports every node opens; each node gets its own free ones (the head also its GCS and dashboard).
 NODE_PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--metrics-export-port", "--runtime-env-agent-port",
@@ -116,7 +126,8 @@ class LoopbackCluster:
         cluster = cls(root)
         cluster.node_env = node_env or {}
         merged = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                  "RAY_USAGE_STATS_ENABLED": "0"}
+                  "RAY_USAGE_STATS_ENABLED": "0",
+                  "RAY_health_check_period_ms": str(HEALTH_CHECK_PERIOD_MS)}
         cluster.env = {k: v for k, v in merged.items() if v is not None}  # None in ``env``: unset
         try:
             cluster.gcs_port, cluster.dashboard_port = gcs_port or free_port(), free_port()
@@ -155,7 +166,7 @@ class LoopbackCluster:
             if alive:
                 node.node_id = alive[0]["node_id"]
                 return node
-            time.sleep(1)
+            time.sleep(0.25)
 
     @staticmethod
     def tag(name: str) -> str:
@@ -174,21 +185,36 @@ class LoopbackCluster:
     def ray_cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
+    def state_api(self, resource: str, limit: int) -> list[dict]:
+        """What ``ray list RESOURCE --detail --format json`` prints, made in this process: the
+        dashboard's state API (``/api/v0/``, the endpoint that command reads) asked over HTTP with
+        the cluster's token, each row through Ray's own schema as the command does (typed values,
+        then ``humanify``). The command itself starts a Python that imports Ray: 2-3 s of a busy
+        core per call, which polling a node as it joins takes from that node."""
+        from ray.util.state.common import StateResource, dict_to_state, resource_to_schema
+
+        query = urllib.parse.urlencode({"limit": limit, "detail": 1, "timeout": 30})
+        request = urllib.request.Request(f"{self.dashboard}/api/v0/{resource}?{query}",
+                                         headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        with _NO_PROXY.open(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        assert answer["result"], answer.get("msg")
+        kind = StateResource(resource)
+        schema = resource_to_schema(kind)
+        return json.loads(json.dumps([schema.humanify(dict_to_state(row, kind).asdict()) for row in answer["data"]["result"]["result"]]))
+
     def list_nodes(self) -> list[dict]:
         """Every node the cluster knows, alive or dead (Ray's state API); [] while it cannot answer."""
         if not self._dashboard_up():
             return []
-        proc = self.ray_cli("list", "nodes", "--address", self.dashboard, "--format", "json", "--detail", "--limit", "1000")
         try:
-            return json.loads(proc.stdout) if proc.returncode == 0 else []
-        except json.JSONDecodeError:  # "No resource in the cluster" while the head registers
+            return self.state_api("nodes", 1000)
+        except (OSError, AssertionError, ValueError, KeyError):  # the dashboard still starting, or the head registering
             return []
 
     def list_actors(self) -> list[dict]:
         """Every actor of the cluster (dead ones too, as the GCS keeps them): class, node, state."""
-        proc = self.ray_cli("list", "actors", "--address", self.dashboard, "--format", "json", "--detail", "--limit", "10000")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout)
+        return self.state_api("actors", 10000)
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)

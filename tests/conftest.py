@@ -102,10 +102,23 @@ def ray_local():
     ray.shutdown()
 
 
+# Ray Data settings of a Python API user's process, each unlike what a run sets for its own dataset
+# (pipeline.run.cluster.run_data_context), and the fields test_shared_process.py compares.
+USER_DATA_CONTEXT = {"raise_original_map_exception": False, "wait_for_min_actors_s": 1234, "enable_progress_bars": True}
+DATA_CONTEXT_FIELDS = (*USER_DATA_CONTEXT, "custom_execution_callback_classes")
+
+
 @pytest.fixture(scope="session")
 def labeled(ray_local, checkpoints, photo_folder, tmp_path_factory):
-    """The photo folder labeled once, in-process on the local Ray; many tests read its output."""
+    """The photo folder labeled once, in-process on the local Ray; many tests read its output.
+
+    It runs as in a Python API user's process with Ray Data settings of its own
+    (``USER_DATA_CONTEXT``); ``data_context`` records them before and after the run, for
+    test_shared_process.py, and they are put back to the session's afterwards."""
+    import logging
+
     import pyarrow.parquet as pq
+    import ray.data
 
     from pipeline.config import load_config
     from pipeline.run.job import run
@@ -113,7 +126,24 @@ def labeled(ray_local, checkpoints, photo_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
     overrides = run_overrides(photo_folder, out, checkpoints)
     cfg = load_config(None, overrides)
-    manifest = run(cfg)
+    context = ray.data.DataContext.get_current()
+    session_values = {name: getattr(context, name) for name in USER_DATA_CONTEXT}
+    progress_log = logging.getLogger("ray.data._internal.progress")
+
+    def settings() -> dict:
+        current = ray.data.DataContext.get_current()
+        return {"context": current, "fields": {name: getattr(current, name) for name in DATA_CONTEXT_FIELDS},
+                "progress_level": progress_log.level}
+
+    for name, value in USER_DATA_CONTEXT.items():
+        setattr(context, name, value)
+    try:
+        before = settings()
+        manifest = run(cfg)
+        after = settings()
+    finally:
+        for name, value in session_values.items():
+            setattr(context, name, value)
     return {
         "manifest": manifest,
         "out": out,
@@ -121,6 +151,7 @@ def labeled(ray_local, checkpoints, photo_folder, tmp_path_factory):
         "objects": pq.read_table(out / "objects").to_pandas(),
         "cfg": cfg,
         "cfg_overrides": overrides,
+        "data_context": {"before": before, "after": after},
     }
 
 

@@ -44,8 +44,10 @@ def autoscaling_cluster(tmp_path_factory):
         "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
     }
     (folder / "cluster.yaml").write_text(yaml.safe_dump(config))
+    # The autoscaler looks at the demand every second instead of Ray's 5 s: the job's wait for its
+    # GPU node is shorter, what the autoscaler decides is the same.
     cluster = LoopbackCluster.start(folder, head_cpus=2, workers=(), gcs_port=port,
-                                    env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_METRIC_PORT": str(free_port())},
+                                    env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_METRIC_PORT": str(free_port()), "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
                                     head_args=(f"--autoscaling-config={folder / 'cluster.yaml'}",))
     try:
         yield cluster

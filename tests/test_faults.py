@@ -120,31 +120,34 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@pytest.mark.parametrize("title", [SEGMENTER_TITLE, DETECTOR_TITLE], ids=["segment-mid-job", "detect-as-it-starts"])
-def test_sigkill_of_an_actor_loses_and_duplicates_nothing(ray_local, checkpoints, fault_images, clean, tmp_path, title):
-    """The segment actor is killed once a shard is committed; the detector actor (the faster one:
-    it could be done by then) as soon as its process is up. Ray restarts each from the constructor
-    arguments Ray Data keeps in the object store (Ray issue #53727; job.py build_dataset), and
-    the run ends as the clean one did."""
+def test_sigkill_of_each_actor_loses_and_duplicates_nothing(ray_local, checkpoints, fault_images, clean, tmp_path):
+    """One run, a SIGKILL for an actor of each pool: the detector actor (the faster one: it could
+    be done by then) as soon as its process is up, then the segment actor once a shard is
+    committed. Ray restarts each from the constructor arguments Ray Data keeps in the object store
+    (Ray issue #53727; job.py build_dataset), and the run ends as the clean one did."""
     out = tmp_path / "out"
     cfg = load_config(None, fault_overrides(fault_images, out, checkpoints))
     outcome: dict = {}
-    earlier = set(pids_titled(title))  # actors of earlier runs may still be shutting down
+    titles = (DETECTOR_TITLE, SEGMENTER_TITLE)
+    earlier = {title: set(pids_titled(title)) for title in titles}  # actors of earlier runs may still be shutting down
+    exited, done_at_kill = {}, {}
     job = threading.Thread(target=lambda: outcome.update(manifest=run(cfg)))
     job.start()
     try:
-        if title == SEGMENTER_TITLE:
-            wait_for(lambda: len(done_markers(out)) >= 1, 300, "the first shard to be committed")
-        (pid,) = wait_for(lambda: set(pids_titled(title)) - earlier, 300, "this job's actor process")
-        handle = os.pidfd_open(pid)  # follows this process, not whatever later reuses its pid
-        done_at_kill = len(done_markers(out))
-        os.kill(pid, signal.SIGKILL)
-        exited, _, _ = select.select([handle], [], [], 30)
-        os.close(handle)
+        for title in titles:
+            if title == SEGMENTER_TITLE:
+                wait_for(lambda: len(done_markers(out)) >= 1, 300, "the first shard to be committed")
+            (pid,) = wait_for(lambda: set(pids_titled(title)) - earlier[title], 300, f"this job's {title} process")
+            handle = os.pidfd_open(pid)  # follows this process, not whatever later reuses its pid
+            done_at_kill[title] = len(done_markers(out))
+            os.kill(pid, signal.SIGKILL)
+            exited[title], _, _ = select.select([handle], [], [], 30)
+            os.close(handle)
     finally:
         job.join(timeout=600)
-    assert exited, "the actor's worker died"
-    assert done_at_kill < 10, "the kill must land in the middle of the job"
+    for title in titles:
+        assert exited[title], f"the actor's worker died: {title}"
+        assert done_at_kill[title] < 10, f"the kill must land in the middle of the job: {title}"
     assert outcome["manifest"]["status"] == "finished"
     result = read_run(out)
     assert (result["images"]["status"] == "ok").all()
